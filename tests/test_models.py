@@ -1,5 +1,5 @@
 "Model presets, checkpoint schedules, atomic checkpoint saving and checkpoint suites (local and offline Hub)."
-import hashlib, json, os
+import json, os
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from dyntrack.core import ParamError
+from conftest import fake_hub_cache
 from dyntrack.models import (CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps,
                              read_manifest, save_checkpoint)
 
@@ -203,25 +204,6 @@ def test_missing_and_corrupt(tmp_path, config, tokenizer):
 
 
 # --- Hub suites, offline -----------------------------------------------------------------------------------
-
-def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) -> None:
-    "Lay out `checkpoints` {step: model} like the Hugging Face hub cache: blobs, refs/step{N}, snapshots/<commit>."
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    for step, model in checkpoints.items():
-        staging = cache_dir / f"staging{step}"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        commit = hashlib.sha1(f"{repo_id}@step{step}".encode()).hexdigest()
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        for f in staging.iterdir():
-            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-            blob.write_bytes(f.read_bytes())
-            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-        (repo / "refs" / f"step{step}").write_text(commit)
-
 
 def test_hub_suite_offline(tmp_path, monkeypatch, config, tokenizer):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,22 @@
+"Helpers shared by several test files."
+import hashlib, os
+from pathlib import Path
+
+
+def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) -> None:
+    "Lay out `checkpoints` {step: model} like the Hugging Face hub cache: blobs, refs/step{N}, snapshots/<commit>."
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    for step, model in checkpoints.items():
+        staging = cache_dir / f"staging{step}"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        commit = hashlib.sha1(f"{repo_id}@step{step}".encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for f in staging.iterdir():
+            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            blob.write_bytes(f.read_bytes())
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        (repo / "refs" / f"step{step}").write_text(commit)

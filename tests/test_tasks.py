@@ -1,0 +1,197 @@
+"""Tests of dyntrack.tasks: minimal pairs (one changed word, held out, really ungrammatical) and batched LM scoring."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+os.environ.setdefault("DYNTRACK_PROGRESS", "0")
+
+from dyntrack.core import ParamError
+from dyntrack.corpus import annotate, is_heldout, load_lexicon
+from dyntrack.tasks import (PHENOMENA, MinimalPair, encode, lambada_accuracy, make_lambada, make_minimal_pairs,
+                            make_pair_sets, minimal_pair_accuracy, score_pairs, sequence_logprobs)
+
+LEX = load_lexicon()
+N = 30
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    "Tiny models run fastest on one thread; more threads only contend with other processes on a small machine."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair_sets():
+    return make_pair_sets(N, seed=11)
+
+
+def word_tokenizer(bos: str | None = None, eos: str | None = "<eos>") -> PreTrainedTokenizerFast:
+    "Word-level tokenizer over the lexicon (lower-cased), with optional BOS and EOS tokens."
+    vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, "<bos>": 3}
+    for w in sorted({i.word.lower() for r in LEX.rows for i in [LEX.info(f) for f in r.forms if f != "-"]}):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    specials = {k: v for k, v in dict(bos_token=bos, eos_token=eos).items() if v}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", **specials)
+
+
+TOK = word_tokenizer()
+
+
+def tiny_model(arch: str, vocab_size: int):
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**common))
+
+
+# ---------------------------------------------------------------- pairs
+def words(text):
+    return [w.text for w in annotate(text)]
+
+
+def test_pairs_differ_in_exactly_one_word_and_are_heldout(pair_sets):
+    assert set(pair_sets) == set(PHENOMENA)
+    for phenomenon, pairs in pair_sets.items():
+        assert len(pairs) == N and len({p.good for p in pairs}) == N
+        for p in pairs:
+            g, b = words(p.good), words(p.bad)
+            assert len(g) == len(b) and [i for i in range(len(g)) if g[i] != b[i]] == [p.word], p
+            assert is_heldout(p.good) and p.phenomenon == phenomenon
+            assert all(LEX.info(w) for w in g + b)
+
+
+def _nouns(ws, end):
+    return [i for i in range(end) if LEX.info(ws[i]).pos in ("noun", "name")]
+
+
+def test_bad_sentence_breaks_the_rule(pair_sets):
+    for phenomenon, pairs in pair_sets.items():
+        for p in pairs:
+            g, b = words(p.good), words(p.bad)
+            good, bad = LEX.info(g[p.word]), LEX.info(b[p.word])
+            assert good.lemma == bad.lemma and good.pos == bad.pos
+            if phenomenon == "anaphor_gender":
+                ante = LEX.info(g[_nouns(g, p.word)[0]])
+                assert good.gender == ante.gender != bad.gender and {good.gender, bad.gender} == {"m", "f"}
+                continue
+            assert good.number != bad.number and None not in (good.number, bad.number)
+            if phenomenon == "determiner_noun":  # the closest number-marked determiner or numeral before the noun
+                det = next(LEX.info(g[i]) for i in range(p.word - 1, -1, -1) if LEX.info(g[i]).pos in ("det", "num"))
+                assert det.number == good.number != bad.number
+                continue
+            nouns = _nouns(g, p.word)
+            subject = LEX.info(g[nouns[0]])
+            assert subject.number == good.number, p
+            if phenomenon in ("pp_attractor_agreement", "rc_attractor_agreement"):
+                attractor = LEX.info(g[nouns[-1]])  # nearest noun before the verb
+                assert attractor.number == bad.number != subject.number, p
+
+
+def test_pairs_are_balanced_and_deterministic(pair_sets):
+    for phenomenon in ("simple_agreement", "irregular_agreement", "rc_attractor_agreement", "anaphor_number"):
+        controller = [LEX.info(words(p.good)[_nouns(words(p.good), p.word)[0]]).number for p in pair_sets[phenomenon]]
+        assert controller.count("sg") == N // 2, phenomenon
+    genders = [LEX.info(words(p.good)[p.word]).gender for p in pair_sets["anaphor_gender"]]
+    assert genders.count("m") == genders.count("f")
+    assert make_minimal_pairs("determiner_noun", 10, seed=11) == pair_sets["determiner_noun"][:10]
+    assert make_minimal_pairs("determiner_noun", 10, seed=12) != pair_sets["determiner_noun"][:10]
+    irregular = {r.forms[1] for r in LEX.rows if r.pos == "noun" and r.args == "irregular"}
+    for p in pair_sets["irregular_agreement"]:
+        subject = LEX.info(words(p.good)[_nouns(words(p.good), p.word)[0]])
+        assert LEX.inflect(subject.word, "pl") in irregular
+
+
+def test_errors():
+    with pytest.raises(ParamError, match="phenomenon='island_effects'.*simple_agreement"):
+        make_minimal_pairs("island_effects", 3)
+    with pytest.raises(ParamError, match="n=-1"):
+        make_minimal_pairs("anaphor_gender", -1)
+    with pytest.raises(ParamError, match="batch_size"):
+        score_pairs(tiny_model("gpt_neox", len(TOK)), TOK, [], batch_size=0)
+
+
+# ---------------------------------------------------------------- scoring
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_batched_scores_equal_unbatched(pair_sets, arch):
+    model = tiny_model(arch, len(TOK))
+    pairs = [p for ps in pair_sets.values() for p in ps[:6]]
+    one = score_pairs(model, TOK, pairs, batch_size=1)
+    many = score_pairs(model, TOK, pairs, batch_size=16)
+    torch.testing.assert_close(one.good, many.good, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one.bad, many.bad, rtol=1e-4, atol=1e-4)
+    assert one.first_diff.tolist() == [p.word + 1 for p in pairs]  # word-level: the changed word, after the prefix
+    assert all(g[:i] == b[:i] and g[i] != b[i] for g, b, i in zip(one.good_ids, one.bad_ids, one.first_diff.tolist()))
+    assert model.training  # scoring restores the mode it found
+
+
+def test_hand_computed_logprob():
+    model = tiny_model("gpt_neox", len(TOK)).eval()
+    ids = encode(TOK, ["Mary"])[0]
+    assert ids == [TOK.eos_token_id, TOK.convert_tokens_to_ids("mary")]  # no BOS: EOS is the prefix
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, 0].log_softmax(-1)[ids[1]]
+    torch.testing.assert_close(sequence_logprobs(model, [ids])[0], expected)
+    pair = MinimalPair("Mary", "John", "demo", 0)
+    s = score_pairs(model, TOK, [pair])
+    torch.testing.assert_close(s.good[0], expected)
+    assert s.first_diff.tolist() == [1]
+
+
+def test_prefix_token_choice():
+    with_bos = word_tokenizer(bos="<bos>")
+    assert encode(with_bos, ["The dog runs."])[0][0] == with_bos.convert_tokens_to_ids("<bos>")
+    bare = word_tokenizer(eos=None)
+    assert bare.bos_token_id is None and bare.eos_token_id is None
+    assert encode(bare, ["The dog runs."])[0] == bare.convert_tokens_to_ids(["the", "dog", "runs", "."])
+    model = tiny_model("gpt_neox", len(bare))
+    s = score_pairs(model, bare, [MinimalPair("The dog runs.", "The dog run.", "demo", 2)])
+    assert s.first_diff.tolist() == [2] and torch.isfinite(s.good).all()
+
+
+def test_minimal_pair_accuracy_matches_scores(pair_sets):
+    model = tiny_model("gpt_neox", len(TOK))
+    acc = minimal_pair_accuracy(model, TOK, pair_sets, batch_size=32)
+    assert set(acc) == set(PHENOMENA)
+    for phenomenon, pairs in pair_sets.items():
+        s = score_pairs(model, TOK, pairs)
+        assert acc[phenomenon] == pytest.approx(float((s.good > s.bad).float().mean()))
+
+
+# ---------------------------------------------------------------- LAMBADA-style
+class Oracle(torch.nn.Module):
+    "Predicts `token` at every position."
+    def __init__(self, token: int, vocab: int):
+        super().__init__()
+        self.token, self.vocab = token, vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_lambada_items_and_accuracy():
+    items = make_lambada(30, seed=2)
+    assert items == make_lambada(30, seed=2) and items != make_lambada(30, seed=3)
+    for it in items:
+        last = it.context.rsplit(". ", 1)[-1]
+        assert is_heldout(f"{last} {it.target}.") and it.context.startswith(it.target + " ")
+        assert LEX.info(it.target).pos == "name" and last.startswith("Then ")
+    first = items[0]
+    oracle = Oracle(TOK.convert_tokens_to_ids(first.target.lower()), len(TOK))
+    assert lambada_accuracy(oracle, TOK, [first]) == 1.0
+    others = [it for it in items if it.target != first.target]
+    assert lambada_accuracy(oracle, TOK, others) == 0.0
+    assert 0.0 <= lambada_accuracy(tiny_model("llama", len(TOK)), TOK, items, batch_size=8) <= 1.0
