@@ -10,7 +10,8 @@ import argparse, time
 import torch
 
 from dyntrack.acts import residual_at
-from dyntrack.core import PROFILES, device_name, software_versions, write_json
+from dyntrack.core import resolve_params, device_name, software_versions, write_json
+from dyntrack.suite import SuiteParams
 from dyntrack.models import build_model, model_config
 
 
@@ -30,7 +31,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    p = PROFILES[a.profile]["SuiteParams"]
+    p = vars(resolve_params(SuiteParams, a.profile))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(p["arch"], p["size"], vocab_size=p["vocab_size"], max_seq_len=p["seq_len"])

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dyntrack.core import PROFILES, device_name, software_versions, write_json
+from dyntrack.core import resolve_params, device_name, software_versions, write_json
+from dyntrack.suite import SuiteParams
 from dyntrack.models import build_model, model_config
 from dyntrack.tokens import TokenShards
 from dyntrack.train import Callback, Trainer, TrainConfig, flops_per_token, mfu
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    p = PROFILES[a.profile]["SuiteParams"]
+    p = vars(resolve_params(SuiteParams, a.profile))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # the plain fp32 reference stays plain
     vocab = p["vocab_size"]
