@@ -2,6 +2,18 @@
 import hashlib, os
 from pathlib import Path
 
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_torch_thread():
+    "Tiny models run fastest on one thread; more threads only contend with other processes on a 2-core machine."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) -> None:
     "Lay out `checkpoints` {step: model} like the Hugging Face hub cache: blobs, refs/step{N}, snapshots/<commit>."

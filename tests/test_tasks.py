@@ -18,13 +18,7 @@ LEX = load_lexicon()
 N = 30
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    "Tiny models run fastest on one thread; more threads only contend with other processes on a small machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from dyntrack.train import (Callback, History, TrainConfig, Trainer, flops_per_t
 os.environ["DYNTRACK_PROGRESS"] = "0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny matrices: one thread is faster, and the 2 shared cores are not oversubscribed."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def counting(direction: int, n_tokens: int, seed: int, vocab: int = 64) -> np.ndarray:
