@@ -374,13 +374,15 @@ def pip_download_command(out_dir, python_version: str = "3.12", platforms=MANYLI
 
 # %% ../nbs/07_reproduce.ipynb #fd4099af
 INSTALL_SH = """#!/usr/bin/env bash
-# Install this wheelhouse without network into a folder (default ~/dyntrack-site) and print the exports to use it.
+# Install this wheelhouse without network into a folder (default ~/dyntrack-site) and print the exports to use it
+# with the dyntrack checkout this wheelhouse folder sits in (its parent folder).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
 SITE="${1:-${SITE:-$HOME/dyntrack-site}}"
 python3 -m pip install --no-index --no-deps --upgrade --target "$SITE" "$here"/*.whl
 echo "# run these (or add them to your shell profile):"
-echo "export PYTHONPATH=\\"$SITE\\${PYTHONPATH:+:\\$PYTHONPATH}\\""
+echo "export PYTHONPATH=\\"$repo:$SITE\\${PYTHONPATH:+:\\$PYTHONPATH}\\""
 echo "export PATH=\\"$SITE/bin:\\$PATH\\""
 """
 
@@ -388,15 +390,11 @@ def _run(cmd: list[str]) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode: raise RuntimeError(f"{' '.join(cmd)}\nfailed with exit status {res.returncode}:\n{res.stderr[-3000:]}")
 
-def wheelhouse(out_dir, python_version: str = "3.12", platforms=MANYLINUX_X86_64, packages=None,
-               project_dir=None) -> list[Path]:
-    "Download the offline wheels (`packages`, default `OFFLINE_PACKAGES`) and dyntrack's own wheel into `out_dir`."
+def wheelhouse(out_dir, python_version: str = "3.12", platforms=MANYLINUX_X86_64, packages=None) -> list[Path]:
+    "Download the offline wheels (`packages`, default `OFFLINE_PACKAGES`) into `out_dir` and write its `install.sh`."
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _run(pip_download_command(out_dir, python_version, platforms, packages or OFFLINE_PACKAGES))
-    if project_dir is not False:
-        project = Path(project_dir or default_nbs_dir().parent)
-        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out_dir), str(project)])
     with atomic_path(out_dir / "install.sh", overwrite=True) as tmp:
         tmp.write_text(INSTALL_SH)
         tmp.chmod(0o755)
@@ -408,9 +406,8 @@ def wheelhouse_main(argv=None) -> int:
     p.add_argument("--python-version", default="3.12", help="the offline host's Python, e.g. 3.12")
     p.add_argument("--out", default="wheelhouse", help="folder for the wheels and install.sh")
     p.add_argument("--platform", action="append", help=f"wheel platform tags (default: {' '.join(MANYLINUX_X86_64)})")
-    p.add_argument("--no-self", action="store_true", help="skip building dyntrack's own wheel")
     args = p.parse_args(argv)
-    try: wheels = wheelhouse(args.out, args.python_version, args.platform or MANYLINUX_X86_64, project_dir=False if args.no_self else None)
+    try: wheels = wheelhouse(args.out, args.python_version, args.platform or MANYLINUX_X86_64)
     except (RuntimeError, FileNotFoundError) as e:
         print(f"dyntrack-wheelhouse: {e}", file=sys.stderr)
         return 1
