@@ -1,4 +1,4 @@
-"""Run every library notebook's own asserts (nbs/0*.ipynb without a papermill `parameters` cell) with nbdev_test.
+"""Run every library notebook's own asserts (every nbs/*.ipynb without a papermill `parameters` cell) with nbdev_test.
 
 Experiment notebooks (those with a `parameters` cell) are exercised by `dyntrack-reproduce --profile smoke` instead.
 """
@@ -16,7 +16,8 @@ def _is_library(path: Path) -> bool:
     return not any("parameters" in c.metadata.get("tags", []) for c in cells)
 
 
-LIBRARY_NOTEBOOKS = [p for p in sorted(NBS.glob("0*.ipynb")) if _is_library(p)]
+# nbdev neither exports nor tests notebooks whose names start with "_" or "."
+LIBRARY_NOTEBOOKS = [p for p in sorted(NBS.glob("[!_.]*.ipynb")) if _is_library(p)]
 
 
 # nbdev_test run by this interpreter (not whichever `nbdev_test` script is on PATH); `__wrapped__` skips fastcore's
