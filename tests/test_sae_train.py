@@ -1,0 +1,200 @@
+"SAE training and evaluation: warm starts, exact resume, planted-feature recovery, spliced ΔCE, top activations."
+import dataclasses, json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from dyntrack.acts import residual_at
+from dyntrack.core import ParamError
+from dyntrack.models import build_model, model_config
+from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae_train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
+                                top_activations, train_sae)
+from dyntrack.train import lm_loss
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("DYNTRACK_PROGRESS", "0")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def planted_cfg(**kw) -> SaeConfig:
+    return SaeConfig(**{**dict(d_model=16, d_sae=48, kind="topk", k=2, lr=5e-3, warmup_steps=3, batch_size=64,
+                                n_tokens=64 * 12, dead_tokens=64 * 3), **kw})
+
+
+def params(sae) -> dict:
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+# --- learning the planted features --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, extra", [("topk", dict(k=3)), ("relu", dict(l1_coef=0.2, lr=1e-2))])
+def test_recovers_planted_features(kind, extra):
+    steps = 300 if kind == "topk" else 800
+    data = planted_sparse_data(256 * steps, d_model=32, n_features=64, k=3)
+    cfg = SaeConfig(**{**dict(d_model=32, d_sae=128, kind=kind, lr=3e-3, warmup_steps=10, batch_size=256,
+                              n_tokens=256 * steps, dead_tokens=256 * 20), **extra})
+    res = train_sae(SparseAutoencoder(cfg), data.x.split(256), cfg)
+    cos = max_cosine(data.features, res.sae.W_dec)
+    assert res.steps == steps and cos.mean() > 0.97 and (cos > 0.9).float().mean() > 0.95, cos
+    assert set(res.history[-1]) >= {"loss", "nmse", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"}
+
+
+def test_b_dec_initialisation():
+    data = planted_sparse_data(64 * 2, 16, 32, 2)
+    for how in ("geometric_median", "mean", "zeros"):
+        cfg = planted_cfg(b_dec_init=how, n_tokens=64, lr=1e-9)
+        sae = train_sae(SparseAutoencoder(cfg), data.x.split(64), cfg).sae
+        expected = {"mean": data.x[:64].mean(0), "zeros": torch.zeros(16)}.get(how)
+        if expected is not None: torch.testing.assert_close(sae.b_dec, expected, atol=1e-6, rtol=0)
+        else: assert (sae.b_dec - data.x[:64].mean(0)).norm() > 1e-3  # the median is not the mean
+
+
+# --- warm starts --------------------------------------------------------------------------------------------------
+
+def test_warm_start_copies_weights_not_optimizer_state():
+    data = planted_sparse_data(64 * 24, 16, 32, 2)
+    cfg = planted_cfg()
+    first = train_sae(SparseAutoencoder(cfg), data.x[:64 * 12].split(64), cfg).sae
+    before = params(first)
+    link_cfg = dataclasses.replace(cfg, lr=4e-4, warmup_steps=2, n_tokens=64 * 4, seed=7)
+    seen = []
+    link = SparseAutoencoder(link_cfg)
+    res = train_sae(link, data.x[64 * 12:].split(64), link_cfg, warm_start=first,
+                    callbacks=[lambda step, rec, sae: seen.append(params(sae)) if step == 1 else None])
+    assert [r["lr"] for r in res.history] == pytest.approx([2e-4, 4e-4, 4e-4, 4e-4])
+    # a fresh Adam's first update is lr · g/(|g| + eps) ≈ ±lr for every element with a gradient; b_dec has no
+    # norm constraint, so its first step shows it (an inherited Adam state would scale it differently)
+    step1 = (seen[0]["b_dec"] - before["b_dec"]).abs()
+    torch.testing.assert_close(step1, torch.full_like(step1, 2e-4), rtol=1e-3, atol=0)
+    assert (seen[0]["W_enc"] - before["W_enc"]).abs().max() <= 2e-4 * 1.01  # started from the copied weights
+    for k, v in params(first).items(): assert torch.equal(v, before[k])  # the predecessor is untouched
+    assert not torch.equal(link.W_dec, first.W_dec)
+
+
+def test_l2_pull_keeps_link_closer():
+    data = planted_sparse_data(64 * 24, 16, 32, 2)
+    cfg = planted_cfg()
+    first = train_sae(SparseAutoencoder(cfg), data.x[:64 * 12].split(64), cfg).sae
+    moved = data.x[64 * 12:] @ torch.linalg.matrix_exp(0.3 * (lambda a: a - a.T)(torch.randn(16, 16)))
+    dist = {}
+    for pull in (0.0, 10.0):
+        link = train_sae(SparseAutoencoder(cfg), moved.split(64), cfg, warm_start=first, l2_pull=pull).sae
+        dist[pull] = sum((a - b).pow(2).sum() for a, b in zip(link.parameters(), first.parameters())).item()
+    assert dist[10.0] < dist[0.0]
+    with pytest.raises(ParamError, match="warm_start"): train_sae(SparseAutoencoder(cfg), moved.split(64), cfg, l2_pull=1.0)
+
+
+# --- checkpoints and resume -------------------------------------------------------------------------------------
+
+class Interrupt(Exception): pass
+
+
+def stop_at(n: int):
+    def callback(step, record, sae):
+        if step == n: raise Interrupt
+    return callback
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg = planted_cfg()  # topk with a short dead window: the AuxK counters must survive the restart
+    batches = data.x.split(64)
+    ref = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "ref", checkpoint_every=4)
+    assert ref.history[-1]["aux_loss"] > 0  # the dead-latent counter was in play
+    with pytest.raises(Interrupt):
+        train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run", checkpoint_every=4, callbacks=[stop_at(6)])
+    assert json.loads((tmp_path / "run" / "state" / "state.json").read_text())["step"] == 4
+    resumed = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run", checkpoint_every=4)
+    assert resumed.steps == 12 and [r["step"] for r in resumed.history] == list(range(5, 13))
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+    log = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert log("run") == log("ref")
+    assert torch.equal(load_sae(tmp_path / "run" / "sae").W_dec, ref.sae.W_dec)
+    again = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run")
+    assert again.history == [] and again.steps == 12
+    with pytest.raises(ParamError, match="lr"):
+        train_sae(SparseAutoencoder(cfg), batches, dataclasses.replace(cfg, lr=1e-3), out_dir=tmp_path / "run")
+
+
+def test_exhausted_and_bad_batches():
+    cfg = planted_cfg()
+    res = train_sae(SparseAutoencoder(cfg), torch.randn(64 * 5, 16).split(64), cfg)
+    assert res.exhausted and res.steps == 5 and res.tokens_seen == 320
+    with pytest.raises(ParamError, match="batch_size=64"): train_sae(SparseAutoencoder(cfg), [torch.randn(10, 16)], cfg)
+    with pytest.raises(ParamError, match="d_sae"): train_sae(SparseAutoencoder(cfg), [], planted_cfg(d_sae=50))
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / 3) and lr_at(2, cfg) == lr_at(99, cfg) == cfg.lr
+
+
+# --- ΔCE -----------------------------------------------------------------------------------------------------------
+
+def counting(n: int, seed: int) -> torch.Tensor:
+    return (torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed)) + torch.arange(13)) % VOCAB
+
+
+@pytest.fixture(scope="module")
+def counting_model():
+    "A tiny GPT-NeoX taught to count, so zero-ablation really hurts and the recovered fraction means something."
+    torch.set_num_threads(1)
+    model = build_model(model_config("gpt_neox", "tiny", vocab_size=VOCAB, max_seq_len=16), seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(50):
+        loss = lm_loss(model, counting(16, step))
+        opt.zero_grad(); loss.backward(); opt.step()
+    return model.eval()
+
+
+def identity_sae(d_model: int, seed: int = 0) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SaeConfig(d_model=d_model, d_sae=2 * d_model, batch_size=2, n_tokens=2))
+    with torch.no_grad():
+        eye = torch.eye(d_model)
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1)); sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_dec.copy_(torch.randn(d_model, generator=torch.Generator().manual_seed(seed)))
+    return sae
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_identity_sae_has_zero_delta_ce(counting_model, layer):
+    windows = [counting(4, 100 + i) for i in range(2)]
+    res = splice_eval(counting_model, identity_sae(64), windows, layer=layer, scale=2.5)
+    assert abs(res.delta_ce) < 1e-5 and abs(res.recovered - 1) < 1e-4 and res.zero_ablated > res.clean + 1
+    assert abs(delta_ce(counting_model, identity_sae(64), windows, layer, drop_first=0)) < 1e-5
+    bad = splice_eval(counting_model, SparseAutoencoder(SaeConfig(d_model=64, expansion=2)), windows, layer=layer)
+    assert bad.delta_ce > 0.05 and bad.recovered < 1 and bad.clean == res.clean
+    with pytest.raises(ParamError, match="layer"): splice_eval(counting_model, identity_sae(64), windows, layer=2)
+
+
+def test_splice_hook_handles_keyword_hidden_states():
+    class Block(nn.Module):
+        def forward(self, hidden_states, scale=1.0): return hidden_states * scale
+    block = Block()
+    block.register_forward_pre_hook(lambda m, a, kw: _splice(torch.zeros_like, 1, m, a, kw), with_kwargs=True)
+    h = torch.ones(2, 3, 4)
+    for out in (block(h, scale=2.0), block(hidden_states=h, scale=2.0)):
+        assert (out[:, 0] == 2).all() and (out[:, 1:] == 0).all()
+
+
+# --- top activations -------------------------------------------------------------------------------------------------
+
+def test_top_activations_with_a_real_tokenizer(counting_model):
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")))
+    ids = [counting(4, 200 + i)[:, :-1] for i in range(3)]
+    sae = identity_sae(64)
+    hits = top_activations(sae, counting_model, tokenizer, ids, layer=1, latent=3, k=5, context=2)
+    assert len(hits) == 5 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for h in hits:
+        token_id = int(ids[h.batch][h.row, h.pos])
+        assert h.token == f"w{token_id}" and h.context.endswith(f"[[w{token_id}]]") and h.pos >= 1
+        with torch.no_grad(): direct = sae.encode(residual_at(counting_model, ids[h.batch], 1)).latents[h.row, h.pos, 3]
+        assert abs(direct.item() - h.score) < 1e-5
