@@ -11,6 +11,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # installed first when the interpreter has no torch (see `install` below)
 TORCH ?= torch==2.13.0
+# extras of setup.py to install: dev tools; CI adds saelens so the SAELens interop tests run against the real package
+EXTRAS ?= dev
 # smoke | paper | auto (= paper when CUDA is available, else smoke)
 PROFILE ?= auto
 # output folder of `make figures`; {profile} becomes the resolved profile name
@@ -51,7 +53,7 @@ $(STAMP): settings.ini setup.py
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then flags=--system-site-packages; else flags=; fi; \
 	  echo "$(PYTHON) -m venv $$flags $(VENV)"; $(PYTHON) -m venv $$flags $(VENV); fi
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
 	@touch $@
 
 figures: install
