@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_suite.ipynb #7f0c3faa
 from __future__ import annotations
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -13,7 +14,7 @@ import torch
 import matplotlib.pyplot as plt
 
 from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress, write_json
-from .corpus import generate_corpus
+from .corpus import find_data_dir, generate_corpus
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
 from .tokens import TokenShards, build_shards, train_tokenizer
 from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config
@@ -21,10 +22,10 @@ from .train import TrainConfig, Trainer, validation_losses
 from .acts import residual_at
 
 # %% auto #0
-__all__ = ['EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'SuiteParams', 'corpus_dir', 'prepare_embedded_data', 'eval_texts',
-           'train_config', 'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site', 'encode_eval',
-           'CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription', 'eval_pairs',
-           'describe_suite', 'emergence_tokens', 'plot_metric_curves', 'plot_similarity']
+__all__ = ['EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data',
+           'eval_texts', 'train_config', 'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site',
+           'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription',
+           'eval_pairs', 'describe_suite', 'emergence_tokens', 'plot_metric_curves', 'plot_similarity']
 
 # %% ../nbs/08_suite.ipynb #8f9cc215
 @dataclass
@@ -71,9 +72,15 @@ class SuiteParams:
 EVAL_SEED_OFFSET = 1_000_003  # evaluation texts use corpus_seed + this: disjoint from every training seed we use
 TOKENIZER_DOCS_PER_DOMAIN = 20_000  # the BPE merges are learned from this many documents per domain (a few M words)
 
+def corpus_key(p: SuiteParams) -> str:
+    "Names `p`'s corpus: its size, seed, vocabulary and a digest of the grammar and lexicon files that generate it."
+    data = find_data_dir()
+    digest = hashlib.sha256(b"".join((data / f).read_bytes() for f in ("lexicon.tsv", "grammar.json"))).hexdigest()
+    return f"w{p.words_per_domain}-s{p.corpus_seed}-v{p.vocab_size}-g{digest[:8]}"
+
 def corpus_dir(p: SuiteParams) -> Path:
     "Cache folder of the tokenizer and shards for `p`'s corpus."
-    return cache_dir("corpus", f"w{p.words_per_domain}-s{p.corpus_seed}-v{p.vocab_size}")
+    return cache_dir("corpus", corpus_key(p))
 
 def prepare_embedded_data(p: SuiteParams):
     "Generate (or reuse) the corpus, train the tokenizer and write token shards; return (tokenizer, shards)."
@@ -85,8 +92,7 @@ def prepare_embedded_data(p: SuiteParams):
     texts = generate_corpus(p.words_per_domain, seed=p.corpus_seed)
     sample = [doc for docs in texts.values() for doc in docs[: TOKENIZER_DOCS_PER_DOMAIN]]
     tokenizer = train_tokenizer(sample, p.vocab_size, tok_dir, overwrite=True)
-    key = f"corpus-w{p.words_per_domain}-s{p.corpus_seed}"
-    return tokenizer, build_shards(texts, tokenizer, shard_dir, key=key, overwrite=True)
+    return tokenizer, build_shards(texts, tokenizer, shard_dir, key=corpus_key(p), overwrite=True)
 
 def eval_texts(p: SuiteParams) -> dict[str, list[str]]:
     "Held-out evaluation documents per domain, generated with the evaluation seed."
@@ -102,7 +108,7 @@ def train_config(p: SuiteParams) -> TrainConfig:
 
 def default_run_dir(p: SuiteParams) -> Path:
     "A cache folder named by every parameter that changes the trained weights."
-    name = (f"{p.arch}-{p.size}-w{p.words_per_domain}-s{p.corpus_seed}-v{p.vocab_size}-L{p.seq_len}-b{p.batch_size}"
+    name = (f"{p.arch}-{p.size}-{corpus_key(p)}-L{p.seq_len}-b{p.batch_size}"
             f"-t{p.total_steps}-lr{p.lr:g}-wu{p.warmup_steps}-n{p.n_linear}-seed{p.seed}")
     return cache_dir("suites") / name
 
