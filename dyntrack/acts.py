@@ -119,7 +119,7 @@ class ActivationBuffer:
             buffer = buffer[torch.randperm(buffer.shape[0], generator=gen).to(self.device)]
             n_out = buffer.shape[0] if done else max(buffer.shape[0] // 2, self.batch_size)
             n_out -= n_out % self.batch_size
-            yield from buffer[:n_out].split(self.batch_size)
+            if n_out: yield from buffer[:n_out].split(self.batch_size)  # split() of an empty tensor yields one empty batch
             buffer = buffer[n_out:]
 
 # %% ../nbs/06_acts.ipynb #36ec2978

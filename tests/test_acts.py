@@ -178,6 +178,13 @@ def test_buffer_streams_lazily_from_an_iterator(neox):
     assert len(consumed) == 2 and buf.n_tokens == 32  # only what one buffer needs
 
 
+def test_buffer_empty_source_yields_nothing(neox):
+    buf = ActivationBuffer(neox, 1, [], buffer_tokens=16, batch_size=4)
+    assert list(buf) == [] and buf.n_tokens == 0
+    few = list(ActivationBuffer(neox, 1, token_batches(1)[:1], buffer_tokens=64, batch_size=4))
+    assert few and all(b.shape[0] == 4 for b in few)  # a source shorter than the buffer: full batches only
+
+
 def test_buffer_parameter_errors(neox):
     with pytest.raises(ParamError, match="buffer_tokens"):
         ActivationBuffer(neox, 0, [], buffer_tokens=4, batch_size=8)
