@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress, write_json
+from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress
 from .corpus import find_data_dir, generate_corpus
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
 from .tokens import TokenShards, build_shards, train_tokenizer
-from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config
+from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps
 from .train import TrainConfig, Trainer, validation_losses
 from .acts import residual_at
 
@@ -129,10 +129,8 @@ def open_suite(p: SuiteParams) -> CheckpointSuite:
     if kind == "embedded": return train_embedded_suite(p)
     if kind == "run": return CheckpointSuite.from_run(rest)
     if kind == "folders": return CheckpointSuite.from_folders([s for s in rest.split(",") if s])
-    from dyntrack.models import pythia_steps
     every = pythia_steps()
     steps = list(p.hub_steps) or [s for s in every if s <= 512 or s % 10_000 == 0 or s == every[-1]]
-    tokens = [s * p.hub_tokens_per_step for s in steps]
     return CheckpointSuite.from_hub(rest, steps, tokens_per_step=p.hub_tokens_per_step)
 
 def resolve_site(suite: CheckpointSuite, layer: int) -> int:

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
-from dyntrack.corpus import (CorpusConfig, Generator, annotate, compile_construction, corpus_domains, find_data_dir,
+from dyntrack.corpus import (CorpusConfig, Generator, annotate, compile_construction, find_data_dir,
                              generate_corpus, generate_documents, generate_sentences, is_heldout, label_offsets,
                              load_grammar, load_lexicon, story)
 

@@ -1,5 +1,5 @@
 "Model presets, checkpoint schedules, atomic checkpoint saving and checkpoint suites (local and offline Hub)."
-import json, os
+import json
 from pathlib import Path
 
 import huggingface_hub.constants

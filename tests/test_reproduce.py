@@ -1,6 +1,5 @@
 """dyntrack.reproduce end to end on two tiny experiment notebooks (one papermill kernel per notebook run)."""
-import json, shutil, subprocess, sys
-from pathlib import Path
+import shutil, subprocess, sys
 
 import nbformat
 import pytest

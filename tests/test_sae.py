@@ -3,7 +3,6 @@ import dataclasses, json
 
 import pytest
 import torch
-from torch import nn
 
 import dyntrack.sae as sae_mod
 from dyntrack.core import ParamError

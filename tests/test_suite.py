@@ -1,5 +1,5 @@
 "The suite experiment notebook end to end on a Hub-like suite (offline cache), and its parameter errors."
-import json, os
+import json
 from pathlib import Path
 
 import numpy as np

@@ -1,5 +1,5 @@
 "Tests of dyntrack.train: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
-import dataclasses, json, os, subprocess, sys, textwrap
+import dataclasses, json, os, subprocess, sys
 from pathlib import Path
 
 import numpy as np
