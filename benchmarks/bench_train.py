@@ -30,13 +30,16 @@ def peak_flops(device) -> float:
 
 
 class Stopwatch(Callback):
-    "Time the updates after the first `warmup` ones (device synchronised at both ends; the final state save excluded)."
-    def __init__(self, warmup): self.warmup, self.t0, self.t1 = warmup, None, None
+    "Time updates `warmup + 1 … end` (default: to the last; device synchronised at both ends, state saves excluded)."
+    def __init__(self, warmup, end=None): self.warmup, self.end, self.t0, self.t1 = warmup, end, None, None
     def on_step_end(self, trainer, step, loss):
-        if step + 1 not in (self.warmup, trainer.cfg.total_steps): return
+        end = self.end or trainer.cfg.total_steps
+        if step + 1 not in (self.warmup, end): return
         if trainer.device.type == "cuda": torch.cuda.synchronize()
         if step + 1 == self.warmup: self.t0 = time.perf_counter()
         else: self.t1 = time.perf_counter()
+    @property
+    def seconds(self) -> float: return self.t1 - self.t0
 
 
 def run_dyntrack(cfg, data, p, steps, warmup, device, compile):
