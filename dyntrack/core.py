@@ -75,19 +75,25 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "SuiteParams": dict(words_per_domain=60_000, eval_words_per_domain=3_000, vocab_size=1024, size="tiny",
                             seq_len=64, batch_size=16, total_steps=60, lr=3e-3, warmup_steps=5, n_linear=4,
                             n_pairs=40, sim_tokens=2048, eval_tokens=2048),
+        "SaeTrackParams": dict(),
+        "TopKParams": dict(),
     },
     "paper": {
         "SuiteParams": dict(words_per_domain=3_000_000, eval_words_per_domain=30_000, vocab_size=8192, size="base",
                             seq_len=256, batch_size=128, total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=12,
                             compile=True, n_pairs=300, sim_tokens=16384, eval_tokens=32768),
+        "SaeTrackParams": dict(),
+        "TopKParams": dict(),
     },
 }
 
 def resolve_params(cls, profile: str, given: dict | None = None):
-    "Build `cls` from its defaults, the `profile` row of `PROFILES` and the `given` overrides (None = use profile)."
+    "Build `cls` from its defaults, the `profile` rows of `cls` and its base classes, and the `given` overrides."
     check_choice("profile", profile, PROFILES)
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    return check_params(cls, {**PROFILES[profile].get(cls.__name__, {}), **given})
+    row = {}
+    for base in reversed(cls.__mro__): row.update(PROFILES[profile].get(base.__name__, {}))  # subclass rows win
+    given = {k: v for k, v in (given or {}).items() if v is not None}  # None = use the profile's value
+    return check_params(cls, {**row, **given})
 
 # %% ../nbs/00_core.ipynb #cd7328e4
 NOTEBOOK_PARAMS = ("profile", "out_dir")  # every experiment notebook has these two besides its dataclass fields
