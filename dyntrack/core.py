@@ -75,15 +75,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "SuiteParams": dict(words_per_domain=60_000, eval_words_per_domain=3_000, vocab_size=1024, size="tiny",
                             seq_len=64, batch_size=16, total_steps=60, lr=3e-3, warmup_steps=5, n_linear=4,
                             n_pairs=40, sim_tokens=2048, eval_tokens=2048),
-        "SaeTrackParams": dict(),
-        "TopKParams": dict(),
+        "SaeTrackParams": dict(d_sae=256, sae_batch_size=256, first_tokens=65536, link_tokens=8192, cold_tokens=32768, sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64, analysis_tokens=8192, splice_tokens=1024, n_random=50, n_drift_features=12, n_embed_features=4),
+        "TopKParams": dict(n_layers=4, n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2, n_prompts=4, gen_tokens=16, n_lambada=40),
     },
     "paper": {
         "SuiteParams": dict(words_per_domain=3_000_000, eval_words_per_domain=30_000, vocab_size=8192, size="base",
                             seq_len=256, batch_size=128, total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=12,
                             compile=True, n_pairs=300, sim_tokens=16384, eval_tokens=32768),
-        "SaeTrackParams": dict(),
-        "TopKParams": dict(),
+        "SaeTrackParams": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000, sae_lr=4e-4, link_lr=1e-4, first_warmup_steps=1000, l1_coef=6e-3, sae_context=128, analysis_tokens=65536, splice_tokens=16384),
+        "TopKParams": dict(n_formation=8, entropy_tokens=16384, n_steer=4, n_prompts=16, gen_tokens=40, n_lambada=300),
     },
 }
 

@@ -4,51 +4,274 @@
 
 # %% ../nbs/21_sae_track.ipynb #5768c035
 from __future__ import annotations
+import dataclasses, hashlib, itertools, json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .acts import ActivationBuffer
+from .acts import ActivationBuffer, estimate_scale, residual_at
 from .core import ParamError, check_choice, check_range, progress
-from .corpus import WordInfo
+from .corpus import Lexicon, WordInfo, generate_corpus, label_offsets, load_lexicon
 from .models import Checkpoint, CheckpointSuite
-from .sae import SaeConfig, SparseAutoencoder, load_sae
-from .sae_train import train_sae
+from .sae import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
+from .sae_train import splice_eval, train_sae
+from .suite import SuiteParams, encode_eval, prepare_embedded_data
+from .tokens import TokenShards, load_text_files
 
 # %% auto #0
-__all__ = ['SIMILARITIES', 'CONCEPT_FIELDS', 'PATTERNS', 'train_chain', 'decoder_cosines', 'decoder_pca', 'top_positions',
-           'random_positions', 'pairwise_similarity', 'mean_pairwise', 'progress_measure', 'formation_step',
-           'phase_boundaries', 'FeatureLabel', 'label_feature', 'pattern']
+__all__ = ['MEASURES', 'CHAIN_FIELDS', 'SIMILARITIES', 'PHASES', 'CONCEPT_FIELDS', 'PATTERNS', 'CHECK_LABELS', 'SaeTrackParams',
+           'sae_configs', 'chain_key', 'resolve_steps', 'training_shards', 'chain_batches', 'TokenWindow',
+           'token_window', 'window_acts', 'activation_scales', 'train_chain', 'SaeCheck', 'check_sae', 'eval_steps',
+           'train_with_curve', 'tokens_to_match', 'warm_cold_curves', 'decoder_cosines', 'decoder_pca', 'top_positions',
+           'random_positions', 'pairwise_similarity', 'mean_pairwise', 'progress_measure', 'progress_measures',
+           'formation_step', 'phase_boundaries', 'phase_of', 'label_fractions', 'FeatureLabel', 'label_feature',
+           'top_infos', 'labels_at', 'label_share', 'pattern', 'pattern_counts', 'pattern_examples',
+           'distinct_features', 'ChainAnalysis', 'analyse_checkpoint', 'analyse_chain', 'feature_patterns',
+           'top_token_summary', 'embed_2d', 'separation', 'plot_link_metrics', 'plot_warm_cold',
+           'plot_drift_histograms', 'plot_drift_curves', 'plot_drift_pca', 'plot_progress', 'plot_phases',
+           'plot_semantic_evolution', 'plot_embedding']
+
+# %% ../nbs/21_sae_track.ipynb #045fa231
+MEASURES = ("activation_cosine", "feature_cosine", "feature_jaccard", "feature_weighted_jaccard")
+
+@dataclass
+class SaeTrackParams(SuiteParams):
+    chain_steps: tuple[int, ...] = ()    # checkpoints of the chain (training steps); () = every checkpoint of the suite
+    kind: Literal["relu", "topk"] = "relu"  # ReLU + L1 penalty (SAE-Track) or TopK
+    d_sae: int = 0                       # SAE latents; 0 = sae_expansion × d_model
+    sae_expansion: int = 16              # latents per residual dimension when d_sae = 0 (SAE-Track: 64)
+    k: int = 32                          # active latents per token (topk only)
+    l1_coef: float = 6e-3                # λ of the L1 term (relu only), with normalised MSE and inputs of mean norm √d_model
+    sae_batch_size: int = 4096           # activation vectors (tokens) per SAE optimizer step
+    first_tokens: int = 24_000_000       # training tokens of the first SAE (SAE-Track: 300M)
+    link_tokens: int = 0                 # training tokens of every later link; 0 = first_tokens // 20
+    sae_lr: float = 4e-4                 # Adam learning rate of the first SAE and of cold starts
+    link_lr: float = 1e-4                # Adam learning rate of every later link (SAE-Track: 4e-5, 10× lower)
+    first_warmup_steps: int = 1000       # SAE steps of lr warm-up for the first SAE and cold starts
+    link_warmup_steps: int = 3           # SAE steps of lr warm-up for every later link
+    sae_context: int = 128               # tokens per sequence when harvesting activations (SAE-Track: 128)
+    sae_text: str = ""                   # non-embedded suites: text files or folder to train on; "" = the generated corpus
+    cold_steps: tuple[int, ...] = ()     # checkpoints that get a cold-start SAE; () = n_cold spread over the chain
+    n_cold: int = 2                      # cold-start checkpoints when cold_steps = ()
+    cold_tokens: int = 0                 # training tokens of each cold start; 0 = first_tokens // 2
+    analysis_tokens: int = 65536         # held-out tokens: evaluation, top positions and labels
+    splice_tokens: int = 16384           # of those, the tokens over which the spliced-in ΔCE is measured
+    n_top: int = 25                      # top-activating positions per feature
+    n_random: int = 100                  # random positions of the progress-measure baseline
+    formation_measure: Literal["activation_cosine", "feature_cosine", "feature_jaccard",
+                               "feature_weighted_jaccard"] = "feature_cosine"  # the measure that defines formation
+    formation_fraction: float = 0.5      # a feature forms once its measure stays ≥ this fraction of its final value
+    phase_quantiles: tuple[float, ...] = (0.1, 0.9)  # formation-step quantiles that bound the emergent phase
+    label_threshold: float = 0.6         # share of top positions one lemma / property must hold to label a feature
+    n_drift_features: int = 24           # live features drawn for the feature-centric drift curves
+    n_embed_features: int = 6            # features (distinct final labels) in the embedding view
+    chain_dir: str = ""                  # folder of the chain's SAEs; "" = a cache folder named by the parameters
+    sae_seed: int = 0                    # SAE initialisation, activation shuffling and token-window seed
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("kind", self.kind, ("relu", "topk"))
+        check_choice("formation_measure", self.formation_measure, MEASURES)
+        for name in ("sae_expansion", "k", "first_tokens", "n_cold", "analysis_tokens", "splice_tokens",
+                     "n_drift_features", "n_embed_features"):
+            check_range(name, getattr(self, name), lo=1)
+        for name in ("d_sae", "link_tokens", "cold_tokens", "first_warmup_steps", "link_warmup_steps", "l1_coef", "sae_seed"):
+            check_range(name, getattr(self, name), lo=0)
+        for name, lo in (("sae_batch_size", 2), ("sae_context", 2), ("n_top", 2), ("n_random", 2)):
+            check_range(name, getattr(self, name), lo=lo)
+        for name in ("formation_fraction", "label_threshold"): check_range(name, getattr(self, name), lo=0, hi=1)
+        if len(self.phase_quantiles) != 2 or not 0 <= self.phase_quantiles[0] <= self.phase_quantiles[1] <= 1:
+            raise ParamError(f"phase_quantiles={self.phase_quantiles!r} must be two numbers 0 <= lo <= hi <= 1")
+        for name in ("sae_lr", "link_lr"):
+            if not getattr(self, name) > 0: raise ParamError(f"{name}={getattr(self, name)!r} must be > 0")
+        self.link_tokens = self.link_tokens or self.first_tokens // 20
+        self.cold_tokens = self.cold_tokens or self.first_tokens // 2
+        for name in ("first_tokens", "link_tokens", "cold_tokens"):
+            check_range(name, getattr(self, name), lo=self.sae_batch_size)
+        check_range("splice_tokens", self.splice_tokens, hi=self.analysis_tokens)
+
+# %% ../nbs/21_sae_track.ipynb #553cd3f5
+def sae_configs(p: SaeTrackParams, d_model: int) -> tuple[SaeConfig, SaeConfig, SaeConfig]:
+    "The `SaeConfig`s of the first SAE, of every later link and of the cold starts."
+    first = SaeConfig(d_model=d_model, d_sae=p.d_sae, expansion=p.sae_expansion, kind=p.kind, k=p.k, l1_coef=p.l1_coef,
+                      lr=p.sae_lr, warmup_steps=p.first_warmup_steps, batch_size=p.sae_batch_size,
+                      n_tokens=p.first_tokens, dead_tokens=p.link_tokens, seed=p.sae_seed)
+    link = dataclasses.replace(first, lr=p.link_lr, warmup_steps=p.link_warmup_steps, n_tokens=p.link_tokens)
+    return first, link, dataclasses.replace(first, n_tokens=p.cold_tokens)
+
+# %% ../nbs/21_sae_track.ipynb #b354df3c
+CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_size", "first_tokens", "link_tokens",
+                "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed")
+
+def chain_key(p: SaeTrackParams, suite: CheckpointSuite, layer: int) -> str:
+    "Names a chain by what changes its weights: the suite's checkpoints, the site and the SAE and token settings."
+    what = dict(checkpoints=[(c.source, c.revision) for c in suite], layer=layer, **{f: getattr(p, f) for f in CHAIN_FIELDS})
+    return f"{p.kind}-L{layer}-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+def resolve_steps(suite: CheckpointSuite, chain_steps: Sequence[int], cold_steps: Sequence[int],
+                  n_cold: int) -> tuple[list[int], list[int]]:
+    "The chain's steps (all of `suite` when empty) and the cold-start steps (`n_cold` spread after the first when empty)."
+    steps = list(chain_steps) or suite.steps
+    suite.select(steps)  # every step must be a checkpoint
+    if sorted(set(steps)) != steps or len(steps) < 2:
+        raise ParamError(f"chain_steps={steps} must be at least two increasing checkpoint steps of the suite")
+    if not cold_steps:
+        picks = np.linspace(0, len(steps) - 1, min(n_cold, len(steps) - 1) + 1)[1:].round().astype(int)  # distinct: gaps ≥ 1
+        return steps, [steps[i] for i in picks]
+    if bad := [s for s in cold_steps if s not in steps[1:]]:
+        raise ParamError(f"cold_steps {bad} are not chain steps after the first; allowed: {steps[1:]}")
+    return steps, sorted(set(cold_steps))
+
+# %% ../nbs/21_sae_track.ipynb #34e8a142
+def training_shards(p: SaeTrackParams, suite: CheckpointSuite) -> TokenShards:
+    "Tokens to train the chain on: the embedded suite's shards, else `p.sae_text` or the generated corpus in the suite's tokenizer."
+    if p.suite == "embedded": return prepare_embedded_data(p)[1]
+    texts = load_text_files(p.sae_text) if p.sae_text else generate_corpus(p.words_per_domain, seed=p.corpus_seed)
+    return TokenShards.from_arrays(encode_eval(suite.load_tokenizer(), texts, p.sae_context))
+
+def chain_batches(shards: TokenShards, context: int, n_seqs: int, seed: int) -> Iterator[Tensor]:
+    "Endless random windows [n_seqs, context] of the training split of `shards`, the same for the same `seed`."
+    for step in itertools.count(): yield shards.batch(step, n_seqs, context - 1, seed=seed)
+
+# %% ../nbs/21_sae_track.ipynb #c6307cb7
+class TokenWindow(NamedTuple):
+    "Held-out sequences and the lexicon entry at every analysed position (all but the first of each sequence)."
+    ids: Tensor                   # token ids [n_seq, context]
+    infos: list[WordInfo | None]  # entry at each analysed position, row-major: [n_seq · (context − 1)]
+
+    @property
+    def token_ids(self) -> Tensor:
+        "Token ids of the analysed positions: [n_seq · (context − 1)]."
+        return self.ids[:, 1:].flatten()
+
+def _interleave(texts: dict[str, list[str]]) -> list[str]:
+    "Documents of all domains, taken in turn from each domain."
+    return [doc for docs in itertools.zip_longest(*texts.values()) for doc in docs if doc is not None]
+
+def token_window(tokenizer, texts: dict[str, list[str]], context: int, n_tokens: int,
+                 lexicon: Lexicon | None = None) -> TokenWindow:
+    "Cut `texts` (domains interleaved, EOS after each document) into sequences holding ≥ `n_tokens` analysed positions."
+    check_range("context", context, lo=2)
+    n_seq = -(-n_tokens // (context - 1))
+    ids, infos, lex = [], [], lexicon or load_lexicon()
+    for doc in _interleave(texts):
+        enc = tokenizer(doc, return_offsets_mapping=True, add_special_tokens=False)
+        ids += [*enc["input_ids"], tokenizer.eos_token_id]
+        infos += [*label_offsets(doc, enc["offset_mapping"], lex), None]
+        if len(ids) >= n_seq * context: break
+    if len(ids) < n_seq * context:
+        raise ParamError(f"the texts hold {len(ids)} tokens, fewer than the {n_seq * context} needed for "
+                         f"n_tokens={n_tokens}; lower analysis_tokens or raise eval_words_per_domain")
+    infos = [w for i, w in enumerate(infos[: n_seq * context]) if i % context]  # drop each sequence's first position
+    return TokenWindow(torch.tensor(ids[: n_seq * context]).view(n_seq, context), infos)
+
+# %% ../nbs/21_sae_track.ipynb #3f7642ba
+@torch.no_grad()
+def window_acts(model, ids: Tensor, layer: int, scale: float = 1.0, batch_seqs: int = 64) -> Tensor:
+    "Activations entering block `layer` at the analysed positions of `ids` [n_seq, context], times `scale`: [n, d_model]."
+    device = next(model.parameters()).device
+    acts = [residual_at(model, b.to(device), layer)[:, 1:].flatten(0, 1).float() for b in ids.split(batch_seqs)]
+    return torch.cat(acts) * scale
+
+def activation_scales(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
+                      n_batches: int = 1, device=None) -> dict[int, float]:
+    "Per checkpoint step, the factor √d_model / mean‖x‖ that brings its activations at `layer` to mean norm √d_model."
+    scales = {}
+    for ckpt in progress(suite, desc="activation scale", unit="ckpt"):
+        model = suite.load_model(ckpt, device=device)
+        scales[ckpt.step] = estimate_scale(window_acts(model, b, layer) for b in itertools.islice(token_source_fn(ckpt), n_batches))
+    return scales
 
 # %% ../nbs/21_sae_track.ipynb #85c1d501
-def _link_acts(suite: CheckpointSuite, ckpt: Checkpoint, layer: int, tokens: Iterable[Tensor], cfg: SaeConfig):
-    "Shuffled activation batches [cfg.batch_size, d_model] at `layer` of checkpoint `ckpt`."
-    model = suite.load_model(ckpt)
-    buffer = ActivationBuffer(model, layer, tokens, buffer_tokens=max(2**16, cfg.batch_size),
+def _buffer_tokens(cfg: SaeConfig) -> int:
+    "Shuffle-buffer size for a run of `cfg`: 2^16 activations, or the whole run when it is shorter."
+    return max(cfg.batch_size, min(2**16, cfg.n_tokens))
+
+def _link_acts(model, layer: int, tokens: Iterable[Tensor], cfg: SaeConfig, scale: float = 1.0,
+               buffer_tokens: int | None = None):
+    "Shuffled activation batches [cfg.batch_size, d_model] at `layer` of `model`, times `scale`."
+    buffer = ActivationBuffer(model, layer, tokens, buffer_tokens=buffer_tokens or _buffer_tokens(cfg),
                               batch_size=cfg.batch_size, seed=cfg.seed)
-    return (x for x in buffer if x.shape[0] == cfg.batch_size)  # an exhausted buffer can yield an empty batch
+    return (x * scale for x in buffer if x.shape[0] == cfg.batch_size)  # an exhausted buffer can yield an empty batch
 
 def train_chain(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
                 first_cfg: SaeConfig, link_cfg: SaeConfig, out_dir, steps: Sequence[int] | None = None,
-                l2_pull: float = 0.0) -> list[Path]:
+                l2_pull: float = 0.0, scales: dict[int, float] | None = None, device=None) -> list[Path]:
     "Train one SAE per checkpoint of `suite` (or of `steps`), each warm-started from the previous; return the `sae/` folders."
     if first_cfg.d_model != link_cfg.d_model or first_cfg.d_sae != link_cfg.d_sae or first_cfg.kind != link_cfg.kind:
         raise ParamError("link_cfg must describe the same SAE as first_cfg (d_model, d_sae, kind)")
     suite, out_dir, prev, paths = (suite.select(steps) if steps is not None else suite), Path(out_dir), None, []
+    if scales is not None and (missing := [s for s in suite.steps if s not in scales]):
+        raise ParamError(f"scales lacks steps {missing}; give one activation scale per chain step")
     for i, ckpt in enumerate(progress(suite, desc="SAE chain", unit="link")):
         link_dir, cfg = out_dir / f"step{ckpt.step}", (first_cfg if i == 0 else link_cfg)
         if not (link_dir / "sae").exists():
-            acts = _link_acts(suite, ckpt, layer, token_source_fn(ckpt), cfg)
-            sae = SparseAutoencoder(cfg)
-            train_sae(sae, acts, cfg, link_dir, warm_start=prev, l2_pull=l2_pull if prev is not None else 0.0)
-        prev = load_sae(link_dir / "sae")
+            model = suite.load_model(ckpt, device=device)
+            acts = _link_acts(model, layer, token_source_fn(ckpt), cfg, 1.0 if scales is None else scales[ckpt.step])
+            train_sae(SparseAutoencoder(cfg, device=device), acts, cfg, link_dir, warm_start=prev,
+                      l2_pull=l2_pull if prev is not None else 0.0)
+        prev = load_sae(link_dir / "sae", device=device)
         paths.append(link_dir / "sae")
     return paths
+
+# %% ../nbs/21_sae_track.ipynb #c3b778ab
+class SaeCheck(NamedTuple):
+    "The four numbers SAE-Track logs for an SAE (METHODS.md §1.6), on a held-out window, plus CE recovered."
+    explained_variance: float  # 1 − FVU over the window
+    l0: float                  # mean active latents per token
+    dead_fraction: float       # share of latents silent on the whole window
+    delta_ce: float            # LM loss with the reconstruction spliced in, minus the clean loss (nats/token)
+    ce_recovered: float        # share of the zero-ablation loss gap the splice recovers (1 = nothing lost)
+
+def check_sae(model, sae: SparseAutoencoder, acts: Tensor, splice_ids: Tensor, layer: int, scale: float) -> SaeCheck:
+    "Measure `sae` on window activations `acts` [n, d_model] (already × `scale`) and spliced into `model` on `splice_ids` [b, seq]."
+    ev = evaluate_sae(sae, acts.split(4096))
+    sp = splice_eval(model, sae, splice_ids.split(16), layer, scale=scale)
+    return SaeCheck(ev.explained_variance, ev.l0, ev.dead_fraction, sp.delta_ce, sp.recovered)
+
+# %% ../nbs/21_sae_track.ipynb #a3c3106d
+def eval_steps(n_steps: int, per_octave: int = 1) -> list[int]:
+    "Optimizer steps in 1..`n_steps` at which to measure a run: `per_octave` log-spaced per doubling, and the last."
+    check_range("n_steps", n_steps, lo=1)
+    check_range("per_octave", per_octave, lo=1)
+    n = int(np.floor(np.log2(n_steps) * per_octave)) + 1
+    return sorted({int(round(2 ** (j / per_octave))) for j in range(n)} | {n_steps})
+
+def train_with_curve(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig,
+                     measure: Callable[[SparseAutoencoder], SaeCheck], warm_start: SparseAutoencoder | None = None) -> list[dict]:
+    "Train `sae` per `cfg`, measuring it at `eval_steps` (and at 0 tokens when warm-started): [{tokens, **SaeCheck}]."
+    at, curve = set(eval_steps(cfg.n_steps)), []
+    if warm_start is not None: curve.append(dict(tokens=0, **measure(warm_start)._asdict()))
+    def record(step: int, log: dict, trained: SparseAutoencoder):
+        if step in at: curve.append(dict(tokens=log["tokens_seen"], **measure(trained)._asdict()))
+    train_sae(sae, acts, cfg, warm_start=warm_start, callbacks=[record])
+    return curve
+
+def tokens_to_match(curve: Sequence[dict], target: float, key: str = "explained_variance") -> int | None:
+    "Tokens at the first point of `curve` whose `key` reaches `target`; None if no point does."
+    return next((pt["tokens"] for pt in curve if pt[key] >= target), None)
+
+# %% ../nbs/21_sae_track.ipynb #fe5e5770
+def warm_cold_curves(suite: CheckpointSuite, step: int, prev_path: Path, layer: int,
+                     token_source_fn: Callable[[Checkpoint], Iterable[Tensor]], link_cfg: SaeConfig, cold_cfg: SaeConfig,
+                     scale: float, window: TokenWindow, splice_ids: Tensor, device=None) -> dict[str, list[dict]]:
+    "At checkpoint `step`: the warm link (from the SAE at `prev_path`) and a cold start on the same tokens, measured along training."
+    ckpt = suite.at(step)
+    model = suite.load_model(ckpt, device=device)
+    acts = window_acts(model, window.ids, layer, scale)
+    measure = lambda sae: check_sae(model, sae, acts, splice_ids, layer, scale)
+    out = {}
+    for name, cfg, start in (("warm", link_cfg, load_sae(prev_path, device=device)), ("cold", cold_cfg, None)):
+        batches = _link_acts(model, layer, token_source_fn(ckpt), cfg, scale, _buffer_tokens(link_cfg))  # same shuffle
+        out[name] = train_with_curve(SparseAutoencoder(cfg, device=device), batches, cfg, measure, warm_start=start)
+    return out
 
 # %% ../nbs/21_sae_track.ipynb #bddf323e
 def _stack_decoders(W_decs: Sequence[Tensor]) -> Tensor:
@@ -122,6 +345,34 @@ def progress_measure(reps_t: Tensor, reps_random: Tensor, kind: str = "cosine") 
         raise ParamError(f"reps_t and reps_random must share dim; got {reps_t.shape[1]} and {reps_random.shape[1]}")
     return mean_pairwise(reps_t, kind) - mean_pairwise(reps_random, kind)
 
+# %% ../nbs/21_sae_track.ipynb #8627d33d
+def _mean_pairwise_batched(reps: Tensor, kind: str) -> Tensor:
+    "Mean similarity over pairs of distinct rows, for each group of `reps` [groups, n, dim]: [groups]."
+    reps, n = reps.float(), reps.shape[1]
+    if kind == "cosine":
+        unit = F.normalize(reps, dim=-1)
+        sim = unit @ unit.transpose(1, 2)                                   # [groups, n, n]
+    else:
+        if kind == "jaccard": reps = (reps > 0).float()
+        elif (reps < 0).any(): raise ParamError("weighted_jaccard needs non-negative representations (feature space)")
+        mass = reps.sum(-1)                                                 # [groups, n]
+        inter = reps @ reps.transpose(1, 2) if kind == "jaccard" else \
+            torch.minimum(reps[:, :, None], reps[:, None]).sum(-1)          # Σ min(a, b): [groups, n, n]
+        union = mass[:, :, None] + mass[:, None] - inter                    # |A| + |B| − |A∩B|; Σmax likewise
+        sim = torch.where(union > 0, inter / union.clamp_min(1e-12), 0.0)
+    return (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)) / (n * (n - 1))
+
+def progress_measures(reps: Tensor, reps_random: Tensor, kind: str = "cosine", max_elements: int = 2**27) -> Tensor:
+    "`progress_measure` of many features: top representations [n_features, n_top, dim] vs shared random ones [n_rand, dim]: [n_features]."
+    check_choice("kind", kind, SIMILARITIES)
+    if reps.ndim != 3 or reps.shape[1] < 2: raise ParamError(f"reps must be [n_features, n_top >= 2, dim]; got {tuple(reps.shape)}")
+    if reps_random.ndim != 2 or reps_random.shape[0] < 2 or reps_random.shape[1] != reps.shape[2]:
+        raise ParamError(f"reps_random must be [n_rand >= 2, dim={reps.shape[2]}]; got {tuple(reps_random.shape)}")
+    n, dim = reps.shape[1:]
+    chunk = max(1, max_elements // (n * n * (dim if kind == "weighted_jaccard" else 1)))  # bounds [chunk, n, n, dim]
+    top = torch.cat([_mean_pairwise_batched(c, kind) for c in reps.split(chunk)])
+    return top - _mean_pairwise_batched(reps_random[None], kind)
+
 # %% ../nbs/21_sae_track.ipynb #e5b0d683
 def formation_step(steps: Sequence[int], values: Sequence[float] | Tensor, fraction: float = 0.5) -> int | None:
     "First step from which `values` stay ≥ `fraction` × the final value; None when the final value is ≤ 0."
@@ -142,6 +393,25 @@ def phase_boundaries(formation_steps: Iterable[int | None], quantiles: tuple[flo
     if formed.size == 0: raise ParamError("formation_steps holds no formed feature (all None or empty)")
     start, end = np.quantile(formed, [lo, hi], method="inverted_cdf")
     return int(start), int(end)
+
+# %% ../nbs/21_sae_track.ipynb #00e6fbfb
+PHASES = ("initialisation", "emergent", "convergent")
+
+def phase_of(steps: Sequence[int], boundaries: tuple[int, int]) -> list[str]:
+    "Phase of each checkpoint step: initialisation up to the first boundary, emergent up to the second, convergent after."
+    start, end = boundaries
+    if start > end: raise ParamError(f"boundaries={boundaries} must be increasing")
+    return [PHASES[0] if s <= start else PHASES[1] if s <= end else PHASES[2] for s in steps]
+
+def label_fractions(kinds: Sequence[Sequence[str]], phases: Sequence[str]) -> dict[str, dict[str, float] | None]:
+    "Per phase, the share of (checkpoint, feature) labels of each kind; `kinds` [T][n_features], `phases` [T]; None if empty."
+    if len(kinds) != len(phases): raise ParamError(f"kinds has {len(kinds)} checkpoints but phases has {len(phases)}")
+    out = {}
+    for phase in PHASES:
+        counts = Counter(k for ks, ph in zip(kinds, phases) if ph == phase for k in ks)
+        total = sum(counts.values())
+        out[phase] = {k: counts[k] / total for k in ("token", "concept", "unlabelled")} if total else None
+    return out
 
 # %% ../nbs/21_sae_track.ipynb #360efb23
 class FeatureLabel(NamedTuple):
@@ -171,15 +441,268 @@ def label_feature(token_infos_top: Sequence[WordInfo | None], threshold: float =
         if value is not None and purity >= threshold: return FeatureLabel("concept", f"{field}={value}", purity)
     return FeatureLabel("unlabelled", "", 0.0)
 
+# %% ../nbs/21_sae_track.ipynb #d6808e01
+def top_infos(values: Tensor, pos: Tensor, infos: Sequence[WordInfo | None]) -> list[WordInfo | None]:
+    "Lexicon entries at one feature's top positions `pos` [n_top]; None where it is silent (`values` [n_top] ≤ 0)."
+    return [infos[i] if v > 0 else None for v, i in zip(values.tolist(), pos.tolist())]
+
+def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | None], threshold: float = 0.6) -> list[FeatureLabel]:
+    "Label every feature from the lexicon entries at its top positions [n_features, n_top] (silent positions count as None)."
+    if top_values.shape != top_pos.shape:
+        raise ParamError(f"top_values {tuple(top_values.shape)} and top_pos {tuple(top_pos.shape)} must have one shape")
+    return [label_feature(top_infos(v, p, infos), threshold) for v, p in zip(top_values, top_pos)]
+
+def label_share(token_infos_top: Sequence[WordInfo | None], label: FeatureLabel) -> float:
+    "Share of `token_infos_top` carrying `label`'s value (its lemma, or its property=value); 0 for an unlabelled label."
+    if label.kind == "unlabelled" or not token_infos_top: return 0.0
+    field, value = ("lemma", label.value) if label.kind == "token" else label.value.split("=", 1)
+    return sum(w is not None and str(getattr(w, field)) == value for w in token_infos_top) / len(token_infos_top)
+
 # %% ../nbs/21_sae_track.ipynb #98bfff45
 PATTERNS = ("maintaining", "shifting", "grouping", "other")
 
-def pattern(labels_over_time: Sequence[FeatureLabel]) -> str:
-    "Class a feature's label sequence as 'maintaining', 'shifting', 'grouping' or 'other'."
-    if len(labels_over_time) == 0: raise ParamError("labels_over_time is empty; pass one FeatureLabel per checkpoint")
-    labelled = [(l.kind, l.value) for l in labels_over_time if l.kind != "unlabelled"]
-    if not labelled or labels_over_time[-1].kind == "unlabelled": return "other"
-    runs = [x for i, x in enumerate(labelled) if i == 0 or x != labelled[i - 1]]
-    if len(runs) > 1: return "shifting"
-    if labels_over_time[0].kind == "unlabelled" and runs[0][0] == "concept": return "grouping"
-    return "maintaining"
+def pattern(first: FeatureLabel, final: FeatureLabel, final_share_at_first: float, threshold: float = 0.6) -> str:
+    "Class a feature by its labels at the first and last checkpoints: 'maintaining', 'shifting', 'grouping' or 'other'."
+    check_range("threshold", threshold, lo=0, hi=1)
+    if final.kind == "unlabelled": return "other"
+    if first.kind == final.kind and final_share_at_first >= threshold: return "maintaining"
+    if first.kind == "unlabelled": return "grouping" if final.kind == "concept" else "other"
+    return "shifting"
+
+def pattern_counts(patterns: Iterable[str]) -> dict[str, int]:
+    "How many features follow each pattern of `PATTERNS`."
+    counts = Counter(patterns)
+    if unknown := set(counts) - set(PATTERNS): raise ParamError(f"unknown pattern(s) {sorted(unknown)}; allowed: {PATTERNS}")
+    return {name: counts[name] for name in PATTERNS}
+
+# %% ../nbs/21_sae_track.ipynb #bca0526d
+def pattern_examples(patterns: Sequence[str], final_labels: Sequence[FeatureLabel]) -> dict[str, int | None]:
+    "For maintaining, shifting and grouping: the feature with that pattern and the purest final label (None if none)."
+    out = {}
+    for name in PATTERNS[:3]:
+        cands = [i for i, pat in enumerate(patterns) if pat == name]
+        out[name] = max(cands, key=lambda i: (final_labels[i].purity, -i)) if cands else None
+    return out
+
+def distinct_features(final_labels: Sequence[FeatureLabel], n: int) -> list[int]:
+    "Up to `n` labelled features whose final labels all differ, purest first."
+    chosen, seen = [], set()
+    for i in sorted(range(len(final_labels)), key=lambda i: (-final_labels[i].purity, i)):
+        label = final_labels[i]
+        if label.kind != "unlabelled" and (label.kind, label.value) not in seen and len(chosen) < n:
+            chosen.append(i); seen.add((label.kind, label.value))
+    return chosen
+
+# %% ../nbs/21_sae_track.ipynb #02f87263
+class ChainAnalysis(NamedTuple):
+    "What the analysis pass measured on the held-out window at every checkpoint of the chain."
+    steps: list[int]                   # chain checkpoints [T]
+    checks: list[SaeCheck]             # each link's SAE on its own checkpoint [T]
+    live: Tensor                       # latents that fire at ≥ n_top window positions under the final SAE [F]
+    top_final: Tensor                  # their top positions under the final SAE [F, n_top]
+    random_pos: Tensor                 # baseline positions [n_random]
+    progress: dict[str, Tensor]        # MEASURES name -> M_i(t) [T, F]
+    labels: list[list[FeatureLabel]]   # label of each live feature under SAE_t [T][F]
+    top_values: Tensor                 # each live feature's largest values under SAE_t [T, F, n_top]
+    top_pos: Tensor                    # and their window positions [T, F, n_top]
+
+def _feature_progress(reps: Tensor, top: Tensor, rand: Tensor, kind: str, chunk: int = 512) -> Tensor:
+    "Progress measure of every feature whose top positions are `top` [F, n_top], in representations `reps` [n, dim]: [F]."
+    return torch.cat([progress_measures(reps[c], reps[rand], kind) for c in top.split(chunk)]).cpu()
+
+@torch.no_grad()
+def analyse_checkpoint(sae: SparseAutoencoder, acts: Tensor, live: Tensor, top_final: Tensor, random_pos: Tensor,
+                       infos: Sequence[WordInfo | None], n_top: int,
+                       threshold: float) -> tuple[dict[str, Tensor], list[FeatureLabel], Tensor, Tensor]:
+    "Progress measures [F], labels, top values and top positions [F, n_top] of the live features under SAE_t; `acts` [n, d_model]."
+    z = sae.encode(acts).latents                                         # [n, d_sae]
+    top_final, random_pos = top_final.to(acts.device), random_pos.to(acts.device)
+    progress_t = {"activation_cosine": _feature_progress(acts, top_final, random_pos, "cosine")}
+    for kind in SIMILARITIES: progress_t[f"feature_{kind}"] = _feature_progress(z, top_final, random_pos, kind)
+    values, pos = (t.T.cpu() for t in z[:, live.to(z.device)].topk(n_top, dim=0))  # SAE_t's own top positions [F, n_top]
+    return progress_t, labels_at(values, pos, infos, threshold), values, pos
+
+def _live_top(sae: SparseAutoencoder, acts: Tensor, n_top: int) -> tuple[Tensor, Tensor]:
+    "Latents firing at ≥ `n_top` rows of `acts` [n, d_model] under `sae`, and their top rows [F, n_top]."
+    z = sae.encode(acts).latents                                         # [n, d_sae]
+    live = ((z > 0).sum(0) >= n_top).nonzero().squeeze(1)
+    if len(live) == 0: raise ParamError(f"no latent of the final SAE fires at n_top={n_top} window positions; lower n_top")
+    return live.cpu(), top_positions(z[:, live], n_top).cpu()
+
+@torch.no_grad()
+def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, window: TokenWindow, scales: dict[int, float],
+                  splice_ids: Tensor, n_top: int = 25, n_random: int = 100, threshold: float = 0.6, seed: int = 0,
+                  device=None) -> ChainAnalysis:
+    "Check every link of the chain (`suite` = its checkpoints, `paths` = its SAEs) and follow every live feature of the last SAE."
+    if len(paths) != len(suite): raise ParamError(f"paths has {len(paths)} SAEs for {len(suite)} checkpoints")
+    acts = window_acts(suite.load_model(suite[-1], device=device), window.ids, layer, scales[suite.steps[-1]])
+    live, top_final = _live_top(load_sae(paths[-1], device=device), acts, n_top)
+    random_pos, out = random_positions(len(acts), n_random, seed), []
+    for ckpt, path in zip(progress(suite, desc="analyse chain", unit="ckpt"), paths):
+        model, sae = suite.load_model(ckpt, device=device), load_sae(path, device=device)
+        acts = window_acts(model, window.ids, layer, scales[ckpt.step])
+        check = check_sae(model, sae, acts, splice_ids, layer, scales[ckpt.step])
+        out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold)))
+    checks, prog, labels, values, pos = zip(*out)
+    return ChainAnalysis(suite.steps, list(checks), live, top_final, random_pos,
+                         {m: torch.stack([pr[m] for pr in prog]) for m in MEASURES}, list(labels),
+                         torch.stack(values), torch.stack(pos))
+
+# %% ../nbs/21_sae_track.ipynb #25bdfd54
+def feature_patterns(an: ChainAnalysis, infos: Sequence[WordInfo | None], threshold: float = 0.6) -> list[str]:
+    "The `pattern` of every live feature of `an`, from its labels at the first and last checkpoints."
+    first, final = an.labels[0], an.labels[-1]
+    shares = [label_share(top_infos(v, pos, infos), label) for v, pos, label in zip(an.top_values[0], an.top_pos[0], final)]
+    return [pattern(a, b, share, threshold) for a, b, share in zip(first, final, shares)]
+
+def top_token_summary(tokenizer, token_ids: Tensor, values: Tensor, n: int = 6) -> str:
+    "The most frequent tokens where one feature fires among its top positions (ids and values [n_top]), as 'token×count'."
+    tokens = [tokenizer.decode([t]).strip() or repr(tokenizer.decode([t])) for t, v in zip(token_ids.tolist(), values.tolist()) if v > 0]
+    return ", ".join(f"{tok}×{count}" for tok, count in Counter(tokens).most_common(n)) or "(silent)"
+
+# %% ../nbs/21_sae_track.ipynb #478e2353
+def embed_2d(x: Tensor) -> np.ndarray:
+    "The rows of `x` [n, d] on their first two principal components: [n, 2]."
+    from sklearn.decomposition import PCA
+    return PCA(n_components=2, svd_solver="full").fit_transform(x.detach().float().cpu().numpy())
+
+def separation(x: Tensor, groups: Sequence[int]) -> float:
+    "Silhouette score (cosine) of the rows of `x` [n, d] grouped by `groups`: 1 = tight separated clusters, ≈ 0 = none."
+    from sklearn.metrics import silhouette_score
+    return float(silhouette_score(x.detach().float().cpu().numpy(), np.asarray(groups), metric="cosine"))
+
+# %% ../nbs/21_sae_track.ipynb #7fb77e1e
+def _step_axis(ax, steps: Sequence[int]):
+    "Training steps on a symlog axis (step 0 included)."
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(steps) * 1.3)
+    ax.set_xlabel("training step (symlog)")
+    ax.grid(alpha=0.3)
+
+CHECK_LABELS = ("explained variance", "L0 (active latents / token)", "dead fraction (window)", "ΔCE spliced in (nats/token)")
+
+def plot_link_metrics(steps: Sequence[int], checks: Sequence[SaeCheck]):
+    "Explained variance, L0, dead fraction and spliced-in ΔCE of every link of the chain, against its checkpoint step."
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, field, label in zip(axes, SaeCheck._fields, CHECK_LABELS):
+        ax.plot(steps, [getattr(c, field) for c in checks], marker="o", ms=3)
+        _step_axis(ax, steps); ax.set_ylabel(label)
+    fig.suptitle("SAE-Track chain: every link measured on its own checkpoint's held-out window")
+    fig.tight_layout()
+    return fig
+
+def plot_warm_cold(curves: dict[int, dict[str, list[dict]]]):
+    "Explained variance, L0, dead fraction and ΔCE against training tokens: warm link vs cold start, per checkpoint step."
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
+    for (step, runs), colour in zip(curves.items(), plt.cm.tab10.colors):
+        for name, ls in (("warm", "-"), ("cold", "--")):
+            pts = [pt for pt in runs[name] if pt["tokens"] > 0]  # log axis: the inherited SAE (0 tokens) is drawn as a marker
+            for ax, field in zip(axes, SaeCheck._fields):
+                ax.plot([pt["tokens"] for pt in pts], [pt[field] for pt in pts], ls=ls, color=colour, marker=".", ms=3,
+                        label=f"step {step} {name}")
+                if runs[name][0]["tokens"] == 0: ax.plot(pts[0]["tokens"] / 2, runs[name][0][field], "x", color=colour)
+    for ax, label in zip(axes, CHECK_LABELS):
+        ax.set_xscale("log"); ax.set_xlabel("SAE training tokens"); ax.set_ylabel(label); ax.grid(alpha=0.3)
+    axes[0].set_ylim(max(axes[0].get_ylim()[0], -0.5), 1.02)  # an SAE fresh from initialisation explains < 0: cut at −0.5
+    axes[0].set_ylabel("explained variance (axis cut at −0.5)"); axes[0].legend(fontsize=6)
+    fig.suptitle("Warm-started link (solid; × = inherited SAE before training) vs cold start (dashed), same tokens")
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/21_sae_track.ipynb #c798ad8d
+def plot_drift_histograms(cos: Tensor, steps: Sequence[int], at: Sequence[int]):
+    "Checkpoint-centric drift: histograms over features of cos(W_dec^t[i], W_dec^T[i]) at checkpoint indices `at` (`cos` [T, F])."
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, colour in zip(at, plt.cm.viridis(np.linspace(0, 0.9, len(at)))):
+        ax.hist(cos[i].numpy(), bins=np.linspace(np.floor(float(cos.min()) * 20) / 20, 1, 61), histtype="step", lw=1.5,
+                color=colour, label=f"step {steps[i]}")
+    ax.set_xlabel("cosine of decoder direction to its final direction"); ax.set_ylabel("live features")
+    ax.set_title("Decoder drift, checkpoint-centric"); ax.legend(fontsize=7)
+    return fig
+
+def plot_drift_curves(cos: Tensor, steps: Sequence[int], features: Sequence[int]):
+    "Feature-centric drift: cos(W_dec^t[i], W_dec^T[i]) against step for the sampled `features` (columns of `cos` [T, F])."
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for f in features: ax.plot(steps, cos[:, f].numpy(), lw=0.8, alpha=0.7)
+    ax.plot(steps, cos.median(1).values.numpy(), color="k", lw=2, label="median over all live features")
+    _step_axis(ax, steps)
+    ax.set_ylabel("cosine to final decoder direction"); ax.set_title(f"Decoder drift of {len(features)} sampled live features")
+    ax.legend(fontsize=7)
+    return fig
+
+def plot_drift_pca(trajectories: dict[str, Tensor], steps: Sequence[int]):
+    "Each feature's decoder trajectory [T, 2] on its own two principal components, coloured from first to last checkpoint."
+    fig, axes = plt.subplots(1, len(trajectories), figsize=(3 * len(trajectories), 3.2), squeeze=False)
+    for ax, (name, xy) in zip(axes[0], trajectories.items()):
+        ax.plot(xy[:, 0], xy[:, 1], color="grey", lw=0.6)
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=np.log1p(steps), cmap="viridis", s=14)
+        ax.set_title(name, fontsize=8); ax.set_xticks([]); ax.set_yticks([])
+    fig.colorbar(dots, ax=axes[0].tolist(), label="log(step + 1)", shrink=0.8)
+    fig.suptitle("Decoder-direction trajectories (PCA of each feature's decoder vectors)", fontsize=9)
+    return fig
+
+# %% ../nbs/21_sae_track.ipynb #e65680f9
+def plot_progress(steps: Sequence[int], progress: dict[str, Tensor], groups: dict[str, Tensor]):
+    "Median and quartiles of each progress measure [T, F] over the features of each group (boolean masks [F])."
+    fig, axes = plt.subplots(1, len(progress), figsize=(3.6 * len(progress), 3.4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], progress.items()):
+        for (group, mask), colour in zip(groups.items(), plt.cm.tab10.colors):
+            if mask.sum() == 0: continue
+            q = values[:, mask].quantile(torch.tensor([0.25, 0.5, 0.75]), dim=1).numpy()  # [3, T]
+            ax.plot(steps, q[1], color=colour, label=f"{group} ({int(mask.sum())})")
+            ax.fill_between(steps, q[0], q[2], color=colour, alpha=0.2)
+        _step_axis(ax, steps); ax.set_title(name.replace("_", " "), fontsize=9); ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("progress measure M(t)"); axes[0][0].legend(fontsize=7)
+    fig.suptitle("Progress measure at the final SAE's top positions (median and quartiles per final label kind)")
+    fig.tight_layout()
+    return fig
+
+def _shade_phases(ax, steps: Sequence[int], boundaries: tuple[int, int]):
+    "Shade initialisation (up to b1), emergent (b1 to b2) and convergent (after b2); dashed lines at b1 and b2."
+    edges = (steps[0], *boundaries, steps[-1])
+    for phase, lo, hi, colour in zip(PHASES, edges, edges[1:], ("#f3e0c0", "#c8e6c9", "#bbdefb")):
+        ax.axvspan(lo, hi, color=colour, alpha=0.6, lw=0, label=phase)
+    for name, b in zip(("b1", "b2"), boundaries): ax.axvline(b, color="grey", ls="--", lw=1, label=f"{name} = step {b}")
+
+def plot_phases(steps: Sequence[int], formation: Sequence[int | None], boundaries: tuple[int, int],
+                kinds: Sequence[Sequence[str]]):
+    "Left: share of live features formed by each checkpoint; right: shares of token- and concept-level labels; phases shaded."
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    formed = np.array([s for s in formation if s is not None])
+    a.plot(steps, [(formed <= s).sum() / len(formation) for s in steps], marker="o", ms=3, color="k", label="formed")
+    a.set_ylabel("share of live features formed")
+    for kind, colour in (("token", "tab:blue"), ("concept", "tab:orange")):
+        b.plot(steps, [np.mean([k == kind for k in ks]) for ks in kinds], marker="o", ms=3, color=colour, label=f"{kind}-level")
+    b.set_ylabel("share of live features")
+    for ax in (a, b): _shade_phases(ax, steps, boundaries); _step_axis(ax, steps); ax.set_ylim(0, 1.02); ax.legend(fontsize=6)
+    fig.suptitle("Feature formation and the three phases")
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/21_sae_track.ipynb #404d69d4
+def plot_semantic_evolution(blocks: Sequence[tuple[tuple[str, str, str], Sequence[tuple[int, str, str]]]]):
+    "A table of blocks: a header row of 3 cells, then (step, label, top tokens) of one feature at several checkpoints."
+    n_rows = sum(len(rows) + 1 for _, rows in blocks) + 1
+    fig, ax = plt.subplots(figsize=(12, 0.22 * n_rows + 0.5))
+    ax.axis("off")
+    cells, colours = [], []
+    for header, rows in blocks:
+        cells.append(list(header)); colours.append(["#dddddd"] * 3)
+        cells += [[f"step {s}", label, tokens] for s, label, tokens in rows]; colours += [["white"] * 3] * len(rows)
+    table = ax.table(cellText=cells, cellColours=colours, colLabels=["checkpoint", "label (purity)", "top tokens (count)"],
+                     colWidths=[0.14, 0.22, 0.64], loc="upper center", cellLoc="left")
+    table.auto_set_font_size(False); table.set_fontsize(7)
+    ax.set_title("Semantic evolution: top-activating tokens of one feature per pattern")
+    return fig
+
+def plot_embedding(coords: Sequence[np.ndarray], groups: np.ndarray, names: Sequence[str], steps: Sequence[int],
+                   scores: Sequence[float]):
+    "Top positions of several features at several checkpoints, each on that checkpoint's two principal components."
+    fig, axes = plt.subplots(1, len(coords), figsize=(3.2 * len(coords), 3.4), squeeze=False)
+    for ax, xy, step, score in zip(axes[0], coords, steps, scores):
+        for g, name in enumerate(names):
+            ax.scatter(xy[groups == g, 0], xy[groups == g, 1], s=8, color=plt.cm.tab10(g % 10), label=name)
+        ax.set_title(f"step {step} (silhouette {score:.2f})", fontsize=8); ax.set_xticks([]); ax.set_yticks([])
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle("Site activations at the final SAE's top positions of several features (PCA per checkpoint)", fontsize=9)
+    return fig

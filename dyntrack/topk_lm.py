@@ -265,7 +265,7 @@ class TopKParams(SuiteParams):
     n_formation: int = 6                 # TopK checkpoints analysed for neuron formation (first and last included)
     entropy_tokens: int = 16384          # evaluation tokens the neuron entropies are measured on
     act_threshold: float = 0.0           # a neuron is active on a token when its activation exceeds this
-    max_active: int = 256                # strongest active tokens per neuron kept for semantic entropy
+    max_active: int = 256                # active tokens per neuron (a seeded sample) kept for semantic entropy
     sim_bins: int = 20                   # equal-width bins of the cosine similarity range [-1, 1]
     min_active: int = 20                 # a steering candidate is active on at least this many tokens
     n_steer: int = 3                     # low-semantic-entropy neurons to steer

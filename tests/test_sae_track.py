@@ -1,16 +1,26 @@
-"SAE-Track: the warm-started chain, decoder drift, progress measure, formation steps, phases, labels and patterns."
+"SAE-Track: parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
 import math
 
 import pytest
 import torch
 
-from dyntrack.core import ParamError
-from dyntrack.corpus import WordInfo
+from collections import Counter
+
+import numpy as np
+
+from dyntrack.acts import residual_at
+from dyntrack.core import PROFILES, ParamError, resolve_params
+from dyntrack.corpus import WordInfo, generate_documents
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
-from dyntrack.sae import SaeConfig, load_sae
-from dyntrack.sae_track import (FeatureLabel, decoder_cosines, decoder_pca, formation_step, label_feature,
-                                pairwise_similarity, pattern, phase_boundaries, progress_measure, random_positions,
-                                top_positions, train_chain)
+from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae_track import (
+    MEASURES, PATTERNS, FeatureLabel, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, analyse_chain,
+    analyse_checkpoint, chain_key, check_sae, decoder_cosines, decoder_pca, distinct_features, embed_2d, eval_steps,
+    feature_patterns, formation_step, label_feature, label_share, labels_at, mean_pairwise, pairwise_similarity,
+    pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions, progress_measure,
+    progress_measures, random_positions, resolve_steps, sae_configs, separation, token_window, tokens_to_match,
+    top_positions, train_chain, warm_cold_curves, window_acts)
+from dyntrack.tokens import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 61
@@ -194,12 +204,250 @@ def test_label_feature_known_answers():
 def test_pattern_known_answers():
     U = FeatureLabel("unlabelled", "", 0.0)
     dog, cat = FeatureLabel("token", "dog", 0.9), FeatureLabel("token", "cat", 0.9)
-    animal = FeatureLabel("concept", "category=animal", 0.8)
-    assert pattern([dog] * 4) == "maintaining"
-    assert pattern([U, dog, dog]) == "maintaining"   # unlabelled early is ignored
-    assert pattern([dog, U, dog]) == "maintaining"   # a gap does not break the run
-    assert pattern([dog, dog, cat]) == "shifting"
-    assert pattern([dog, animal]) == "shifting"      # token meaning turns into a concept
-    assert pattern([U, U, animal, animal]) == "grouping"
-    assert pattern([U, U]) == "other" and pattern([dog, U]) == "other"
-    with pytest.raises(ParamError, match="labels_over_time"): pattern([])
+    animal, sg = FeatureLabel("concept", "category=animal", 0.8), FeatureLabel("concept", "number=sg", 0.7)
+    assert pattern(dog, dog, 0.8) == "maintaining"
+    assert pattern(dog, dog, 0.5) == "shifting"       # same name, but the final meaning did not hold at first
+    assert pattern(dog, cat, 0.0) == "shifting"
+    assert pattern(dog, animal, 1.0) == "shifting"    # token -> concept is a shift even when the tokens fit the concept
+    assert pattern(sg, animal, 0.9) == "maintaining"  # another description of the same top tokens
+    assert pattern(U, animal, 0.2) == "grouping"
+    assert pattern(U, dog, 0.2) == "other" and pattern(dog, U, 0.0) == "other"
+    with pytest.raises(ParamError, match="threshold"): pattern(dog, dog, 1.0, threshold=1.5)
+
+
+def test_label_share_and_labels_at():
+    infos = [info("dog"), info("dog", number="pl", word="dogs"), info("cat"), None]
+    assert label_share(infos, FeatureLabel("token", "dog", 0.5)) == 0.5
+    assert label_share(infos, FeatureLabel("concept", "category=animal", 0.75)) == 0.75
+    assert label_share(infos, FeatureLabel("concept", "number=pl", 0.25)) == 0.25
+    assert label_share(infos, FeatureLabel("unlabelled", "", 0.0)) == 0.0 and label_share([], FeatureLabel("token", "dog", 1)) == 0.0
+    values = torch.tensor([[5.0, 4.0, 3.0], [5.0, 4.0, 0.0]])
+    pos = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    assert labels_at(values, pos, infos) == [FeatureLabel("token", "dog", 2 / 3), FeatureLabel("token", "dog", 2 / 3)]
+    assert labels_at(values, pos, infos, threshold=0.7)[0] == FeatureLabel("concept", "category=animal", 1.0)
+    assert labels_at(values, pos, infos, threshold=0.7)[1].kind == "unlabelled"  # its third position is silent
+    with pytest.raises(ParamError, match="top_values"): labels_at(values, pos[:, :2], infos)
+
+
+def test_pattern_counts_examples_distinct():
+    dog, cat = FeatureLabel("token", "dog", 0.7), FeatureLabel("token", "cat", 0.9)
+    U = FeatureLabel("unlabelled", "", 0.0)
+    pats = ["shifting", "maintaining", "maintaining", "other"]
+    assert pattern_counts(pats) == dict(maintaining=2, shifting=1, grouping=0, other=1)
+    with pytest.raises(ParamError, match="unknown pattern"): pattern_counts(["drifting"])
+    finals = [dog, cat, FeatureLabel("token", "dog", 0.95), U]
+    assert pattern_examples(pats, finals) == dict(maintaining=2, shifting=0, grouping=None)
+    assert distinct_features(finals, 5) == [2, 1] and distinct_features(finals, 1) == [2]
+
+
+# --- parameters ---------------------------------------------------------------------------------------------
+
+def test_params_derive_and_reject():
+    p = SaeTrackParams(first_tokens=200_000, sae_batch_size=1000)
+    assert (p.link_tokens, p.cold_tokens) == (10_000, 100_000)
+    assert SaeTrackParams(link_tokens=5000, sae_batch_size=1000).link_tokens == 5000
+    first, link, cold = sae_configs(p, d_model=64)
+    assert first.d_sae == 16 * 64 and (link.n_tokens, link.lr, link.warmup_steps) == (10_000, p.link_lr, 3)
+    assert cold.n_tokens == 100_000 and cold.lr == first.lr and first.dead_tokens == 10_000
+    assert sae_configs(SaeTrackParams(d_sae=300), 64)[0].d_sae == 300
+    for bad, match in ((dict(kind="gated"), "kind"), (dict(n_top=1), "n_top"), (dict(phase_quantiles=(0.5,)), "phase_quantiles"),
+                       (dict(link_lr=0.0), "link_lr"), (dict(label_threshold=1.2), "label_threshold"),
+                       (dict(first_tokens=1000), "first_tokens"), (dict(suite="nowhere"), "suite")):
+        with pytest.raises(ParamError, match=match): SaeTrackParams(**bad)
+
+
+def test_profiles_resolve():
+    for profile in PROFILES:
+        p = resolve_params(SaeTrackParams, profile)
+        assert p.link_tokens >= p.sae_batch_size and p.splice_tokens <= p.analysis_tokens
+
+
+def test_resolve_steps_and_chain_key(suite):
+    assert resolve_steps(suite, (), (), 2) == ([0, 10, 20], [10, 20])
+    assert resolve_steps(suite, (), (), 5) == ([0, 10, 20], [10, 20])  # at most every step after the first
+    assert resolve_steps(suite, (0, 20), (), 1) == ([0, 20], [20])
+    with pytest.raises(ParamError, match="step=5"): resolve_steps(suite, (0, 5), (), 1)
+    with pytest.raises(ParamError, match="at least two"): resolve_steps(suite, (10,), (), 1)
+    with pytest.raises(ParamError, match="cold_steps"): resolve_steps(suite, (), (0,), 1)
+    p = SaeTrackParams()
+    assert chain_key(p, suite, 1) == chain_key(SaeTrackParams(n_random=7, analysis_tokens=10**5), suite, 1)
+    assert len({chain_key(p, suite, 1), chain_key(p, suite, 0), chain_key(SaeTrackParams(sae_seed=1), suite, 1),
+                chain_key(p, suite.select([0, 10]), 1)}) == 4
+
+
+# --- tokens and activations ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [doc for d in ("farm", "school") for doc in generate_documents(d, 30, seed=3)]
+    return train_tokenizer(texts, 500, tmp_path_factory.mktemp("tok") / "tok")
+
+
+def test_token_window_aligns_tokens_and_words(tokenizer):
+    texts = {"farm": generate_documents("farm", 10, seed=9), "school": generate_documents("school", 10, seed=9)}
+    window = token_window(tokenizer, texts, context=12, n_tokens=150)
+    assert window.ids.shape == (14, 12) and len(window.infos) == 14 * 11 == len(window.token_ids)
+    assert torch.equal(window.token_ids, window.ids[:, 1:].flatten())
+    first_doc = tokenizer(texts["farm"][0], add_special_tokens=False)["input_ids"]
+    assert window.ids.flatten()[: len(first_doc)].tolist() == first_doc  # the first document opens the window
+    eos = tokenizer.eos_token_id
+    assert window.ids.flatten()[len(first_doc)] == eos                  # then EOS, then the first school document
+    for t, w in zip(window.token_ids.tolist(), window.infos):
+        if t == eos: assert w is None
+        else: assert w is not None and tokenizer.decode([t]).strip().lower() in w.word.lower()
+    with pytest.raises(ParamError, match="analysis_tokens"): token_window(tokenizer, texts, 12, 10**6)
+
+
+def test_window_acts_scales_and_link_acts(suite):
+    model = suite.load_model(suite[1])
+    ids = tokens(suite[1])[0]                                    # [4, 9]
+    acts = window_acts(model, ids, 1, scale=2.0, batch_seqs=3)
+    torch.testing.assert_close(acts, 2 * residual_at(model, ids, 1)[:, 1:].reshape(-1, 16))
+    scales = activation_scales(suite, 1, tokens, n_batches=2)
+    assert sorted(scales) == [0, 10, 20]
+    x = torch.cat([window_acts(model, b, 1, scales[10]) for b in tokens(suite[1])[:2]])
+    assert x.norm(dim=-1).mean().item() == pytest.approx(4.0, rel=1e-5)  # √d_model
+    cfg = chain_cfg()
+    a, b = (list(_link_acts(model, 1, tokens(suite[1]), cfg, s)) for s in (1.0, 0.5))
+    assert len(a) == 4 and all(x.shape == (32, 16) for x in a)  # 16 sequences × 8 positions, in batches of 32
+    for x, y in zip(a, b): torch.testing.assert_close(y, 0.5 * x)
+
+
+def test_chain_applies_scales(suite, tmp_path):
+    still = chain_cfg(kind="relu", l1_coef=0.0, lr=1e-12)  # training barely moves b_dec from its initial geometric median
+    plain = train_chain(suite, 1, tokens, still, still, tmp_path / "plain", steps=[0])
+    scaled = train_chain(suite, 1, tokens, still, still, tmp_path / "scaled", steps=[0], scales={0: 10.0})
+    b_plain, b_scaled = load_sae(plain[0]).b_dec, load_sae(scaled[0]).b_dec  # the median of the first batch, scaled
+    torch.testing.assert_close(b_scaled, 10 * b_plain, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ParamError, match="scales"): train_chain(suite, 1, tokens, chain_cfg(), chain_cfg(), tmp_path, scales={0: 1.0})
+
+
+# --- link checks, warm vs cold ------------------------------------------------------------------------------
+
+def exact_sae(d: int) -> SparseAutoencoder:
+    "z = (ReLU(x), ReLU(−x)), x̂ = ReLU(x) − ReLU(−x) = x: a perfect reconstruction."
+    sae = SparseAutoencoder(SaeConfig(d_model=d, d_sae=2 * d, l1_coef=0.0, batch_size=2, n_tokens=2))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1)); sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+def test_check_sae_known_answers(suite):
+    model, ids = suite.load_model(suite[2]), torch.cat(tokens(suite[2]))   # [16, 9]
+    exact = check_sae(model, exact_sae(16), window_acts(model, ids, 1, 3.0), ids, 1, 3.0)
+    assert exact.explained_variance == pytest.approx(1.0, abs=1e-5) and exact.delta_ce == pytest.approx(0.0, abs=1e-4)
+    assert exact.l0 == 16 and exact.dead_fraction == 0 and exact.ce_recovered == pytest.approx(1.0, abs=1e-3)
+    silent = exact_sae(16)
+    with torch.no_grad(): silent.b_enc.fill_(-1e4)                      # never fires: reconstructs b_dec = 0 only
+    zero = check_sae(model, silent, window_acts(model, ids, 1, 3.0), ids, 1, 3.0)
+    assert zero.l0 == 0 and zero.dead_fraction == 1 and zero.ce_recovered == pytest.approx(0.0, abs=1e-4)
+    assert zero.explained_variance < 0.05
+
+
+def test_eval_steps_and_tokens_to_match():
+    assert eval_steps(10) == [1, 2, 4, 8, 10] and eval_steps(16) == [1, 2, 4, 8, 16] and eval_steps(1) == [1]
+    assert eval_steps(5, per_octave=2) == [1, 2, 3, 4, 5]
+    curve = [dict(tokens=64 * 2**i, explained_variance=v) for i, v in enumerate([-2.0, 0.1, 0.5, 0.45, 0.9])]
+    assert tokens_to_match(curve, 0.5) == 256 and tokens_to_match(curve, 0.0) == 128 and tokens_to_match(curve, 0.95) is None
+    assert tokens_to_match(curve, 0.3, key="explained_variance") == 256
+
+
+def test_warm_cold_curves_repeat_the_link(suite, tmp_path):
+    first, link, cold = chain_cfg(kind="relu", l1_coef=1e-3), chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=64, lr=1e-3), \
+        chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=128)
+    paths = train_chain(suite, 1, tokens, first, link, tmp_path / "chain", steps=[0, 10])
+    window = TokenWindow(torch.cat(tokens(suite[1])), [None] * 16 * 8)
+    curves = warm_cold_curves(suite, 10, paths[0], 1, tokens, link, cold, 1.0, window, window.ids[:4])
+    assert [pt["tokens"] for pt in curves["warm"]] == [0, 32, 64] and [pt["tokens"] for pt in curves["cold"]] == [32, 64, 128]
+    model = suite.load_model(suite[1])
+    acts = window_acts(model, window.ids, 1)
+    inherited, chained = (check_sae(model, load_sae(p), acts, window.ids[:4], 1, 1.0) for p in paths)
+    assert curves["warm"][0]["explained_variance"] == pytest.approx(inherited.explained_variance, abs=1e-6)
+    assert curves["warm"][-1]["explained_variance"] == pytest.approx(chained.explained_variance, abs=1e-5)  # the link, again
+    assert set(curves["cold"][0]) == {"tokens", *SaeCheck._fields}
+
+
+# --- progress of many features; the analysis pass -----------------------------------------------------------
+
+def test_progress_measures_match_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    reps = torch.rand(6, 5, 10, generator=gen) * (torch.rand(6, 5, 10, generator=gen) > 0.5)
+    rand = torch.rand(8, 10, generator=gen) * (torch.rand(8, 10, generator=gen) > 0.5)
+    for kind in ("cosine", "jaccard", "weighted_jaccard"):
+        ref = torch.tensor([progress_measure(r, rand, kind) for r in reps])
+        torch.testing.assert_close(progress_measures(reps, rand, kind), ref)
+        torch.testing.assert_close(progress_measures(reps, rand, kind, max_elements=50), ref)
+    with pytest.raises(ParamError, match="reps must"): progress_measures(torch.ones(3, 4), rand)
+    with pytest.raises(ParamError, match="reps_random"): progress_measures(reps, torch.ones(8, 3))
+    with pytest.raises(ParamError, match="non-negative"): progress_measures(-reps - 1, rand, "weighted_jaccard")
+
+
+def test_analyse_checkpoint_planted_feature():
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.randn(200, 8, generator=gen)                                 # [n, d_model]
+    acts[:10] = torch.tensor([3.0, -2.0, 1.0, 0, 0, 0, 0, 0])                  # the planted feature: 10 identical positions
+    top, rand = torch.arange(10)[None], torch.arange(100, 140)
+    infos = [info("dog")] * 10 + [info("cat")] * 190
+    prog, labels, values, pos = analyse_checkpoint(exact_sae(8), acts, torch.tensor([0]), top, rand, infos, 10, 0.6)
+    z = torch.cat([acts.relu(), (-acts).relu()], 1)                            # exact_sae's latents [200, 16]
+    # identical top representations: their mean similarity is 1, so M = 1 − the random positions' mean similarity
+    assert prog["activation_cosine"].item() == pytest.approx(1 - mean_pairwise(acts[rand]), abs=1e-5)
+    for kind in ("cosine", "jaccard", "weighted_jaccard"):
+        assert prog[f"feature_{kind}"].item() == pytest.approx(1 - mean_pairwise(z[rand], kind), abs=1e-5)
+    assert set(pos[0].tolist()) == set(range(10)) and labels == [FeatureLabel("token", "dog", 1.0)]  # latent 0 = relu(x_0)
+    assert values.shape == (1, 10) and (values == 3.0).all()
+
+
+@pytest.fixture(scope="module")
+def trained_chain(suite, tmp_path_factory):
+    cfg = chain_cfg(n_tokens=256, k=3)
+    return train_chain(suite, 1, tokens, cfg, chain_cfg(n_tokens=64, k=3), tmp_path_factory.mktemp("chain"))
+
+
+def test_analyse_chain_invariants(suite, trained_chain):
+    ids = torch.randint(0, VOCAB, (12, 9), generator=torch.Generator().manual_seed(7))
+    infos = [info(f"w{t}") for t in ids[:, 1:].flatten().tolist()]         # ground truth: the token itself
+    window = TokenWindow(ids, infos)
+    an = analyse_chain(suite, trained_chain, 1, window, {0: 1.0, 10: 2.0, 20: 0.5}, ids[:4], n_top=5, n_random=20)
+    n_live = len(an.live)
+    assert an.steps == [0, 10, 20] and n_live > 0 and an.top_final.shape == (n_live, 5)
+    assert {k: tuple(v.shape) for k, v in an.progress.items()} == {m: (3, n_live) for m in MEASURES}
+    assert an.top_values.shape == an.top_pos.shape == (3, n_live, 5) and len(an.labels) == 3
+    final_sae = load_sae(trained_chain[-1])
+    z = final_sae.encode(window_acts(suite.load_model(suite[2]), ids, 1, 0.5)).latents
+    assert ((z[:, an.live] > 0).sum(0) >= 5).all() and ((z > 0).sum(0) >= 5).sum() == n_live  # live = fires at ≥ n_top
+    assert torch.equal(an.top_pos[-1], an.top_final)                          # the last SAE is the final SAE
+    for label, vals, pos in zip(an.labels[-1], an.top_values[-1], an.top_pos[-1]):   # labels read the top tokens
+        if label.kind == "token":
+            toks = Counter(window.token_ids[p].item() for v, p in zip(vals, pos) if v > 0)
+            assert f"w{toks.most_common(1)[0][0]}" == label.value
+    patterns = feature_patterns(an, infos)
+    assert len(patterns) == n_live and set(patterns) <= set(PATTERNS)
+    assert an.checks[-1] == check_sae(suite.load_model(suite[2]), final_sae, window_acts(suite.load_model(suite[2]), ids, 1, 0.5),
+                                      ids[:4], 1, 0.5)
+
+
+# --- phases, fractions, embedding ---------------------------------------------------------------------------
+
+def test_phase_of_and_label_fractions():
+    steps = [0, 1, 2, 4, 8, 16]
+    assert phase_of(steps, (0, 4)) == ["initialisation", "emergent", "emergent", "emergent", "convergent", "convergent"]
+    assert phase_of(steps, (16, 16)) == ["initialisation"] * 6
+    with pytest.raises(ParamError, match="boundaries"): phase_of(steps, (4, 2))
+    kinds = [["token"] * 3 + ["unlabelled"], ["token", "concept", "concept", "unlabelled"], ["concept"] * 4]
+    fr = label_fractions(kinds, ["initialisation", "convergent", "convergent"])
+    assert fr == dict(initialisation=dict(token=0.75, concept=0.0, unlabelled=0.25), emergent=None,
+                      convergent=dict(token=0.125, concept=0.75, unlabelled=0.125))
+    with pytest.raises(ParamError, match="kinds"): label_fractions(kinds, ["emergent"])
+
+
+def test_embedding_and_separation():
+    gen = torch.Generator().manual_seed(0)
+    line = torch.arange(20.0)[:, None] * torch.tensor([1.0, 2.0, 2.0])          # points on one line in 3-D
+    xy = embed_2d(line)
+    assert xy.shape == (20, 2) and np.allclose(xy[:, 1], 0, atol=1e-4) and np.allclose(np.abs(np.diff(xy[:, 0])), 3.0, atol=1e-4)
+    groups = np.repeat([0, 1], 15)
+    apart = torch.cat([torch.tensor([5.0, 0, 0]) + 0.1 * torch.randn(15, 3, generator=gen),
+                       torch.tensor([0, 5.0, 0]) + 0.1 * torch.randn(15, 3, generator=gen)])
+    assert separation(apart, groups) > 0.9 and separation(torch.randn(30, 3, generator=gen), groups) < 0.2
