@@ -106,9 +106,10 @@ def sae_configs(p: SaeTrackParams, d_model: int) -> tuple[SaeConfig, SaeConfig, 
     link = dataclasses.replace(first, lr=p.link_lr, warmup_steps=p.link_warmup_steps, n_tokens=p.link_tokens)
     return first, link, dataclasses.replace(first, n_tokens=p.cold_tokens)
 
-# %% ../nbs/21_sae_track.ipynb #b354df3c
+# %% ../nbs/21_sae_track.ipynb #050773c0
 CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_size", "first_tokens", "link_tokens",
-                "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed")
+                "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed",
+                "words_per_domain", "corpus_seed")  # the last two pick the training text of a non-embedded suite
 
 def chain_key(p: SaeTrackParams, suite: CheckpointSuite, layer: int) -> str:
     "Names a chain by what changes its weights: the suite's checkpoints, the site and the SAE and token settings."

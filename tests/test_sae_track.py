@@ -1,16 +1,16 @@
 "SAE-Track: parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
-import math
+import json, math
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from collections import Counter
-
-import numpy as np
-
+from conftest import fake_hub_cache
 from dyntrack.acts import residual_at
 from dyntrack.core import PROFILES, ParamError, resolve_params
-from dyntrack.corpus import WordInfo, generate_documents
+from dyntrack.corpus import WordInfo, generate_corpus, generate_documents
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track import (
@@ -451,3 +451,50 @@ def test_embedding_and_separation():
     apart = torch.cat([torch.tensor([5.0, 0, 0]) + 0.1 * torch.randn(15, 3, generator=gen),
                        torch.tensor([0, 5.0, 0]) + 0.1 * torch.randn(15, 3, generator=gen)])
     assert separation(apart, groups) > 0.9 and separation(torch.randn(30, 3, generator=gen), groups) < 0.2
+
+
+# --- the experiment notebook on a Hub-like suite ------------------------------------------------------------
+
+NB = Path(__file__).parent.parent / "nbs" / "11_sae_track.ipynb"
+REPO = "toy-org/toy-pythia"
+TINY = dict(words_per_domain=3000, eval_words_per_domain=400, d_sae=96, sae_batch_size=128, first_tokens=2048,
+            link_tokens=256, cold_tokens=1024, first_warmup_steps=2, sae_context=32, analysis_tokens=1024,
+            splice_tokens=256, n_top=5, n_random=20, n_drift_features=4, n_embed_features=3, device="cpu")
+REQUIRED = ("chain_links", "final_explained_variance", "max_dead_fraction", "warm_vs_cold_token_ratio",
+            "phase_boundaries_steps", "token_level_fraction_by_phase", "concept_level_fraction_by_phase", "pattern_counts")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    "A Hub cache holding revisions step0, step8 and step16 of a tiny GPT-NeoX with a BPE tokenizer trained on the corpus."
+    root = tmp_path_factory.mktemp("hub")
+    docs = [d for ds in generate_corpus(3000, seed=5).values() for d in ds]
+    tok = train_tokenizer(docs, 400, root / "tok")
+    config = model_config("gpt_neox", "tiny", vocab_size=len(tok), max_seq_len=64)
+    fake_hub_cache(root / "cache", REPO, {s: build_model(config, s) for s in (0, 8, 16)}, tok)
+    return root / "cache"
+
+
+def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
+    import huggingface_hub.constants
+    import papermill as pm
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    out = tmp_path / "out"
+    pm.execute_notebook(str(NB), str(tmp_path / "executed.ipynb"), cwd=str(NB.parent), kernel_name="python3",
+                        progress_bar=False, parameters=dict(profile="smoke", out_dir=str(out), suite=f"hub:{REPO}",
+                                                            hub_steps=[0, 8, 16], chain_dir=str(tmp_path / "chain"), **TINY))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["notebook"] == "11_sae_track" and m["profile"] == "smoke"
+    metrics = m["metrics"]
+    assert set(REQUIRED) <= set(metrics) and metrics["chain_links"] == 3 and metrics["site_layer"] == 1
+    assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"8", "16"}
+    assert sum(metrics["pattern_counts"].values()) == metrics["n_live_features"] > 0
+    assert set(metrics["token_level_fraction_by_phase"]) == {"initialisation", "emergent", "convergent"}
+    assert sorted(p.name for p in (tmp_path / "chain").iterdir() if p.is_dir()) == ["step0", "step16", "step8"]
+    for name in ("saetrack_chain_link_metrics", "saetrack_fig_decoder_drift_histograms", "saetrack_fig_decoder_drift_curves",
+                 "saetrack_fig_decoder_pca_trajectories", "saetrack_fig_progress_measure", "saetrack_fig_phases",
+                 "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
