@@ -128,7 +128,8 @@ def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict
     out_dir = Path(out_dir).resolve()
     _fresh_dir(out_dir)
     executed = out_dir / f"{exp.stem}.ipynb"
-    run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel, status="running")
+    run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel, status="running",
+               environment=environment())  # the kernel runs on this machine, with this interpreter
     write_json(out_dir / "run.json", run)
     t0 = time.perf_counter()
     try:
@@ -173,7 +174,7 @@ def environment() -> dict:
     return {**env, "platform": platform.platform(), "device": device_name("auto")}
 
 def collect_report(out) -> dict:
-    "Aggregate every `out/<stem>/metrics.json` with its figures, run record and this environment."
+    "Aggregate every `out/<stem>/metrics.json` with its figures and run record (with the environment it ran in)."
     out, notebooks = Path(out), []
     for mpath in sorted(out.glob("*/metrics.json")):
         folder = mpath.parent
@@ -182,7 +183,8 @@ def collect_report(out) -> dict:
         pdfs = [p.name for p in sorted(folder.glob("*.pdf"))]
         executed = f"{folder.name}/{folder.name}.ipynb" if (folder / f"{folder.name}.ipynb").exists() else None
         notebooks.append(dict(stem=folder.name, **read_json(mpath), status=run.get("status", "unknown"),
-                              overrides=run.get("overrides", {}), figures=figures, pdfs=pdfs, executed=executed))
+                              overrides=run.get("overrides", {}), environment=run.get("environment", {}),
+                              figures=figures, pdfs=pdfs, executed=executed))
     profiles = sorted({n["profile"] for n in notebooks})
     return dict(profiles=profiles, total_wall_s=round(sum(n["wall_s"] for n in notebooks), 2),
                 environment=environment(), notebooks=notebooks)
@@ -195,6 +197,7 @@ def _sections(report: dict):
                  ("wall time", f"{n['wall_s']:.1f} s")]
         if n["status"] != "complete": facts.append(("status", f"{n['status']} (these outputs may be partial)"))
         if n["overrides"]: facts.append(("overrides", ", ".join(f"{k}={v!r}" for k, v in n["overrides"].items())))
+        if n["environment"]: facts.append(("ran with", "; ".join(f"{k} {v}" for k, v in n["environment"].items())))
         if n["executed"]: facts.append(("executed notebook", n["executed"]))
         rows = [(k, format_value(v)) for k, v in flatten_metrics(n["metrics"]).items()]
         yield n, facts, rows
@@ -204,7 +207,7 @@ def report_markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# dyntrack run report", "", f"Profiles: {', '.join(report['profiles']) or '-'}; "
              f"total notebook time {report['total_wall_s']:.1f} s.", "",
-             "Environment: " + "; ".join(f"{k} {v}" for k, v in env.items()), ""]
+             "Report written with: " + "; ".join(f"{k} {v}" for k, v in env.items()), ""]
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
         lines += [f"## {stem}", ""] + [f"- {k}: {v}" for k, v in facts] + [""]
@@ -218,7 +221,7 @@ def report_html(report: dict) -> str:
     e = html.escape
     env = "; ".join(f"{k} {v}" for k, v in report["environment"].items())
     body = [f"<h1>dyntrack run report</h1><p>Profiles: {e(', '.join(report['profiles']))}; total notebook time "
-            f"{report['total_wall_s']:.1f} s.</p><p>Environment: {e(env)}</p>"]
+            f"{report['total_wall_s']:.1f} s.</p><p>Report written with: {e(env)}</p>"]
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
         body.append(f"<h2>{e(stem)}</h2><ul>" + "".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in facts) + "</ul>")

@@ -1,5 +1,5 @@
 """dyntrack.reproduce end to end on two tiny experiment notebooks (one papermill kernel per notebook run)."""
-import shutil, subprocess, sys
+import platform, shutil, subprocess, sys
 
 import nbformat
 import pytest
@@ -104,12 +104,15 @@ def test_report(first_run):
     assert [n["stem"] for n in report["notebooks"]] == ["10_alpha", "11_beta"]
     assert {n["status"] for n in report["notebooks"]} == {"complete"}
     assert report["profiles"] == ["smoke"] and {"python", "torch", "transformers", "device"} <= set(report["environment"])
+    for n in report["notebooks"]:  # each notebook's run records the environment its kernel ran in
+        assert n["environment"]["python"] == platform.python_version() and "torch" in n["environment"]
     assert report["notebooks"][0]["metrics"]["loss"]["curve"][-1] == 19.0  # full lists stay in report.json
     md = first_run.report.read_text()
     assert "## 10_alpha" in md and "## 11_beta" in md
     assert "![fig1_alpha](10_alpha/fig1_alpha.png)" in md
     assert "| `loss.final` | 0.5 |" in md and "| `loss.curve` | 20 values: 0 … 19 (min 0, max 19) |" in md
     assert "executed notebook: 10_alpha/10_alpha.ipynb" in md
+    assert f"- ran with: python {platform.python_version()}; torch" in md
     assert '<img src="10_alpha/fig1_alpha.png"' in (first_run.out / "report.html").read_text()
 
 
