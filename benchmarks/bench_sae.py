@@ -18,7 +18,7 @@ under bf16 autocast on CUDA (plain float32 on the CPU), losses in float32.
 Tokens/s is timed from the end of step `--warmup` to the end of step `--warmup + --steps` (device synchronised at both
 ends); ratio = tokens/s / reference tokens/s. Separately, the encoder matmul [batch, d_model] @ [d_model, d_sae]
 (2 · batch · d_model · d_sae FLOP) is timed alone, with bf16 operands on CUDA (float32 on the CPU), and as the library
-runs it (`SparseAutoencoder.encode`'s pre-activations under autocast, the bf16 cast of the fp32 weights included);
+runs it (`SparseAutoencoder.pre_acts` under autocast, the bf16 cast of the fp32 weights included);
 both are reported as achieved FLOP/s and as a fraction of the device's dense bf16 peak (bench_train.PEAK_BF16).
 Before timing, both sides' reconstructions of one batch from the same weights are checked to agree (float32).
 
@@ -113,7 +113,7 @@ def encoder_rates(sae, x, repeats, device):
     xb, wb = x.to(dtype), sae.W_enc.detach().to(dtype)  # [batch, d_model], [d_model, d_sae]
     flop = 2 * x.shape[0] * x.shape[1] * wb.shape[1]
     def as_run():
-        with autocast(device): return (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        with autocast(device): return sae.pre_acts(x)
     return flop / timed(lambda: xb @ wb, repeats, device), flop / timed(as_run, repeats, device)
 
 
@@ -125,6 +125,23 @@ def check_same_function(sae, plain, x):
     if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()):
         raise AssertionError(f"reference and dyntrack reconstructions differ by up to {diff:.3g}")
     return diff
+
+
+def trace(d_model, d_sae, a, device, n_steps=5, rows=12):
+    "Print torch.profiler's busiest operators over `n_steps` steps of each side at `d_sae`: where a step's time goes."
+    from torch.profiler import ProfilerActivity, profile
+    gen = torch.Generator(device=device).manual_seed(0)
+    pool = [torch.randn(a.batch, d_model, device=device, generator=gen) for _ in range(a.pool)]
+    cfg = SaeConfig(d_model=d_model, d_sae=d_sae, kind="topk", k=a.k, batch_size=a.batch, n_tokens=2 * n_steps * a.batch)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sides = {"plain dense TopK": lambda: run_plain(PlainTopKSAE(SparseAutoencoder(cfg, device=device), a.k), pool,
+                                                  n_steps, n_steps, device, cfg.lr),
+             "dyntrack train_sae": lambda: run_dyntrack(SparseAutoencoder(cfg, device=device), cfg, pool, n_steps,
+                                                        n_steps, device)}
+    for name, run in sides.items():
+        with profile(activities=activities) as prof: run()  # warm-up steps included: same for both sides
+        print(f"\n{name}, d_sae {d_sae}: {2 * n_steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 def bench_one(d_model, d_sae, a, device, peak):
@@ -161,6 +178,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--pool", type=int, default=4, help="distinct random batches cycled through")
     ap.add_argument("--encoder-repeats", type=int, default=50)
+    ap.add_argument("--trace", action="store_true", help="also print a profiler table per side at the largest d_sae")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if min(a.warmup, a.steps, a.pool, a.encoder_repeats) < 1:
@@ -191,6 +209,7 @@ def main():
         write_json(a.out, dict(device=device_name(device), software=software_versions(), profile=a.profile,
                                d_model=d_model, batch=a.batch, k=a.k, steps=a.steps, warmup=a.warmup,
                                peak_bf16_flops=peak, rows=rows, encoder=encoder))
+    if a.trace: trace(d_model, max(a.d_sae), a, device)
 
 
 if __name__ == "__main__":

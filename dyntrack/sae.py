@@ -144,9 +144,13 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(W_dec.to(device, dtype))  # [d_sae, d_model]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model, device=device, dtype=dtype))
 
+    def pre_acts(self, x: Tensor) -> Tensor:
+        "h = (x − b_dec) W_enc + b_enc [..., d_sae]; one matmul with the bias fused (bf16 under autocast, not fp32)."
+        return F.linear(x - self.b_dec, self.W_enc.T, self.b_enc)
+
     def encode(self, x: Tensor) -> EncoderOutput:
         "Latents of activations `x` [..., d_model]."
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc  # [..., d_sae]
+        pre = self.pre_acts(x)  # [..., d_sae]
         if self.cfg.kind == "topk": return topk_code(pre, self.cfg.k)
         return EncoderOutput(pre, F.relu(pre), None, None)
 
