@@ -18,11 +18,11 @@ from torch import Tensor
 
 from .acts import ActivationBuffer, estimate_scale, residual_at
 from .core import ParamError, check_choice, check_range, progress
-from .corpus import Lexicon, WordInfo, generate_corpus, label_offsets, load_lexicon
+from .corpus import Lexicon, WordInfo, generate_corpus
 from .models import Checkpoint, CheckpointSuite
 from .sae import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from .sae_train import splice_eval, train_sae
-from .suite import SuiteParams, encode_eval, prepare_embedded_data
+from .suite import SuiteParams, encode_eval, labelled_tokens, prepare_embedded_data
 from .tokens import TokenShards, load_text_files
 
 # %% auto #0
@@ -152,21 +152,12 @@ class TokenWindow(NamedTuple):
         "Token ids of the analysed positions: [n_seq · (context − 1)]."
         return self.ids[:, 1:].flatten()
 
-def _interleave(texts: dict[str, list[str]]) -> list[str]:
-    "Documents of all domains, taken in turn from each domain."
-    return [doc for docs in itertools.zip_longest(*texts.values()) for doc in docs if doc is not None]
-
 def token_window(tokenizer, texts: dict[str, list[str]], context: int, n_tokens: int,
                  lexicon: Lexicon | None = None) -> TokenWindow:
-    "Cut `texts` (domains interleaved, EOS after each document) into sequences holding ≥ `n_tokens` analysed positions."
+    "Cut `texts` (domains in turn, EOS after each document) into sequences holding ≥ `n_tokens` analysed positions."
     check_range("context", context, lo=2)
     n_seq = -(-n_tokens // (context - 1))
-    ids, infos, lex = [], [], lexicon or load_lexicon()
-    for doc in _interleave(texts):
-        enc = tokenizer(doc, return_offsets_mapping=True, add_special_tokens=False)
-        ids += [*enc["input_ids"], tokenizer.eos_token_id]
-        infos += [*label_offsets(doc, enc["offset_mapping"], lex), None]
-        if len(ids) >= n_seq * context: break
+    ids, infos = labelled_tokens(tokenizer, texts, n_seq * context, lexicon)
     if len(ids) < n_seq * context:
         raise ParamError(f"the texts hold {len(ids)} tokens, fewer than the {n_seq * context} needed for "
                          f"n_tokens={n_tokens}; lower analysis_tokens or raise eval_words_per_domain")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_suite.ipynb #7f0c3faa
 from __future__ import annotations
-import hashlib
+import hashlib, itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -14,7 +14,7 @@ import torch
 import matplotlib.pyplot as plt
 
 from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress
-from .corpus import find_data_dir, generate_corpus
+from .corpus import Lexicon, WordInfo, find_data_dir, generate_corpus, label_offsets, load_lexicon
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
 from .tokens import TokenShards, build_shards, train_tokenizer
 from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps
@@ -24,8 +24,9 @@ from .acts import residual_at
 # %% auto #0
 __all__ = ['EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data',
            'eval_texts', 'train_config', 'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site',
-           'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription',
-           'eval_pairs', 'describe_suite', 'emergence_tokens', 'plot_metric_curves', 'plot_similarity']
+           'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'labelled_tokens', 'activation_similarity',
+           'SuiteDescription', 'eval_pairs', 'describe_suite', 'emergence_tokens', 'plot_metric_curves',
+           'plot_similarity']
 
 # %% ../nbs/08_suite.ipynb #8f9cc215
 @dataclass
@@ -166,6 +167,19 @@ def evaluate_checkpoint(model, tokenizer, val: TokenShards, pairs: dict, sim_ids
         acts = torch.cat([residual_at(model, ids.to(device), layer)[:, 1:].flatten(0, 1).float().cpu()
                           for ids in sim_ids.split(16)])  # [n, d_model]
     return CheckpointEval(losses, acc, acts)
+
+# %% ../nbs/08_suite.ipynb #6bb0e02a
+def labelled_tokens(tokenizer, texts: dict[str, list[str]], n_tokens: int,
+                    lexicon: Lexicon | None = None) -> tuple[list[int], list[WordInfo | None]]:
+    "At least `n_tokens` token ids of `texts` (domains in turn, EOS after each document) and each token's lexicon entry; fewer if the texts run out."
+    lex, ids, infos = lexicon or load_lexicon(), [], []
+    docs = (doc for group in itertools.zip_longest(*texts.values()) for doc in group if doc is not None)
+    for doc in docs:
+        if len(ids) >= n_tokens: break
+        enc = tokenizer(doc, return_offsets_mapping=True, add_special_tokens=False)
+        ids += [*enc["input_ids"], tokenizer.eos_token_id]
+        infos += [*label_offsets(doc, enc["offset_mapping"], lex), None]
+    return ids, infos
 
 # %% ../nbs/08_suite.ipynb #b26a6d57
 def activation_similarity(acts: list[torch.Tensor]) -> np.ndarray:

@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from .acts import blocks, check_layer
 from .core import ParamError, atomic_path, cache_dir, check_choice, check_range
-from .corpus import Lexicon, WordInfo, annotate, label_offsets, load_lexicon
+from .corpus import Lexicon, WordInfo, annotate, load_lexicon
 from .models import SIZES, CheckpointSuite, build_model, model_config, unwrap_model
-from .suite import SuiteParams, corpus_key, prepare_embedded_data, train_config as suite_train_config
+from .suite import SuiteParams, corpus_key, labelled_tokens, prepare_embedded_data, train_config as suite_train_config
 from .tasks import lambada_accuracy, minimal_pair_accuracy
 from .tokens import TokenShards
 from .train import Callback, TrainConfig, Trainer, validation_losses
@@ -382,18 +382,13 @@ class TokenWindow(NamedTuple):
 
 def token_window(tokenizer, texts: dict[str, list[str]], n_tokens: int, seq_len: int,
                  lexicon: Lexicon | None = None) -> TokenWindow:
-    "About `n_tokens` tokens of `texts`, one document of each domain in turn, each labelled with its word's category."
+    "About `n_tokens` tokens of `texts` (domains in turn, EOS after each document), each labelled with its word's category."
     lex = lexicon or load_lexicon()
     names = category_names(lex)
-    index, eos = {name: i for i, name in enumerate(names)}, tokenizer.eos_token_id
+    index = {name: i for i, name in enumerate(names)}
     n_seq = max(1, n_tokens // seq_len)
-    ids, cats = [], []
-    for doc in itertools.chain.from_iterable(zip(*texts.values())):
-        enc = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
-        labels = label_offsets(doc, enc["offset_mapping"], lex)
-        ids += [*enc["input_ids"], eos]
-        cats += [index.get(word_category(info), -1) for info in labels] + [-1]
-        if len(ids) >= n_seq * seq_len: break
+    ids, infos = labelled_tokens(tokenizer, texts, n_seq * seq_len, lex)
+    cats = [index.get(word_category(info), -1) for info in infos]
     if len(ids) < n_seq * seq_len:
         raise ParamError(f"entropy_tokens={n_tokens}: the evaluation texts give only {len(ids)} tokens; lower it or "
                          "raise eval_words_per_domain")
