@@ -78,7 +78,9 @@ def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor
     lr = lr_at(state.step, cfg)
     for group in optimizer.param_groups: group["lr"] = lr
     autocast = torch.autocast("cuda", torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
-    with autocast: out = sae(x, state.since_fired >= cfg.dead_tokens)
+    # since_fired <= tokens_seen: before dead_tokens have been seen no latent can be dead, so AuxK needs no count
+    dead = state.since_fired >= cfg.dead_tokens if state.tokens_seen >= cfg.dead_tokens else None  # [d_sae]
+    with autocast: out = sae(x, dead)
     pull = l2_pull * l2_pull_loss(sae, anchor) if l2_pull else out.loss.new_zeros(())
     optimizer.zero_grad(set_to_none=True)
     (out.loss + pull).backward()
@@ -151,7 +153,7 @@ def train_sae(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig, ou
     check_range("checkpoint_every", checkpoint_every, lo=1)
     if l2_pull and warm_start is None: raise ParamError("l2_pull > 0 needs warm_start (the weights to pull towards)")
     t0, out_dir, device = time.time(), (Path(out_dir) if out_dir is not None else None), sae.W_dec.device
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
     state = _start(sae, cfg, out_dir, warm_start, optimizer)
     anchor = {k: v.detach().to(device).clone() for k, v in warm_start.state_dict().items()} if l2_pull else None
     history, batches = [], iter(acts) if state.step < cfg.n_steps else iter(())
