@@ -15,8 +15,10 @@ under bf16 autocast on CUDA (plain float32 on the CPU), losses in float32.
      previous batch counts as dead and the AuxK top-`aux_k` search and reconstruction run on every step that has one
      (the worst case). With k · batch activations spread over d_sae latents some latents stay silent at 64k, while
      at small d_sae all may fire: the `AuxK steps` column gives the share of timed steps on which AuxK ran.
-Tokens/s is timed from the end of step `--warmup` to the end of step `--warmup + --steps` (device synchronised at both
-ends); ratio = tokens/s / reference tokens/s. Separately, the encoder matmul [batch, d_model] @ [d_model, d_sae]
+Tokens/s covers steps `--warmup + 1 … --warmup + --steps`: for the reference, timed from the end of step `--warmup`
+to the end of the last (device synchronised at both ends); for dyntrack, which is timed without a callback (one would
+make `train_sae` settle every step's log record at once, a host sync per step), as the wall time of a run of
+`--warmup + --steps` steps minus that of a run of `--warmup` steps. ratio = tokens/s / reference tokens/s. Separately, the encoder matmul [batch, d_model] @ [d_model, d_sae]
 (2 · batch · d_model · d_sae FLOP) is timed alone, with bf16 operands on CUDA (float32 on the CPU), and as the library
 runs it (`SparseAutoencoder.pre_acts` under autocast, the bf16 cast of the fp32 weights included);
 both are reported as achieved FLOP/s and as a fraction of the device's dense bf16 peak (bench_train.PEAK_BF16).
@@ -78,22 +80,20 @@ def run_plain(model, pool, steps, warmup, device, lr):
     return steps * pool[0].shape[0] / (time.perf_counter() - t0)
 
 
-class StepWatch:
-    "train_sae callback: time from the end of step `warmup` to the end of step `end` (device synchronised)."
-    def __init__(self, warmup, end, device): self.warmup, self.end, self.device, self.t = warmup, end, device, {}
-    def __call__(self, step, record, sae):
-        if step in (self.warmup, self.end): sync(self.device); self.t[step] = time.perf_counter()
-    @property
-    def seconds(self): return self.t[self.end] - self.t[self.warmup]
-
-
-def run_dyntrack(sae, cfg, pool, steps, warmup, device):
-    "Tokens/s of `train_sae` on the pool's batches; mean dead fraction and share of AuxK steps over the timed steps."
-    watch = StepWatch(warmup, warmup + steps, device)
-    batches = (pool[i % len(pool)] for i in range(warmup + steps))
-    timed_log = train_sae(sae, batches, cfg, callbacks=[watch]).history[warmup:]
+def run_dyntrack(cfg, pool, steps, warmup, device):
+    "Tokens/s of `train_sae` as the library trains (no callbacks); mean dead fraction and share of AuxK steps, timed part."
+    def wall(n):  # seconds for a fresh SAE trained for n steps, setup included (it cancels in the difference)
+        run_cfg = dataclasses.replace(cfg, n_tokens=n * cfg.batch_size)
+        sae = SparseAutoencoder(run_cfg, device=device)
+        sync(device); t0 = time.perf_counter()
+        history = train_sae(sae, (pool[i % len(pool)] for i in range(n)), run_cfg).history
+        sync(device)
+        return time.perf_counter() - t0, history
+    t_warm, _ = wall(warmup)
+    t_all, history = wall(warmup + steps)
+    timed_log = history[warmup:]
     mean = lambda values: sum(values) / len(values)
-    return (steps * cfg.batch_size / watch.seconds, mean([r["dead_fraction"] for r in timed_log]),
+    return (steps * cfg.batch_size / (t_all - t_warm), mean([r["dead_fraction"] for r in timed_log]),
             mean([float(r["aux_loss"] > 0) for r in timed_log]))
 
 
@@ -137,8 +137,7 @@ def trace(d_model, d_sae, a, device, n_steps=5, rows=12):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sides = {"plain dense TopK": lambda: run_plain(PlainTopKSAE(SparseAutoencoder(cfg, device=device), a.k), pool,
                                                   n_steps, n_steps, device, cfg.lr),
-             "dyntrack train_sae": lambda: run_dyntrack(SparseAutoencoder(cfg, device=device), cfg, pool, n_steps,
-                                                        n_steps, device)}
+             "dyntrack train_sae": lambda: run_dyntrack(cfg, pool, n_steps, n_steps, device)}
     for name, run in sides.items():
         with profile(activities=activities) as prof: run()  # warm-up steps included: same for both sides
         print(f"\n{name}, d_sae {d_sae}: {2 * n_steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
@@ -157,8 +156,7 @@ def bench_one(d_model, d_sae, a, device, peak):
     rows = [dict(variant="plain dense TopK (reference)", tokens_per_s=ref, dead_fraction=None, auxk_steps=None)]
     for name, dead in (("dyntrack, AuxK idle", cfg.dead_tokens), ("dyntrack, dead after 1 batch", a.batch)):
         run_cfg = dataclasses.replace(cfg, dead_tokens=dead)
-        tps, dead_frac, aux_share = run_dyntrack(SparseAutoencoder(run_cfg, device=device), run_cfg, pool, a.steps,
-                                                 a.warmup, device)
+        tps, dead_frac, aux_share = run_dyntrack(run_cfg, pool, a.steps, a.warmup, device)
         rows.append(dict(variant=name, tokens_per_s=tps, dead_fraction=dead_frac, auxk_steps=aux_share))
     del pool, sae
     if device.type == "cuda": torch.cuda.empty_cache()

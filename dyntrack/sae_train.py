@@ -22,8 +22,8 @@ from .train import append_log, lm_loss, truncate_log
 
 # %% auto #0
 __all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'lr_at', 'init_b_dec', 'l2_pull_loss',
-           'sae_step', 'save_train_state', 'load_train_state', 'SaeTrainResult', 'train_sae', 'SpliceEval',
-           'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation', 'top_activations']
+           'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state', 'SaeTrainResult',
+           'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation', 'top_activations']
 
 # %% ../nbs/09b_sae_train.ipynb #2eaf8a44
 class PlantedData(NamedTuple):
@@ -72,9 +72,29 @@ def l2_pull_loss(sae: SparseAutoencoder, anchor: dict[str, Tensor]) -> Tensor:
 # %% ../nbs/09b_sae_train.ipynb #1815f8ec
 LOG_KEYS = ("loss", "nmse", "sparsity_loss", "aux_loss", "l2_pull", "l0", "dead_fraction")
 
-def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
-             state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> dict:
-    "One optimizer step on activations `x` [batch, d_model]; updates `state`; returns the step's log record."
+class StepRecord(NamedTuple):
+    "A step's log record whose numbers may still be on their way from the GPU; `finish()` gives the dict."
+    head: dict                      # step, tokens_seen, lr
+    values: Tensor                  # [len(LOG_KEYS)] on the CPU (pinned; on CUDA the copy may still be in flight)
+    ready: torch.cuda.Event | None  # recorded after the copy on CUDA; None on the CPU
+
+    def finish(self) -> dict:
+        "The record as numbers; waits for this step's copy only, not for work queued after it."
+        if self.ready is not None: self.ready.synchronize()
+        return dict(self.head, **dict(zip(LOG_KEYS, self.values.tolist())))
+
+def _to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    "Start copying `values` to the CPU without waiting; the event marks the copy's end (None off CUDA)."
+    if values.device.type != "cuda": return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+def sae_update(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
+               state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> StepRecord:
+    "One optimizer step on activations `x` [batch, d_model], queued without waiting for the GPU; updates `state`."
     lr = lr_at(state.step, cfg)
     for group in optimizer.param_groups: group["lr"] = lr
     autocast = torch.autocast("cuda", torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
@@ -93,7 +113,12 @@ def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor
         values = torch.stack([out.loss + pull, out.nmse, out.sparsity_loss, out.aux_loss, pull,
                               active.sum(-1).float().mean(), (state.since_fired >= cfg.dead_tokens).float().mean()])
     state.step, state.tokens_seen = state.step + 1, state.tokens_seen + x.shape[0]
-    return dict(step=state.step, tokens_seen=state.tokens_seen, lr=lr, **dict(zip(LOG_KEYS, values.tolist())))
+    return StepRecord(dict(step=state.step, tokens_seen=state.tokens_seen, lr=lr), *_to_host(values))
+
+def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
+             state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> dict:
+    "One optimizer step on activations `x` [batch, d_model]; updates `state`; returns the step's log record."
+    return sae_update(sae, optimizer, x, cfg, state, anchor, l2_pull).finish()
 
 # %% ../nbs/09b_sae_train.ipynb #3a8002ba
 def save_train_state(state_dir, sae: SparseAutoencoder, optimizer, state: SaeTrainState, cfg: SaeConfig) -> Path:
@@ -156,7 +181,7 @@ def train_sae(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig, ou
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
     state = _start(sae, cfg, out_dir, warm_start, optimizer)
     anchor = {k: v.detach().to(device).clone() for k, v in warm_start.state_dict().items()} if l2_pull else None
-    history, batches = [], iter(acts) if state.step < cfg.n_steps else iter(())
+    history, pending, batches = [], None, iter(acts) if state.step < cfg.n_steps else iter(())
     for _ in range(state.step): next(batches, None)  # resumed: skip what was trained on
     bar = progress(total=cfg.n_steps, initial=state.step, desc="train SAE", unit="step")
     try:
@@ -165,21 +190,26 @@ def train_sae(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig, ou
                 raise ParamError(f"an activation batch has {x.shape[0]} rows; cfg.batch_size={cfg.batch_size}")
             x = x.to(device, torch.float32)
             if state.step == 0 and warm_start is None: init_b_dec(sae, x, cfg.b_dec_init)
-            history.append(sae_step(sae, optimizer, x, cfg, state, anchor, l2_pull))
+            record = sae_update(sae, optimizer, x, cfg, state, anchor, l2_pull)  # queued on the GPU
+            if pending is not None: _log(history, out_dir, pending)  # the step before: done without waiting for this one
+            pending = record
             bar.update(1)
-            if out_dir is not None: _after_step(out_dir, sae, optimizer, state, cfg, history[-1], checkpoint_every)
+            save = out_dir is not None and state.step % checkpoint_every == 0
+            if callbacks or save: _log(history, out_dir, pending); pending = None  # callbacks see this step's record
+            if save: save_train_state(out_dir / "state", sae, optimizer, state, cfg)
             for callback in callbacks: callback(state.step, history[-1], sae)
             if state.step >= cfg.n_steps: break
     finally: bar.close()
+    if pending is not None: _log(history, out_dir, pending)
     if out_dir is not None:
         save_train_state(out_dir / "state", sae, optimizer, state, cfg)
         save_sae(sae, cfg, out_dir / "sae", overwrite=True)
     return SaeTrainResult(sae, state.step, state.tokens_seen, history, state.step < cfg.n_steps, time.time() - t0)
 
-def _after_step(out_dir: Path, sae, optimizer, state: SaeTrainState, cfg: SaeConfig, record: dict, every: int) -> None:
-    "Append the step's record to the log; save the resumable state every `every` steps."
-    append_log(out_dir / "log.jsonl", record)
-    if state.step % every == 0: save_train_state(out_dir / "state", sae, optimizer, state, cfg)
+def _log(history: list[dict], out_dir: Path | None, record: StepRecord) -> None:
+    "Finish `record` and append it to `history` and, with an `out_dir`, to its `log.jsonl`."
+    history.append(record.finish())
+    if out_dir is not None: append_log(out_dir / "log.jsonl", history[-1])
 
 # %% ../nbs/09b_sae_train.ipynb #31a5ddd5
 def _sae_recon(sae: SparseAutoencoder, scale: float, h: Tensor) -> Tensor:

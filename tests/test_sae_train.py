@@ -127,6 +127,18 @@ def test_resume_equals_uninterrupted(tmp_path):
         train_sae(SparseAutoencoder(cfg), batches, dataclasses.replace(cfg, lr=1e-3), out_dir=tmp_path / "run")
 
 
+def test_records_settled_a_step_late_equal_those_settled_at_once(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    late = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "late")  # no callback: one step late
+    seen = []
+    now = train_sae(SparseAutoencoder(cfg), batches, cfg, callbacks=[lambda step, rec, sae: seen.append((step, rec))])
+    assert [r["step"] for r in late.history] == list(range(1, 13)) and late.history == now.history
+    assert seen == [(r["step"], r) for r in now.history]  # each callback gets its own step's record, at once
+    logged = [json.loads(l) for l in (tmp_path / "late" / "log.jsonl").read_text().splitlines()]
+    assert logged == late.history and logged[-1]["aux_loss"] > 0
+
+
 def test_exhausted_and_bad_batches():
     cfg = planted_cfg()
     res = train_sae(SparseAutoencoder(cfg), torch.randn(64 * 5, 16).split(64), cfg)
