@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_hub_cache
+from conftest import toy_hub
 from dyntrack.acts import residual_at
 from dyntrack.core import PROFILES, ParamError, resolve_params
-from dyntrack.corpus import WordInfo, generate_corpus, generate_documents
+from dyntrack.corpus import WordInfo, generate_documents
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track import (
@@ -467,12 +467,7 @@ REQUIRED = ("chain_links", "final_explained_variance", "max_dead_fraction", "war
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     "A Hub cache holding revisions step0, step8 and step16 of a tiny GPT-NeoX with a BPE tokenizer trained on the corpus."
-    root = tmp_path_factory.mktemp("hub")
-    docs = [d for ds in generate_corpus(3000, seed=5).values() for d in ds]
-    tok = train_tokenizer(docs, 400, root / "tok")
-    config = model_config("gpt_neox", "tiny", vocab_size=len(tok), max_seq_len=64)
-    fake_hub_cache(root / "cache", REPO, {s: build_model(config, s) for s in (0, 8, 16)}, tok)
-    return root / "cache"
+    return toy_hub(tmp_path_factory.mktemp("hub"), REPO, (0, 8, 16))
 
 
 def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):

@@ -7,12 +7,9 @@ import papermill as pm
 import pytest
 import torch
 
-from conftest import fake_hub_cache
+from conftest import toy_hub
 from dyntrack.core import ParamError
-from dyntrack.corpus import generate_corpus
-from dyntrack.models import build_model, model_config
 from dyntrack.suite import SuiteParams, activation_similarity, emergence_tokens, open_suite, resolve_site
-from dyntrack.tokens import train_tokenizer
 
 NB = Path(__file__).parent.parent / "nbs" / "10_suite.ipynb"
 REPO = "toy-org/toy-pythia"
@@ -23,12 +20,7 @@ FAST = dict(eval_words_per_domain=300, n_pairs=4, sim_tokens=256, eval_tokens=25
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     "A Hub cache holding revisions step0 and step16 of a tiny GPT-NeoX with a BPE tokenizer trained on the corpus."
-    root = tmp_path_factory.mktemp("hub")
-    docs = [d for ds in generate_corpus(3000, seed=5).values() for d in ds]
-    tok = train_tokenizer(docs, 400, root / "tok")
-    config = model_config("gpt_neox", "tiny", vocab_size=len(tok), max_seq_len=64)
-    fake_hub_cache(root / "cache", REPO, {0: build_model(config, 0), 16: build_model(config, 16)}, tok)
-    return root / "cache"
+    return toy_hub(tmp_path_factory.mktemp("hub"), REPO, (0, 16))
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def make_ids(batch: int = 3, seq: int = 11, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def block_outputs(model, ids) -> list[torch.Tensor]:
+def outputs_per_block(model, ids) -> list[torch.Tensor]:
     "Output of each block after TopK: [batch, seq, d_model] per block."
     hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states  # the last one is after the norm
     return list(hidden[1:N_LAYERS]) + [residual_after_last(model, ids)]
@@ -80,7 +80,7 @@ def test_alpha_mixes_dense_and_topk():
 def test_identity_keeps_exactly_k_relu_at_most_k():
     ids = make_ids()
     for act, exact in (("identity", True), ("relu", False)):
-        outs = block_outputs(make_model(k=5, act=act), ids)
+        outs = outputs_per_block(make_model(k=5, act=act), ids)
         for h in outs[:2]:
             nonzero = (h != 0).sum(-1)
             assert (nonzero == 5).all() if exact else (nonzero <= 5).all(), (act, nonzero)
@@ -540,7 +540,7 @@ def embedded(pair, tmp_path_factory):
 
 
 def test_vocab_embeddings_real_model_and_cache(pair, embedded):
-    tok, (path, emb) = pair[1].tokenizer, embedded
+    tok, (_, emb) = pair[1].tokenizer, embedded
     assert emb.shape == (len(tok), 384) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(tok)))
     by_text = {}
