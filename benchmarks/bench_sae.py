@@ -16,9 +16,10 @@ under bf16 autocast on CUDA (plain float32 on the CPU), losses in float32.
      (the worst case). With k · batch activations spread over d_sae latents some latents stay silent at 64k, while
      at small d_sae all may fire: the `AuxK steps` column gives the share of timed steps on which AuxK ran.
 Tokens/s covers steps `--warmup + 1 … --warmup + --steps`: for the reference, timed from the end of step `--warmup`
-to the end of the last (device synchronised at both ends); for dyntrack, which is timed without a callback (one would
-make `train_sae` settle every step's log record at once, a host sync per step), as the wall time of a run of
-`--warmup + --steps` steps minus that of a run of `--warmup` steps. ratio = tokens/s / reference tokens/s. Separately, the encoder matmul [batch, d_model] @ [d_model, d_sae]
+to the end of the last (device synchronised at both ends); dyntrack is timed the same way, without a callback (one
+would make `train_sae` settle every step's log record at once, a host sync per step): the clock starts when
+`train_sae` asks for batch `--warmup` (after a device sync there, so the warm-up steps are done) and stops when it
+has returned and the device is synchronised. ratio = tokens/s / reference tokens/s. Separately, the encoder matmul [batch, d_model] @ [d_model, d_sae]
 (2 · batch · d_model · d_sae FLOP) is timed alone, with bf16 operands on CUDA (float32 on the CPU), and as the library
 runs it (`SparseAutoencoder.pre_acts` under autocast, the bf16 cast of the fp32 weights included);
 both are reported as achieved FLOP/s and as a fraction of the device's dense bf16 peak (bench_train.PEAK_BF16).
@@ -82,18 +83,17 @@ def run_plain(model, pool, steps, warmup, device, lr):
 
 def run_dyntrack(cfg, pool, steps, warmup, device):
     "Tokens/s of `train_sae` as the library trains (no callbacks); mean dead fraction and share of AuxK steps, timed part."
-    def wall(n):  # seconds for a fresh SAE trained for n steps, setup included (it cancels in the difference)
-        run_cfg = dataclasses.replace(cfg, n_tokens=n * cfg.batch_size)
-        sae = SparseAutoencoder(run_cfg, device=device)
-        sync(device); t0 = time.perf_counter()
-        history = train_sae(sae, (pool[i % len(pool)] for i in range(n)), run_cfg).history
-        sync(device)
-        return time.perf_counter() - t0, history
-    t_warm, _ = wall(warmup)
-    t_all, history = wall(warmup + steps)
-    timed_log = history[warmup:]
+    clock = {}
+    def batches():  # the pool, cycled; starts the clock once the warm-up steps have run
+        for i in range(warmup + steps):
+            if i == warmup: sync(device); clock["t0"] = time.perf_counter()
+            yield pool[i % len(pool)]
+    sae = SparseAutoencoder(cfg, device=device)
+    history = train_sae(sae, batches(), dataclasses.replace(cfg, n_tokens=(warmup + steps) * cfg.batch_size)).history
+    sync(device)
+    seconds, timed_log = time.perf_counter() - clock["t0"], history[warmup:]
     mean = lambda values: sum(values) / len(values)
-    return (steps * cfg.batch_size / (t_all - t_warm), mean([r["dead_fraction"] for r in timed_log]),
+    return (steps * cfg.batch_size / seconds, mean([r["dead_fraction"] for r in timed_log]),
             mean([float(r["aux_loss"] > 0) for r in timed_log]))
 
 
@@ -127,13 +127,13 @@ def check_same_function(sae, plain, x):
     return diff
 
 
-def trace(d_model, d_sae, a, device, n_steps=5, rows=12):
+def trace(d_model, d_sae, a, device, n_steps=5, rows=25):
     "Print torch.profiler's busiest operators over `n_steps` steps of each side at `d_sae`: where a step's time goes."
     from torch.profiler import ProfilerActivity, profile
     gen = torch.Generator(device=device).manual_seed(0)
     pool = [torch.randn(a.batch, d_model, device=device, generator=gen) for _ in range(a.pool)]
     cfg = SaeConfig(d_model=d_model, d_sae=d_sae, kind="topk", k=a.k, batch_size=a.batch, n_tokens=2 * n_steps * a.batch)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sides = {"plain dense TopK": lambda: run_plain(PlainTopKSAE(SparseAutoencoder(cfg, device=device), a.k), pool,
                                                   n_steps, n_steps, device, cfg.lr),

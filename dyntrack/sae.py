@@ -83,17 +83,33 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-9) -> Tensor:
 
 # %% ../nbs/09_sae.ipynb #05da88ff
 class EncoderOutput(NamedTuple):
-    "What the encoder computed for activations [..., d_model]."
+    "What the encoder computed for activations [..., d_model]; TopK's dense latents are built only when read."
     pre_acts: Tensor             # h = (x − b_dec) W_enc + b_enc  [..., d_sae]
-    latents: Tensor              # z = σ(h), dense  [..., d_sae]
+    relu_latents: Tensor | None  # ReLU: z = ReLU(h) [..., d_sae]; None for TopK
     top_indices: Tensor | None   # TopK: indices of the kept latents [..., k]; None for ReLU
     top_values: Tensor | None    # TopK: their values (after ReLU) [..., k]; None for ReLU
+
+    @property
+    def latents(self) -> Tensor:
+        "z, dense [..., d_sae]; for TopK scattered from the indices on every read."
+        if self.top_indices is None: return self.relu_latents
+        return torch.zeros_like(self.pre_acts).scatter(-1, self.top_indices, self.top_values)
+
+    def active(self) -> Tensor:
+        "Non-zero latents per position [...] (int64)."
+        if self.top_indices is None: return (self.relu_latents != 0).sum(-1)
+        return (self.top_values != 0).sum(-1)
+
+    def fired(self) -> Tensor:
+        "Which latents are non-zero at some position [d_sae] (bool)."
+        if self.top_indices is None: return (self.relu_latents != 0).reshape(-1, self.pre_acts.shape[-1]).any(0)
+        peak = self.top_values.new_zeros(self.pre_acts.shape[-1], dtype=torch.float32)  # largest value per latent
+        return peak.scatter_reduce(0, self.top_indices.flatten(), self.top_values.flatten().float(), "amax") > 0
 
 def topk_code(pre_acts: Tensor, k: int) -> EncoderOutput:
     "TopK activation of `pre_acts` [..., d_sae]: keep the `k` largest, ReLU them, zero the rest."
     values, indices = pre_acts.topk(k, dim=-1, sorted=False)  # [..., k]
-    values = F.relu(values)
-    return EncoderOutput(pre_acts, torch.zeros_like(pre_acts).scatter(-1, indices, values), indices, values)
+    return EncoderOutput(pre_acts, None, indices, F.relu(values))
 
 # %% ../nbs/09_sae.ipynb #7fed11eb
 def decode_dense(latents: Tensor, W_dec: Tensor) -> Tensor:
@@ -119,11 +135,14 @@ def decode_latents(enc: EncoderOutput, W_dec: Tensor, sparse: bool | None = None
 class ForwardOutput(NamedTuple):
     "Everything one forward pass on activations [batch, d_model] gives back."
     recon: Tensor          # x̂  [batch, d_model]
-    latents: Tensor        # z  [batch, d_sae]
+    code: EncoderOutput    # the encoder's output; `.latents` is z [batch, d_sae]
     nmse: Tensor           # normalised MSE: Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖² (0-dim)
     sparsity_loss: Tensor  # λ · mean‖z‖₁ for ReLU, 0 for TopK (0-dim)
     aux_loss: Tensor       # α · AuxK normalised MSE for TopK with dead latents, else 0 (0-dim)
     loss: Tensor           # nmse + sparsity_loss + aux_loss (0-dim)
+
+    @property
+    def latents(self) -> Tensor: return self.code.latents  # z, dense [batch, d_sae]
 
 def normalised_mse(target: Tensor, pred: Tensor) -> Tensor:
     "Σ‖target − pred‖² / Σ‖target − mean_batch(target)‖² over rows [batch, d], in float32."
@@ -180,7 +199,7 @@ class SparseAutoencoder(nn.Module):
         zero = nmse.new_zeros(())
         sparsity = self.cfg.l1_coef * enc.latents.float().abs().sum(-1).mean() if self.cfg.kind == "relu" else zero
         aux = self.aux_loss(enc, (x.float() - recon.float()).detach(), dead_mask)
-        return ForwardOutput(recon, enc.latents, nmse, sparsity, aux, nmse + sparsity + aux)
+        return ForwardOutput(recon, enc, nmse, sparsity, aux, nmse + sparsity + aux)
 
 # %% ../nbs/09_sae.ipynb #c2573965
 @torch.no_grad()
@@ -188,8 +207,8 @@ def remove_parallel_grad(sae: SparseAutoencoder) -> None:
     "Remove from each decoder row's gradient its component along that row (call between backward and step)."
     W, g = sae.W_dec, sae.W_dec.grad
     if g is None: return
-    w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [d_sae, d_model]
-    g.sub_((g * w_hat).sum(dim=1, keepdim=True) * w_hat)
+    along = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)  # g_i·w_i / ‖w_i‖² [d_sae]
+    g.addcmul_(along.unsqueeze(1), W, value=-1)
 
 @torch.no_grad()
 def normalize_decoder(sae: SparseAutoencoder) -> None:
@@ -227,8 +246,8 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> SaeEval:
         err += (x - sae.reconstruct(enc)).double().pow(2).sum().item()
         sq += x.double().pow(2).sum().item()
         total += x.double().sum(0)
-        active += (enc.latents != 0).sum().item()
-        fired |= (enc.latents != 0).any(0)
+        active += enc.active().sum().item()
+        fired |= enc.fired()
         n += x.shape[0]
     if n == 0: raise ParamError("evaluate_sae needs at least one batch of activations")
     variance = sq - total.pow(2).sum().item() / n  # Σ‖x − x̄‖²

@@ -108,10 +108,9 @@ def sae_update(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tens
     optimizer.step()
     if cfg.unit_norm_decoder: normalize_decoder(sae)
     with torch.no_grad():
-        active = out.latents != 0  # [batch, d_sae]
-        state.since_fired = torch.where(active.any(0), 0, state.since_fired + x.shape[0])
+        state.since_fired = torch.where(out.code.fired(), 0, state.since_fired + x.shape[0])
         values = torch.stack([out.loss + pull, out.nmse, out.sparsity_loss, out.aux_loss, pull,
-                              active.sum(-1).float().mean(), (state.since_fired >= cfg.dead_tokens).float().mean()])
+                              out.code.active().float().mean(), (state.since_fired >= cfg.dead_tokens).float().mean()])
     state.step, state.tokens_seen = state.step + 1, state.tokens_seen + x.shape[0]
     return StepRecord(dict(step=state.step, tokens_seen=state.tokens_seen, lr=lr), *_to_host(values))
 
