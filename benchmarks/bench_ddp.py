@@ -11,9 +11,12 @@ embedded corpus for `--steps` updates; only how the batch is computed differs:
   resume-cpu    a copy of 2gpu-stopped resumed on the CPU for `--cpu-steps` updates (fp32: `precision` is auto)
 and the 2-GPU run's suite checkpoint at `--steps // 2` is loaded on the CPU and evaluated against the validation loss
 the 2-GPU run logged for it. Tokens/s is timed from update `--warmup` to `--steps // 2` (no checkpoint or evaluation
-in that window); scaling efficiency = 2-GPU tokens/s / (2 × 1-GPU tokens/s).
+in that window); scaling efficiency = 2-GPU tokens/s / (2 × 1-GPU tokens/s). `--batch-size` sets the global batch
+(rows of `seq_len` tokens; default: the profile's). `--speed-batches` adds, for each global batch given, a 1-GPU
+and a 2-GPU run of `--speed-steps` updates that are only timed: how efficiency depends on the rows per GPU.
 
     python benchmarks/bench_ddp.py --out results/paper/benchmarks/ddp    # on a host with 2 GPUs
+    python benchmarks/bench_ddp.py --batch-size 256 --speed-batches 128 --out /tmp/ddp
     python benchmarks/bench_ddp.py --profile smoke --device cpu --out /tmp/ddp   # the same protocol, gloo on CPU
 
 NCCL's NVLink multicast (NVLS) is switched off in the environment of every process it starts.
@@ -52,7 +55,8 @@ class LossTrace(Callback):
 
 
 def bench_params(a) -> SuiteParams:
-    p = resolve_params(SuiteParams, a.profile, dict(words_per_domain=a.words_per_domain, device=a.device))
+    given = dict(words_per_domain=a.words_per_domain, device=a.device)
+    p = resolve_params(SuiteParams, a.profile, given | ({"batch_size": a.batch_size} if a.batch_size else {}))
     return dataclasses.replace(p, compile=p.compile and a.device != "cpu")  # `compile` may differ on resume
 
 
@@ -88,7 +92,7 @@ def worker(a):
 def launch(a, run_dir, nproc=1, **overrides):
     "Run `worker` in `nproc` processes (torchrun when > 1) with `overrides` of the command line; its bench.json."
     args = dict(vars(a), run_dir=str(run_dir), **overrides)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k not in ("cmd", "out") and v is not None]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k not in ("cmd", "out", "speed_batches") and v is not None]
     script = [str(Path(__file__).resolve()), "worker", *flags]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, **NO_MULTICAST, DYNTRACK_PROGRESS="0")
@@ -122,6 +126,7 @@ def main(a):
     print(f"device: {device_name(a.device)} ×{max(gpus, 1)}; {p.arch}-{p.size}, batch {p.batch_size} × {p.seq_len}, "
           f"{a.steps} steps, timed {a.warmup}..{mid}", flush=True)
     for d in ("1gpu", "1gpu-accum2", "2gpu", "2gpu-stopped", "resume-1gpu", "resume-cpu"): shutil.rmtree(out / d, ignore_errors=True)
+    by_batch = [speed_pair(a, out, b) for b in a.speed_batches]
     one = launch(a, out / "1gpu")
     accum = launch(a, out / "1gpu-accum2", grad_accum=2)
     two = launch(a, out / "2gpu", nproc=2)
@@ -136,6 +141,10 @@ def main(a):
         batch_size=p.batch_size, seq_len=p.seq_len, words_per_domain=p.words_per_domain,
         tokens_per_s={"1gpu": one["tokens_per_s"], "2gpu": two["tokens_per_s"], "1gpu-accum2": accum["tokens_per_s"]},
         scaling_efficiency=two["tokens_per_s"] / (2 * one["tokens_per_s"]),
+        efficiency_by_batch=sorted(by_batch + [dict(batch_size=p.batch_size, rows_per_gpu=p.batch_size // 2,
+                                                    tokens_per_s_1gpu=one["tokens_per_s"], tokens_per_s_2gpu=two["tokens_per_s"],
+                                                    efficiency=two["tokens_per_s"] / (2 * one["tokens_per_s"]), steps=a.steps)],
+                                   key=lambda r: r["batch_size"]),
         max_loss_gap={"2gpu vs 1gpu": max_gap(two["losses"], one["losses"], late),
                       "1gpu-accum2 vs 1gpu (noise floor)": max_gap(accum["losses"], one["losses"], late),
                       "resume-1gpu vs 2gpu": max_gap(resumed["losses"], two["losses"], after),
@@ -147,6 +156,16 @@ def main(a):
     write_json(out / "ddp.json", summary)
     plot(summary, out / "ddp_loss.png")
     report(summary)
+
+
+def speed_pair(a, out, batch_size) -> dict:
+    "Tokens/s of a 1-GPU and a 2-GPU run of `--speed-steps` updates at global batch `batch_size` (timed only)."
+    runs = {n: launch(a, out / f"speed-b{batch_size}-{n}gpu", nproc=n, batch_size=batch_size, steps=a.speed_steps)
+            for n in (1, 2)}
+    for n in (1, 2): shutil.rmtree(out / f"speed-b{batch_size}-{n}gpu")  # only the numbers are kept
+    one, two = runs[1]["tokens_per_s"], runs[2]["tokens_per_s"]
+    return dict(batch_size=batch_size, rows_per_gpu=batch_size // 2, tokens_per_s_1gpu=one, tokens_per_s_2gpu=two,
+                efficiency=two / (2 * one), steps=a.speed_steps)
 
 
 def plot(s, path):
@@ -167,6 +186,10 @@ def report(s):
     print(f"\n{'run':14s} {'tokens/s':>12s}")
     for k, v in s["tokens_per_s"].items(): print(f"{k:14s} {v:12,.0f}")
     print(f"scaling efficiency (2-GPU / 2 × 1-GPU): {s['scaling_efficiency']:.3f}")
+    print(f"\n{'global batch':>12s} {'rows/GPU':>8s} {'1 GPU tok/s':>12s} {'2 GPUs tok/s':>13s} {'efficiency':>10s} {'updates':>7s}")
+    for r in s["efficiency_by_batch"]:
+        print(f"{r['batch_size']:12d} {r['rows_per_gpu']:8d} {r['tokens_per_s_1gpu']:12,.0f} {r['tokens_per_s_2gpu']:13,.0f} "
+              f"{r['efficiency']:10.3f} {r['steps']:7d}")
     print("\nlargest |loss difference| per update:")
     for k, v in s["max_loss_gap"].items(): print(f"  {k:36s} {v:.4f}")
     print("final loss:", {k: round(v, 4) for k, v in s["final_loss"].items()})
@@ -184,6 +207,9 @@ def parse(argv=None):
     ap.add_argument("--cpu-steps", type=int, default=3, help="updates of the CPU resume")
     ap.add_argument("--words-per-domain", type=int, default=500_000, help="corpus size (batches repeat windows if small)")
     ap.add_argument("--device", default="auto", help="auto | cpu (then the 2-process runs use gloo)")
+    ap.add_argument("--batch-size", type=int, default=0, help="global batch in rows; 0 = the profile's")
+    ap.add_argument("--speed-batches", type=int, nargs="*", default=[], help="more global batches, timed only")
+    ap.add_argument("--speed-steps", type=int, default=160, help="updates of each --speed-batches run")
     ap.add_argument("--out", default="runs/bench-ddp")
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
