@@ -3,8 +3,8 @@
 The `paper` profile's model size (Llama "base": d512 × 8 blocks, vocabulary 8192), batch (128 × 256 tokens) and
 learning rate, trained by the dyntrack `Trainer` exactly as the suite is trained (bf16 autocast on CUDA, fused AdamW,
 `torch.compile` when the profile asks for it) on random tokens, in up to four runs of --warmup + --steps updates:
-  1. dense         `topk_lm.dense_config`: the plain Llama (the reference)
-  2. TopK anneal   `topk_lm.topk_config` with α fixed at --alpha (0 < α < 1): the annealing phase, where every TopK'd
+  1. dense         `topk_model.dense_config`: the plain Llama (the reference)
+  2. TopK anneal   `topk_model.topk_config` with α fixed at --alpha (0 < α < 1): the annealing phase, where every TopK'd
                    block computes both f(x) and the top-k mask and mixes them, y = α·f(x) + (1 − α)·f(x)·mask
   3. TopK pure     the same model with α = 0: the pure-TopK phase after annealing
   4. TopK sched    (`--variants ... schedule`) the `TopKAnnealing` callback driving α from 1 towards 0 over the
@@ -29,7 +29,7 @@ from dyntrack.core import resolve_params, device_name, software_versions, write_
 from dyntrack.models import build_model
 from dyntrack.suite import SuiteParams
 from dyntrack.tokens import TokenShards
-from dyntrack.topk_lm import TopKAnnealing, dense_config, layer_sparsity, set_topk_alpha, topk_config
+from dyntrack.topk_model import TopKAnnealing, dense_config, layer_sparsity, set_topk_alpha, topk_config
 from dyntrack.train import Trainer, TrainConfig
 from bench_train import Stopwatch
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_models.ipynb #ba63262c
 from __future__ import annotations
-import inspect, json, re
+import importlib, inspect, json, re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,9 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeo
 from .core import ParamError, atomic_path, check_choice, check_range, read_json, write_json
 
 # %% auto #0
-__all__ = ['ARCHS', 'SIZES', 'PYTHIA_TOKENS_PER_STEP', 'PYTHIA_SIZES', 'SUITE_FORMAT', 'model_config', 'build_model',
-           'checkpoint_schedule', 'pythia_steps', 'unwrap_model', 'read_manifest', 'save_checkpoint', 'Checkpoint',
-           'run_checkpoints', 'folder_checkpoints', 'hub_checkpoints', 'CheckpointSuite']
+__all__ = ['ARCHS', 'SIZES', 'PYTHIA_TOKENS_PER_STEP', 'PYTHIA_SIZES', 'SUITE_FORMAT', 'OWN_MODEL_MODULES', 'model_config',
+           'build_model', 'checkpoint_schedule', 'pythia_steps', 'unwrap_model', 'read_manifest', 'save_checkpoint',
+           'Checkpoint', 'run_checkpoints', 'folder_checkpoints', 'hub_checkpoints', 'register_own_models',
+           'CheckpointSuite']
 
 # %% ../nbs/04_models.ipynb #10ab6c18
 ARCHS = ("gpt_neox", "llama")
@@ -161,6 +162,12 @@ def hub_checkpoints(repo_id: str, steps: Iterable[int], revision_format: str = "
             for s in steps]
 
 # %% ../nbs/04_models.ipynb #3e8f2ebb
+OWN_MODEL_MODULES = ("dyntrack.topk_model",)  # modules that register our model types with transformers' Auto classes
+
+def register_own_models() -> None:
+    "Import every module of `OWN_MODEL_MODULES`, so `AutoConfig`/`AutoModelForCausalLM` know our model types."
+    for name in OWN_MODEL_MODULES: importlib.import_module(name)
+
 def _dtype_kwarg(dtype) -> dict:
     "`dtype=` (transformers >= 4.56) or `torch_dtype=` (older)."
     return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
@@ -211,6 +218,7 @@ class CheckpointSuite:
         return CheckpointSuite([self.at(s) for s in steps], self.hub_kwargs)
 
     def _load(self, auto_cls, ckpt: Checkpoint, **kwargs):
+        register_own_models()
         if ckpt.revision is not None: kwargs["revision"] = ckpt.revision
         return auto_cls.from_pretrained(ckpt.source, **self.hub_kwargs, **kwargs)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_reproduce.ipynb #82f489cb
 from __future__ import annotations
-import argparse, ast, html, json, logging, platform, shutil, subprocess, sys, time
+import argparse, ast, hashlib, html, json, logging, platform, shutil, subprocess, sys, time
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -18,10 +18,11 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['RESERVED', 'OFFLINE_PACKAGES', 'MANYLINUX_X86_64', 'INSTALL_SH', 'ExperimentNotebook', 'parameter_defaults',
-           'find_experiments', 'parse_value', 'plan_overrides', 'NotebookFailed', 'normalise_notebook', 'is_complete',
-           'run_notebook', 'flatten_metrics', 'format_value', 'environment', 'collect_report', 'report_markdown',
-           'report_html', 'write_report', 'NotebookRun', 'ReproduceResult', 'resolve_profile', 'default_nbs_dir',
-           'kernel_python', 'select', 'reproduce', 'main', 'pip_download_command', 'wheelhouse', 'wheelhouse_main']
+           'find_experiments', 'parse_value', 'plan_overrides', 'NotebookFailed', 'normalise_notebook', 'source_digest',
+           'is_complete', 'run_notebook', 'flatten_metrics', 'format_value', 'environment', 'collect_report',
+           'report_markdown', 'report_html', 'write_report', 'NotebookRun', 'ReproduceResult', 'resolve_profile',
+           'default_nbs_dir', 'kernel_python', 'select', 'reproduce', 'main', 'pip_download_command', 'wheelhouse',
+           'wheelhouse_main']
 
 # %% ../nbs/07_reproduce.ipynb #4e367c40
 class ExperimentNotebook(NamedTuple):
@@ -105,13 +106,21 @@ def normalise_notebook(path) -> None:
 def _jsonish(obj):
     return json.loads(json.dumps(obj))
 
-def is_complete(out_dir, profile: str, overrides: dict) -> bool:
-    "Did a previous run in `out_dir` finish with this `profile` and these `overrides`?"
+def source_digest(nb_path) -> str:
+    "SHA-256 (16 hex digits) of the notebook's cells and of every module of the installed `dyntrack` package."
+    h = hashlib.sha256()
+    for cell in nbformat.read(nb_path, as_version=4).cells: h.update(f"{cell.cell_type}\0{cell.source}\0".encode())
+    package = Path(sys.modules["dyntrack"].__file__).parent
+    for module in sorted(package.glob("*.py")): h.update(f"{module.name}\0".encode() + module.read_bytes())
+    return h.hexdigest()[:16]
+
+def is_complete(out_dir, profile: str, overrides: dict, digest: str) -> bool:
+    "Did a previous run in `out_dir` finish with this `profile`, these `overrides` and this `source_digest`?"
     out_dir = Path(out_dir)
     if not (out_dir / "run.json").exists() or not (out_dir / "metrics.json").exists(): return False
     run = read_json(out_dir / "run.json")
-    return (run.get("status") == "complete" and run.get("profile") == profile
-            and run.get("overrides") == _jsonish(overrides) and read_json(out_dir / "metrics.json").get("profile") == profile)
+    return (run.get("status") == "complete" and run.get("profile") == profile and run.get("overrides") == _jsonish(overrides)
+            and run.get("source_digest") == digest and read_json(out_dir / "metrics.json").get("profile") == profile)
 
 def _fresh_dir(out_dir: Path) -> None:
     "Empty `out_dir` for a (re)run, refusing to delete a folder reproduce did not create."
@@ -129,6 +138,7 @@ def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict
     _fresh_dir(out_dir)
     executed = out_dir / f"{exp.stem}.ipynb"
     run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel, status="running",
+               source_digest=source_digest(exp.path),
                environment=environment())  # the kernel runs on this machine, with this interpreter
     write_json(out_dir / "run.json", run)
     t0 = time.perf_counter()
@@ -284,6 +294,10 @@ def select(experiments, only) -> list[ExperimentNotebook]:
     return [e for e in experiments if e.stem in stems]
 
 # %% ../nbs/07_reproduce.ipynb #a8dc66a8
+def _recorded_digest(folder: Path) -> str | None:
+    "The `source_digest` in `folder`'s run.json, if any."
+    return read_json(folder / "run.json").get("source_digest") if (folder / "run.json").exists() else None
+
 def reproduce(profile: str, out, overrides: dict | None = None, only=None, force: bool = False,
               kernel: str = "python3", nbs_dir=None) -> ReproduceResult:
     "Run the experiment notebooks with `profile` into `out`, skipping finished ones unless `force`; write the report."
@@ -297,10 +311,12 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
     try:
         for i, exp in enumerate(exps, 1):
             folder, tag = out / exp.stem, f"[{i}/{len(exps)}] {exp.stem}"
-            if not force and is_complete(folder, profile, plan[exp.stem]):
+            if not force and is_complete(folder, profile, plan[exp.stem], source_digest(exp.path)):
                 runs.append(NotebookRun(exp.stem, "skipped", read_json(folder / "run.json").get("wall_s", 0.0), folder))
                 _log.info("%s: complete from an earlier run, skipped (--force reruns it)", tag)
                 continue
+            if not force and is_complete(folder, profile, plan[exp.stem], _recorded_digest(folder)):
+                _log.info("%s: the notebook or the dyntrack library changed since its earlier run", tag)
             _log.info("%s: running (profile %s)", tag, profile)
             wall_s = run_notebook(exp, folder, profile, plan[exp.stem], kernel)
             runs.append(NotebookRun(exp.stem, "ran", wall_s, folder))

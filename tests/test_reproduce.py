@@ -6,7 +6,7 @@ import pytest
 
 from dyntrack.core import ParamError, read_json
 from dyntrack.reproduce import (INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, find_experiments, is_complete, main,
-                                parse_value, pip_download_command, plan_overrides, reproduce)
+                                parse_value, pip_download_command, plan_overrides, reproduce, source_digest)
 
 ALPHA_PARAMS = 'profile = "smoke"  # run profile\nout_dir = "../runs/alpha"  # outputs\nx = 1  # a number'
 ALPHA_BODY = """\
@@ -130,6 +130,25 @@ def test_skip_override_change_and_force(first_run, nbs, tmp_path):
     assert len(read_json(out / "report.json")["notebooks"]) == 2  # the report still covers both
 
 
+def test_edited_notebook_reruns(nbs, tmp_path, caplog):
+    "A complete run is skipped only while the notebook's source (and the library) is what produced it."
+    mine = tmp_path / "nbs"
+    shutil.copytree(nbs, mine)
+    first = reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=mine)
+    digest = read_json(tmp_path / "o" / "11_beta" / "run.json")["source_digest"]
+    assert digest == source_digest(mine / "11_beta.ipynb") and len(digest) == 16
+    assert [r.status for r in reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=mine).runs] == ["skipped"]
+    nb = nbformat.read(mine / "11_beta.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A remark: prose counts too, it is part of the executed notebook."))
+    nbformat.write(nb, mine / "11_beta.ipynb")
+    assert source_digest(mine / "11_beta.ipynb") != digest
+    with caplog.at_level("INFO", logger="dyntrack.reproduce"):
+        again = reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=mine)
+    assert [r.status for r in first.runs + again.runs] == ["ran", "ran"]
+    assert "changed since its earlier run" in caplog.text
+    assert read_json(tmp_path / "o" / "11_beta" / "run.json")["source_digest"] == source_digest(mine / "11_beta.ipynb")
+
+
 def test_errors_before_running(nbs, tmp_path):
     with pytest.raises(ParamError, match="unknown parameter 'nope'"):
         reproduce("smoke", tmp_path / "o", {"nope": 1}, nbs_dir=nbs)
@@ -157,7 +176,7 @@ def test_failing_notebook(nbs, tmp_path, capsys):
     executed = tmp_path / "o" / "11_beta" / "11_beta.ipynb"
     assert f"partial executed notebook: {executed}" in err and executed.exists()
     assert read_json(tmp_path / "o" / "11_beta" / "run.json")["status"] == "failed"
-    assert not is_complete(tmp_path / "o" / "11_beta", "smoke", {"lr": -1.0})  # a rerun will not skip it
+    assert not is_complete(tmp_path / "o" / "11_beta", "smoke", {"lr": -1.0}, source_digest(nbs / "11_beta.ipynb"))
 
 
 def test_cli(first_run, nbs, tmp_path, capsys):

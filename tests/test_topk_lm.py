@@ -1,5 +1,5 @@
-"Tests of dyntrack.topk_lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
-import copy, json, math, os
+"Tests of dyntrack.topk_model and dyntrack.topk_lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
+import copy, json, math, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -10,10 +10,10 @@ from dyntrack.acts import blocks, residual_at
 from dyntrack.core import ParamError
 from dyntrack.models import CheckpointSuite, build_model
 from dyntrack.tokens import TokenShards
-from dyntrack.topk_lm import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, active_tokens, anneal_alpha,
-                              category_purity, default_k, dense_config, layer_sparsity, mass_entropy,
-                              semantic_entropy, set_topk_alpha, steer, token_entropy, token_mass, topk_activation,
-                              topk_config, topk_mask)
+from dyntrack.topk_lm import active_tokens, category_purity, mass_entropy, semantic_entropy, token_entropy, token_mass
+from dyntrack.topk_model import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, anneal_alpha, default_k,
+                                 dense_config, layer_sparsity, set_topk_alpha, steer, topk_activation, topk_config,
+                                 topk_mask)
 from dyntrack.train import Callback, History, TrainConfig, Trainer, validation_losses
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
@@ -166,6 +166,22 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad(): torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     set_topk_alpha(loaded, 0.0)  # the loaded model's hooks read the loaded model's config
     assert layer_sparsity(loaded, ids)[0] <= 6 < layer_sparsity(model, ids)[0]
+
+
+def test_suite_of_topk_checkpoints_loads_without_importing_the_module(tmp_path):
+    "A fresh process that imports only dyntrack.models loads TopK checkpoints: the suite registers the model type."
+    model, ids = make_model(seed=5, k=3), make_ids()
+    model.save_pretrained(tmp_path / "step7")
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (f"import sys, torch; from dyntrack.models import CheckpointSuite\n"
+              f"assert 'dyntrack.topk_model' not in sys.modules\n"
+              f"m = CheckpointSuite.from_folders([{str(tmp_path / 'step7')!r}]).load_model(step=7)\n"
+              f"print(type(m).__name__, m.config.topk_k)\n"
+              f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["TopKLlamaForCausalLM", "3"]
+    with torch.no_grad(): torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits)
 
 
 def test_deepcopy_has_its_own_hooks():
