@@ -122,6 +122,7 @@ class TopKParams(SuiteParams):
     max_active: int = 256                # active tokens per neuron (a seeded sample) kept for semantic entropy
     sim_bins: int = 20                   # equal-width bins of the cosine similarity range [-1, 1]
     min_active: int = 20                 # a steering candidate is active on at least this many tokens
+    steer_min_purity: float = 0.2        # ... and has at least this share of its mass on its concept category
     n_steer: int = 3                     # low-semantic-entropy neurons to steer
     steer_deltas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)  # δ in units of the neuron's largest activation
     n_prompts: int = 8                   # prompts per δ (sampled continuations, same seed for every δ)
@@ -143,6 +144,7 @@ class TopKParams(SuiteParams):
             check_range(name, getattr(self, name), lo=1)
         check_range("n_formation", self.n_formation, lo=2)
         check_range("min_active", self.min_active, lo=2)
+        check_range("steer_min_purity", self.steer_min_purity, 0, 1)
         check_range("n_layers", self.n_layers, lo=0)
         depth, width = self.depth, SIZES[self.size]["d_model"]
         check_range("k", self.k, 0, width)
@@ -347,13 +349,15 @@ class SteerTarget(NamedTuple):
 CONCEPT_POS = ("noun", "name", "adj", "verb", "adv", "num")  # parts of speech whose categories are concepts
 
 def steering_targets(stats: NeuronStats, acts: Tensor, token_ids: Tensor, tokenizer, names: list[str], layer: int,
-                     n: int, min_active: int = 20, n_top: int = 6) -> list[SteerTarget]:
-    "The `n` lowest-semantic-entropy neurons of `layer` among those active on `min_active`+ tokens whose top category is a concept."
+                     n: int, min_active: int = 20, min_purity: float = 0.2, n_top: int = 6) -> list[SteerTarget]:
+    "The `n` lowest-semantic-entropy neurons of `layer` among those active on `min_active`+ tokens whose top category is a concept holding `min_purity`+ of their mass."
     h, purity = stats.semantic_entropy[layer], stats.purity[layer]
     concept = torch.tensor([names[c].split(":")[0] in CONCEPT_POS for c in stats.category[layer].tolist()])
-    ok = ((stats.n_active[layer] >= min_active) & h.isfinite() & concept).nonzero().flatten().tolist()
-    if not ok: raise ParamError(f"no neuron of block {layer} with a concept category ({', '.join(CONCEPT_POS)}) is active "
-                                f"on min_active={min_active} tokens; lower min_active or steer another block (site_layer)")
+    eligible = (stats.n_active[layer] >= min_active) & h.isfinite() & concept & (purity >= min_purity)
+    ok = eligible.nonzero().flatten().tolist()
+    if not ok: raise ParamError(f"no neuron of block {layer} with a concept category ({', '.join(CONCEPT_POS)}) holding "
+                                f"min_purity={min_purity} of its mass is active on min_active={min_active} tokens; lower "
+                                "min_active or min_purity, or steer another block (site_layer)")
     chosen = sorted(ok, key=lambda i: (h[i].item(), -purity[i].item()))[:n]  # ties: purer first
     mass = token_mass(acts[layer], token_ids.flatten().to(acts.device), len(tokenizer))  # [vocab, d_model]
     return [SteerTarget(layer, i, names[int(stats.category[layer, i])], purity[i].item(), h[i].item(),

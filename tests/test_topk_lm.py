@@ -497,10 +497,11 @@ def test_neuron_stats_known_answers():
     torch.testing.assert_close(s.token_entropy[1], s.token_entropy[0], equal_nan=True)  # scale-free
 
 
-def concept_stats(semantic, category, n_active) -> NeuronStats:
+def concept_stats(semantic, category, n_active, purity=None) -> NeuronStats:
     n = len(semantic)
     t = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)
-    return NeuronStats(torch.zeros(1, n), t(semantic), torch.full((1, n), 0.5), t(category, torch.long), t(n_active, torch.long),
+    purity = torch.full((1, n), 0.5) if purity is None else t(purity)
+    return NeuronStats(torch.zeros(1, n), t(semantic), purity, t(category, torch.long), t(n_active, torch.long),
                        torch.ones(1, n))
 
 
@@ -517,6 +518,12 @@ def test_steering_targets_pick_low_entropy_concept_neurons(pair):
     assert targets[1].top_tokens == [tok.decode([11]), tok.decode([12])] and targets[0].top_tokens == []
     assert "punct" not in CONCEPT_POS
     with pytest.raises(ParamError, match="min_active=100"): steering_targets(stats, acts, token_ids, tok, names, 0, 2, 100)
+    # the purity floor: neuron 2 has the lowest entropy but only 1 % of its mass on its category
+    impure = concept_stats([0.5, 0.1, 0.2, 0.3], [0, 1, 2, 0], [50, 50, 50, 50], purity=[0.3, 0.9, 0.01, 0.2])
+    assert [t.neuron for t in steering_targets(impure, acts[..., :4], token_ids, tok, names, 0, 5)] == [3, 0]
+    assert [t.neuron for t in steering_targets(impure, acts[..., :4], token_ids, tok, names, 0, 5, min_purity=0)] == [2, 3, 0]
+    with pytest.raises(ParamError, match="min_purity=0.95"):
+        steering_targets(impure, acts[..., :4], token_ids, tok, names, 0, 5, min_purity=0.95)
 
 
 def test_concept_share_and_prompts(pair):
