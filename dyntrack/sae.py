@@ -100,6 +100,15 @@ class EncoderOutput(NamedTuple):
         if self.top_indices is None: return (self.relu_latents != 0).sum(-1)
         return (self.top_values != 0).sum(-1)
 
+    def select(self, latents: Tensor) -> Tensor:
+        "z at the latent indices `latents` [L] only: [..., L]; for TopK without building the dense latents."
+        if self.top_indices is None: return self.relu_latents[..., latents]
+        d_sae, n = self.pre_acts.shape[-1], len(latents)
+        column = torch.full((d_sae,), n, dtype=torch.long, device=latents.device)  # unselected latents -> column n
+        column[latents] = torch.arange(n, device=latents.device)
+        out = self.top_values.new_zeros(*self.top_values.shape[:-1], n + 1)
+        return out.scatter_(-1, column[self.top_indices], self.top_values)[..., :n]  # a row's kept latents are distinct
+
     def fired(self) -> Tensor:
         "Which latents are non-zero at some position [d_sae] (bool)."
         if self.top_indices is None: return (self.relu_latents != 0).reshape(-1, self.pre_acts.shape[-1]).any(0)

@@ -23,7 +23,8 @@ from .train import append_log, lm_loss, truncate_log
 # %% auto #0
 __all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'lr_at', 'init_b_dec', 'l2_pull_loss',
            'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state', 'SaeTrainResult',
-           'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation', 'top_activations']
+           'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation',
+           'top_activations_by_latent', 'top_activations']
 
 # %% ../nbs/09b_sae_train.ipynb #2eaf8a44
 class PlantedData(NamedTuple):
@@ -281,18 +282,38 @@ def _context(tokenizer, ids: Tensor, pos: int, width: int) -> str:
     return f"{left}[[{tokenizer.decode([int(ids[pos])])}]]"
 
 @torch.no_grad()
+def top_activations_by_latent(sae: SparseAutoencoder, model: nn.Module, tokenizer, token_batches: Iterable[Tensor],
+                              layer: int, latents: Sequence[int], k: int = 20, scale: float = 1.0, context: int = 10,
+                              drop_first: int = 1) -> dict[int, list[TopActivation]]:
+    "For each of `latents`, the `k` positions of `token_batches` [b, seq] where it fires most, strongest first."
+    latents = list(latents)
+    for latent in latents: check_range("latent", latent, lo=0, hi=sae.cfg.d_sae - 1)
+    device, batches = sae.W_dec.device, list(token_batches)
+    chosen = torch.tensor(latents, dtype=torch.long, device=device)
+    best, where, starts = None, None, []  # running top values [≤k, L]; their positions, numbered over all batches
+    for ids in batches:
+        h = residual_at(model, ids, layer)[:, drop_first:].to(device, torch.float32)  # [rows, seq', d_model]
+        z = sae.encode(h * scale).select(chosen).flatten(0, 1)  # [rows · seq', L]
+        start = starts[-1][0] + starts[-1][1] if starts else 0
+        starts.append((start, len(z), h.shape[1]))
+        at = torch.arange(start, start + len(z), device=device)[:, None].expand_as(z)
+        values, positions = (z, at) if best is None else (torch.cat([best, z]), torch.cat([where, at]))
+        best, top = values.topk(min(k, len(values)), dim=0)  # [≤k, L], strongest first
+        where = positions.gather(0, top)
+    def locate(flat: int) -> tuple[int, int, int]:  # (batch, row, pos) of a position number
+        b = next(i for i, (s, n, _) in enumerate(starts) if s <= flat < s + n)
+        row, col = divmod(flat - starts[b][0], starts[b][2])
+        return b, row, col + drop_first
+    out = {}
+    for j, latent in enumerate(latents):
+        hits = [(v, *locate(f)) for v, f in zip(best[:, j].tolist(), where[:, j].tolist()) if v > 0] if best is not None else []
+        out[latent] = [TopActivation(v, tokenizer.decode([int(batches[b][r, p])]),
+                                     _context(tokenizer, batches[b][r], p, context), b, r, p) for v, b, r, p in hits]
+    return out
+
 def top_activations(sae: SparseAutoencoder, model: nn.Module, tokenizer, token_batches: Iterable[Tensor], layer: int,
                     latent: int, k: int = 20, scale: float = 1.0, context: int = 10,
                     drop_first: int = 1) -> list[TopActivation]:
     "The `k` positions of `token_batches` [b, seq] where `latent` fires most, strongest first."
-    check_range("latent", latent, lo=0, hi=sae.cfg.d_sae - 1)
-    batches, best = list(token_batches), []  # best: (score, batch, row, pos)
-    for b, ids in enumerate(batches):
-        h = residual_at(model, ids, layer)[:, drop_first:].to(sae.W_dec.device, torch.float32)  # [rows, seq', d_model]
-        z = sae.encode(h * scale).latents[..., latent]  # [rows, seq']
-        values, flat = z.flatten().topk(min(k, z.numel()))
-        best += [(v, b, i // z.shape[1], i % z.shape[1] + drop_first)
-                 for v, i in zip(values.tolist(), flat.tolist()) if v > 0]
-        best = sorted(best, key=lambda t: -t[0])[:k]
-    return [TopActivation(v, tokenizer.decode([int(batches[b][r, p])]), _context(tokenizer, batches[b][r], p, context),
-                          b, r, p) for v, b, r, p in best]
+    return top_activations_by_latent(sae, model, tokenizer, token_batches, layer, [latent], k, scale, context,
+                                     drop_first)[latent]

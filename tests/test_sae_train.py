@@ -12,7 +12,7 @@ from dyntrack.core import ParamError
 from dyntrack.models import build_model, model_config
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
-                                top_activations, train_sae)
+                                top_activations, top_activations_by_latent, train_sae)
 from dyntrack.train import lm_loss
 
 VOCAB = 61
@@ -210,3 +210,22 @@ def test_top_activations_with_a_real_tokenizer(counting_model):
         assert h.token == f"w{token_id}" and h.context.endswith(f"[[w{token_id}]]") and h.pos >= 1
         with torch.no_grad(): direct = sae.encode(residual_at(counting_model, ids[h.batch], 1)).latents[h.row, h.pos, 3]
         assert abs(direct.item() - h.score) < 1e-5
+
+
+def test_top_activations_by_latent_topk_sae_matches_dense_latents(counting_model):
+    "One pass for many latents of a TopK SAE gives each latent's top positions of the dense latents, none invented."
+    sae = SparseAutoencoder(SaeConfig(d_model=64, d_sae=256, kind="topk", k=8, n_tokens=4096, seed=1))
+    ids = [counting(4, 300 + i)[:, :-1] for i in range(3)]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")))
+    with torch.no_grad(): z = torch.cat([sae.encode(residual_at(counting_model, i, 1)).latents[:, 1:] for i in ids])  # [12, seq', 256]
+    fires = (z > 0).flatten(0, 1).sum(0)
+    latents = [int(fires.argmax()), int(fires.argmin()), 17, int(fires.argmax())]  # busiest, quietest, any, a repeat
+    out = top_activations_by_latent(sae, counting_model, tokenizer, ids, layer=1, latents=latents, k=6)
+    assert list(out) == list(dict.fromkeys(latents))
+    for latent, hits in out.items():
+        column = z[..., latent].flatten()
+        expected = column[column > 0].sort(descending=True).values[:6]
+        torch.testing.assert_close(torch.tensor([h.score for h in hits]), expected)
+        for h in hits: assert abs(z[4 * h.batch + h.row, h.pos - 1, latent].item() - h.score) < 1e-6
+    with pytest.raises(ParamError, match="latent=256"):
+        top_activations_by_latent(sae, counting_model, tokenizer, ids, layer=1, latents=[3, 256])
