@@ -527,15 +527,15 @@ def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, win
                   device=None) -> ChainAnalysis:
     "Check every link of the chain (`suite` = its checkpoints, `paths` = its SAEs) and follow every live feature of the last SAE."
     if len(paths) != len(suite): raise ParamError(f"paths has {len(paths)} SAEs for {len(suite)} checkpoints")
-    acts = window_acts(suite.load_model(suite[-1], device=device), window.ids, layer, scales[suite.steps[-1]])
-    live, top_final = _live_top(load_sae(paths[-1], device=device), acts, n_top)
-    random_pos, out = random_positions(len(acts), n_random, seed), []
-    for ckpt, path in zip(progress(suite, desc="analyse chain", unit="ckpt"), paths):
+    live = top_final = random_pos = None
+    out = []  # last checkpoint first: it picks the features followed everywhere; each model is loaded once
+    for ckpt, path in zip(progress(suite.checkpoints[::-1], desc="analyse chain", unit="ckpt"), paths[::-1]):
         model, sae = suite.load_model(ckpt, device=device), load_sae(path, device=device)
         acts = window_acts(model, window.ids, layer, scales[ckpt.step])
+        if live is None: (live, top_final), random_pos = _live_top(sae, acts, n_top), random_positions(len(acts), n_random, seed)
         check = check_sae(model, sae, acts, splice_ids, layer, scales[ckpt.step])
         out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold)))
-    checks, prog, labels, values, pos = zip(*out)
+    checks, prog, labels, values, pos = zip(*out[::-1])
     return ChainAnalysis(suite.steps, list(checks), live, top_final, random_pos,
                          {m: torch.stack([pr[m] for pr in prog]) for m in MEASURES}, list(labels),
                          torch.stack(values), torch.stack(pos))

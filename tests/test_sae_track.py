@@ -405,11 +405,15 @@ def trained_chain(suite, tmp_path_factory):
     return train_chain(suite, 1, tokens, cfg, chain_cfg(n_tokens=64, k=3), tmp_path_factory.mktemp("chain"))
 
 
-def test_analyse_chain_invariants(suite, trained_chain):
+def test_analyse_chain_invariants(suite, trained_chain, monkeypatch):
     ids = torch.randint(0, VOCAB, (12, 9), generator=torch.Generator().manual_seed(7))
     infos = [info(f"w{t}") for t in ids[:, 1:].flatten().tolist()]         # ground truth: the token itself
     window = TokenWindow(ids, infos)
+    loaded, load = [], suite.load_model
+    monkeypatch.setattr(suite, "load_model", lambda ckpt, **kw: loaded.append(ckpt.step) or load(ckpt, **kw))
     an = analyse_chain(suite, trained_chain, 1, window, {0: 1.0, 10: 2.0, 20: 0.5}, ids[:4], n_top=5, n_random=20)
+    monkeypatch.undo()
+    assert sorted(loaded) == [0, 10, 20]                                      # every checkpoint's model loaded once
     n_live = len(an.live)
     assert an.steps == [0, 10, 20] and n_live > 0 and an.top_final.shape == (n_live, 5)
     assert {k: tuple(v.shape) for k, v in an.progress.items()} == {m: (3, n_live) for m in MEASURES}
