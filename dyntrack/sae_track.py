@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .acts import ActivationBuffer, estimate_scale, residual_at
-from .core import ParamError, check_choice, check_range, progress
+from .core import ParamError, check_choice, check_range, progress, read_json, write_json
 from .corpus import Lexicon, WordInfo, generate_corpus
 from .models import Checkpoint, CheckpointSuite
 from .sae import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
@@ -173,12 +173,23 @@ def window_acts(model, ids: Tensor, layer: int, scale: float = 1.0, batch_seqs: 
     return torch.cat(acts) * scale
 
 def activation_scales(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
-                      n_batches: int = 1, device=None) -> dict[int, float]:
+                      n_batches: int = 1, device=None, path=None) -> dict[int, float]:
     "Per checkpoint step, the factor √d_model / mean‖x‖ that brings its activations at `layer` to mean norm √d_model."
+    path = Path(path) if path is not None else None
+    saved = read_json(path) if path is not None and path.exists() else dict(layer=layer, n_batches=n_batches, scales=[])
+    if (saved["layer"], saved["n_batches"]) != (layer, n_batches):
+        raise ParamError(f"{path} holds scales of layer {saved['layer']} over {saved['n_batches']} batches, not layer "
+                         f"{layer} over {n_batches}; give another path")
+    known = {(r["step"], r["source"], r["revision"]): r["scale"] for r in saved["scales"]}
     scales = {}
     for ckpt in progress(suite, desc="activation scale", unit="ckpt"):
-        model = suite.load_model(ckpt, device=device)
-        scales[ckpt.step] = estimate_scale(window_acts(model, b, layer) for b in itertools.islice(token_source_fn(ckpt), n_batches))
+        key = (ckpt.step, ckpt.source, ckpt.revision)
+        if key not in known:
+            model = suite.load_model(ckpt, device=device)
+            known[key] = estimate_scale(window_acts(model, b, layer) for b in itertools.islice(token_source_fn(ckpt), n_batches))
+            saved["scales"].append(dict(step=ckpt.step, source=ckpt.source, revision=ckpt.revision, scale=known[key]))
+            if path is not None: write_json(path, saved)  # measured scales survive an interrupted pass
+        scales[ckpt.step] = known[key]
     return scales
 
 # %% ../nbs/21_sae_track.ipynb #85c1d501

@@ -9,7 +9,7 @@ import torch
 
 from conftest import toy_hub
 from dyntrack.acts import residual_at
-from dyntrack.core import PROFILES, ParamError, resolve_params
+from dyntrack.core import PROFILES, ParamError, read_json, resolve_params
 from dyntrack.corpus import WordInfo, generate_documents
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
@@ -311,6 +311,19 @@ def test_window_acts_scales_and_link_acts(suite):
     a, b = (list(_link_acts(model, 1, tokens(suite[1]), cfg, s)) for s in (1.0, 0.5))
     assert len(a) == 4 and all(x.shape == (32, 16) for x in a)  # 16 sequences × 8 positions, in batches of 32
     for x, y in zip(a, b): torch.testing.assert_close(y, 0.5 * x)
+
+
+def test_activation_scales_recorded_and_reused(suite, tmp_path, monkeypatch):
+    path = tmp_path / "chain" / "scales.json"
+    first = activation_scales(suite.select([0, 10]), 1, tokens, path=path)
+    assert first == {s: v for s, v in activation_scales(suite, 1, tokens).items() if s in (0, 10)}
+    loaded, load = [], suite.load_model
+    monkeypatch.setattr(suite, "load_model", lambda ckpt, **kw: loaded.append(ckpt.step) or load(ckpt, **kw))
+    again = activation_scales(suite, 1, tokens, path=path)  # only step 20 is new
+    assert loaded == [20] and {s: again[s] for s in (0, 10)} == first and sorted(again) == [0, 10, 20]
+    assert [r["step"] for r in read_json(path)["scales"]] == [0, 10, 20]
+    with pytest.raises(ParamError, match="layer 1 over 1 batches, not layer 1 over 2"):
+        activation_scales(suite, 1, tokens, n_batches=2, path=path)
 
 
 def test_chain_applies_scales(suite, tmp_path):
