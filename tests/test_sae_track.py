@@ -1,4 +1,4 @@
-"SAE-Track: parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
+"SAE-Track (dyntrack.sae_track and dyntrack.sae_track_analysis): parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
 import json, math
 from collections import Counter
 from pathlib import Path
@@ -14,12 +14,14 @@ from dyntrack.corpus import WordInfo, generate_documents
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track import (
-    MEASURES, PATTERNS, FeatureLabel, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, analyse_chain,
-    analyse_checkpoint, chain_key, check_sae, decoder_cosines, decoder_pca, distinct_features, embed_2d, eval_steps,
-    feature_patterns, formation_step, label_feature, label_share, labels_at, mean_pairwise, pairwise_similarity,
-    pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions, progress_measure,
-    progress_measures, random_positions, resolve_steps, sae_configs, separation, token_window, tokens_to_match,
-    top_positions, train_chain, warm_cold_curves, window_acts)
+    MEASURES, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, chain_key, check_sae,
+    eval_steps, resolve_steps, sae_configs, token_window, tokens_to_match, train_chain, warm_cold_curves,
+    window_acts)
+from dyntrack.sae_track_analysis import (
+    PATTERNS, FeatureLabel, analyse_chain, analyse_checkpoint, decoder_cosines, decoder_pca, distinct_features,
+    embed_2d, feature_patterns, formation_step, label_feature, label_share, labels_at, mean_pairwise,
+    pairwise_similarity, pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions,
+    progress_measure, progress_measures, random_positions, separation, top_positions)
 from dyntrack.tokens import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
