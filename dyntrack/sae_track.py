@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .acts import ActivationBuffer, estimate_scale, residual_at
 from .core import ParamError, check_choice, check_range, progress, read_json, write_json
-from .corpus import Lexicon, WordInfo, generate_corpus
+from .corpus import generate_corpus
+from .grammar import Lexicon, WordInfo
 from .models import Checkpoint, CheckpointSuite
 from .sae import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from .sae_train import splice_eval, train_sae

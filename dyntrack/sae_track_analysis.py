@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import ParamError, check_choice, check_range, progress
-from .corpus import WordInfo
+from .grammar import WordInfo
 from .models import CheckpointSuite
 from .sae import SparseAutoencoder, load_sae
 from .sae_track import MEASURES, SaeCheck, TokenWindow, check_sae, window_acts

@@ -14,7 +14,8 @@ import torch
 import matplotlib.pyplot as plt
 
 from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress
-from .corpus import Lexicon, WordInfo, find_data_dir, generate_corpus, label_offsets, load_lexicon
+from .corpus import generate_corpus, label_offsets
+from .grammar import Lexicon, WordInfo, find_data_dir, load_lexicon
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
 from .tokens import TokenShards, build_shards, train_tokenizer
 from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import check_choice, check_range
-from .corpus import Generator, Lexicon, Sentence, join_words, load_grammar, story
+from .corpus import Generator, Sentence, join_words, story
+from .grammar import Lexicon, load_grammar
 
 # %% auto #0
 __all__ = ['PHENOMENA', 'MinimalPair', 'make_minimal_pairs', 'make_pair_sets', 'encode', 'token_logprobs', 'sequence_logprobs',

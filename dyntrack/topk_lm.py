@@ -19,7 +19,8 @@ from transformers import LlamaConfig
 
 from .acts import blocks
 from .core import ParamError, atomic_path, cache_dir, check_choice, check_range
-from .corpus import Lexicon, WordInfo, annotate, load_lexicon
+from .corpus import annotate
+from .grammar import Lexicon, WordInfo, load_lexicon
 from .models import SIZES, CheckpointSuite, build_model
 from .suite import SuiteParams, corpus_key, labelled_tokens, prepare_embedded_data, train_config as suite_train_config
 from .tasks import lambada_accuracy, minimal_pair_accuracy

@@ -9,9 +9,10 @@ import pytest
 os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
-from dyntrack.corpus import (CorpusConfig, Generator, annotate, compile_construction, find_data_dir,
-                             generate_corpus, generate_documents, generate_sentences, is_heldout, label_offsets,
-                             load_grammar, load_lexicon, story)
+from dyntrack.corpus import (
+    CorpusConfig, Generator, annotate, generate_corpus, generate_documents, generate_sentences, is_heldout,
+    label_offsets, story)
+from dyntrack.grammar import compile_construction, find_data_dir, load_grammar, load_lexicon
 
 LEX = load_lexicon()
 SENTENCE_END = re.compile(r"(?<=\.) (?=[A-Z])")

@@ -10,7 +10,8 @@ import torch
 from conftest import toy_hub
 from dyntrack.acts import residual_at
 from dyntrack.core import PROFILES, ParamError, read_json, resolve_params
-from dyntrack.corpus import WordInfo, generate_documents
+from dyntrack.corpus import generate_documents
+from dyntrack.grammar import WordInfo
 from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track import (

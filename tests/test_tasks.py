@@ -10,7 +10,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
-from dyntrack.corpus import annotate, is_heldout, load_lexicon
+from dyntrack.corpus import annotate, is_heldout
+from dyntrack.grammar import load_lexicon
 from dyntrack.tasks import (PHENOMENA, MinimalPair, encode, lambada_accuracy, make_lambada, make_minimal_pairs,
                             make_pair_sets, minimal_pair_accuracy, score_pairs, sequence_logprobs)
 
