@@ -14,6 +14,10 @@ the 2-GPU run logged for it. Tokens/s is timed from update `--warmup` to `--step
 in that window); scaling efficiency = 2-GPU tokens/s / (2 × 1-GPU tokens/s). `--batch-size` sets the global batch
 (rows of `seq_len` tokens; default: the profile's). `--speed-batches` adds, for each global batch given, a 1-GPU
 and a 2-GPU run of `--speed-steps` updates that are only timed: how efficiency depends on the rows per GPU.
+`--trace-steps N` profiles N updates of the main 1-GPU and 2-GPU runs after the timed window (from update
+`--steps // 2 + 2`) with torch.profiler: per rank, a table of the busiest operators (`profile_rank{r}.txt`) and a
+Chrome trace (`trace_rank{r}.json`) in the run's folder, to see where a step's time goes on the host and the device.
+`--omp-threads` sets OMP_NUM_THREADS for every process (torchrun's default is 1).
 
     python benchmarks/bench_ddp.py --out results/paper/benchmarks/ddp    # on a host with 2 GPUs
     python benchmarks/bench_ddp.py --batch-size 256 --speed-batches 128 --out /tmp/ddp
@@ -47,6 +51,26 @@ class StopAt(Callback):
         if step == self.step: raise Stopped(step)
 
 
+class Profile(Callback):
+    "torch.profiler over updates `start … start + n - 1`; writes a table and a Chrome trace per rank into `out`."
+    def __init__(self, start: int, n: int, out): self.start, self.n, self.out, self.prof = start, n, Path(out), None
+    def on_step_start(self, trainer, step):
+        if step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+            cuda = trainer.device.type == "cuda"
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+            self.prof.__enter__()
+    def on_step_end(self, trainer, step, loss):
+        if self.prof is None or step != self.start + self.n - 1: return
+        if trainer.device.type == "cuda": torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=sort, row_limit=30)
+        (self.out / f"profile_rank{trainer.rank}.txt").write_text(f"{self.n} updates from {self.start}\n{table}\n")
+        self.prof.export_chrome_trace(str(self.out / f"trace_rank{trainer.rank}.json"))
+        self.prof = None
+
+
 class LossTrace(Callback):
     "Keep every update's loss as a tensor (no GPU sync per step); read them once at the end."
     def __init__(self): self.steps, self.losses = [], []
@@ -77,6 +101,7 @@ def worker(a):
     cfg = bench_config(p, a, a.grad_accum)
     watch, trace = Stopwatch(a.warmup, end=a.steps // 2), LossTrace()
     callbacks = [watch, trace] + ([StopAt(a.stop_at)] if a.stop_at else [])
+    if a.trace_steps: callbacks.append(Profile(a.steps // 2 + 2, a.trace_steps, a.run_dir))
     trainer = Trainer(build_model(config, seed=p.seed), tokenizer, shards, cfg, a.run_dir, callbacks, device=p.device)
     stopped = None
     try: trainer.fit()
@@ -96,6 +121,7 @@ def launch(a, run_dir, nproc=1, **overrides):
     script = [str(Path(__file__).resolve()), "worker", *flags]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, **NO_MULTICAST, DYNTRACK_PROGRESS="0")
+    if a.omp_threads: env["OMP_NUM_THREADS"] = str(a.omp_threads)
     t0 = time.perf_counter()
     subprocess.run(launcher + script, env=env, check=True)
     print(f"  {Path(run_dir).name}: {time.perf_counter() - t0:.0f} s wall (start-up and compilation included)", flush=True)
@@ -128,13 +154,13 @@ def main(a):
     for d in ("1gpu", "1gpu-accum2", "2gpu", "2gpu-stopped", "resume-1gpu", "resume-cpu"): shutil.rmtree(out / d, ignore_errors=True)
     by_batch = [speed_pair(a, out, b) for b in a.speed_batches]
     one = launch(a, out / "1gpu")
-    accum = launch(a, out / "1gpu-accum2", grad_accum=2)
+    accum = launch(a, out / "1gpu-accum2", grad_accum=2, trace_steps=0)
     two = launch(a, out / "2gpu", nproc=2)
-    stopped = launch(a, out / "2gpu-stopped", nproc=2, stop_at=mid)
+    stopped = launch(a, out / "2gpu-stopped", nproc=2, stop_at=mid, trace_steps=0)
     assert stopped["stopped_at"] == mid, stopped["stopped_at"]
     for d in ("resume-1gpu", "resume-cpu"): shutil.copytree(out / "2gpu-stopped", out / d)
-    resumed = launch(a, out / "resume-1gpu")
-    cpu = launch(a, out / "resume-cpu", device="cpu", stop_at=mid + a.cpu_steps)
+    resumed = launch(a, out / "resume-1gpu", trace_steps=0)
+    cpu = launch(a, out / "resume-cpu", device="cpu", stop_at=mid + a.cpu_steps, trace_steps=0)
     after, late = range(mid + 1, a.steps + 1), range(a.warmup + 1, a.steps + 1)
     summary = dict(
         device=device_name(a.device), software=software_versions(), profile=a.profile, steps=a.steps, warmup=a.warmup,
@@ -160,8 +186,8 @@ def main(a):
 
 def speed_pair(a, out, batch_size) -> dict:
     "Tokens/s of a 1-GPU and a 2-GPU run of `--speed-steps` updates at global batch `batch_size` (timed only)."
-    runs = {n: launch(a, out / f"speed-b{batch_size}-{n}gpu", nproc=n, batch_size=batch_size, steps=a.speed_steps)
-            for n in (1, 2)}
+    runs = {n: launch(a, out / f"speed-b{batch_size}-{n}gpu", nproc=n, batch_size=batch_size, steps=a.speed_steps,
+                      trace_steps=0) for n in (1, 2)}
     for n in (1, 2): shutil.rmtree(out / f"speed-b{batch_size}-{n}gpu")  # only the numbers are kept
     one, two = runs[1]["tokens_per_s"], runs[2]["tokens_per_s"]
     return dict(batch_size=batch_size, rows_per_gpu=batch_size // 2, tokens_per_s_1gpu=one, tokens_per_s_2gpu=two,
@@ -210,11 +236,16 @@ def parse(argv=None):
     ap.add_argument("--batch-size", type=int, default=0, help="global batch in rows; 0 = the profile's")
     ap.add_argument("--speed-batches", type=int, nargs="*", default=[], help="more global batches, timed only")
     ap.add_argument("--speed-steps", type=int, default=160, help="updates of each --speed-batches run")
+    ap.add_argument("--trace-steps", type=int, default=0, help="updates profiled in the main 1-GPU and 2-GPU runs")
+    ap.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS of every process; 0 = leave it")
     ap.add_argument("--out", default="runs/bench-ddp")
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--stop-at", type=int, default=0, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.trace_steps and a.steps // 2 + 2 + a.trace_steps > a.steps:
+        ap.error(f"--trace-steps {a.trace_steps} does not fit after update {a.steps // 2 + 2} of --steps {a.steps}")
+    return a
 
 
 if __name__ == "__main__":
