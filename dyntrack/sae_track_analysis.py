@@ -294,7 +294,9 @@ def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, win
     for ckpt, path in zip(progress(suite.checkpoints[::-1], desc="analyse chain", unit="ckpt"), paths[::-1]):
         model, sae = suite.load_model(ckpt, device=device), load_sae(path, device=device)
         acts = window_acts(model, window.ids, layer, scales[ckpt.step])
-        if live is None: (live, top_final), random_pos = _live_top(sae, acts, n_top), random_positions(len(acts), n_random, seed)
+        if live is None:  # the final checkpoint
+            live, top_final = _live_top(sae, acts, n_top)
+            random_pos = random_positions(len(acts), n_random, seed)
         check = check_sae(model, sae, acts, splice_ids, layer, scales[ckpt.step])
         out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold)))
     checks, prog, labels, values, pos = zip(*out[::-1])
