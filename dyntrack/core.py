@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ec42f81
 from __future__ import annotations
-import contextlib, dataclasses, json, os, platform, random, shutil, types, typing, uuid
+import contextlib, dataclasses, glob, hashlib, importlib, json, math, os, platform, random, shutil, socket, time, types, typing, uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+
 # %% auto #0
-__all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'resolve_params',
-           'notebook_params', 'seed_everything', 'pick_device', 'device_name', 'cache_dir', 'atomic_path', 'write_json',
-           'read_json', 'progress', 'save_figure', 'write_metrics', 'software_versions']
+__all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'check_fields',
+           'resolve_params', 'notebook_params', 'seed_everything', 'pick_device', 'device_name', 'cache_dir', 'settle',
+           'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError', 'read_json', 'digest', 'file_sha256',
+           'module_digest', 'progress', 'save_figure', 'write_metrics', 'software_versions']
 
 # %% ../nbs/00_core.ipynb #13d78738
 class ParamError(ValueError):
@@ -28,15 +30,18 @@ def check_choice(name: str, value, allowed) -> None:
         raise ParamError(f"{name}={value!r} is not allowed; choose one of {allowed}")
 
 def check_range(name: str, value, lo=None, hi=None) -> None:
-    "Raise `ParamError` unless `lo <= value <= hi` (either bound may be None)."
+    "Raise `ParamError` unless `lo <= value <= hi` (either bound may be None); NaN and infinities never pass."
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamError(f"{name}={value!r} is not a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         lo_s = "-inf" if lo is None else lo
         hi_s = "inf" if hi is None else hi
         raise ParamError(f"{name}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")
 
+
 # %% ../nbs/00_core.ipynb #dcae096f
 def _type_ok(value, typ) -> tuple[bool, Any]:
-    "Check `value` against a type hint; return (ok, possibly converted value)."
+    "Check `value` against a type hint; return (ok, possibly converted value). Floats must be finite."
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if typ is Any: return True, value
     if origin in (typing.Union, types.UnionType):
@@ -46,15 +51,24 @@ def _type_ok(value, typ) -> tuple[bool, Any]:
         return False, value
     if origin is Literal: return value in args, value
     if typ is type(None): return value is None, value
-    if typ is float and isinstance(value, int) and not isinstance(value, bool): return True, float(value)
     if typ in (int, float) and isinstance(value, bool): return False, value
+    if typ is float and isinstance(value, (int, float)): return math.isfinite(value), float(value)
     if origin in (tuple, list):
         if not isinstance(value, (tuple, list)): return False, value
         item = args[0] if args else Any
-        conv = [_type_ok(v, item) for v in value]
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:  # tuple[float, float]: fixed length
+            if len(value) != len(args): return False, value
+            conv = [_type_ok(v, a) for v, a in zip(value, args)]
+        else: conv = [_type_ok(v, item) for v in value]
         return all(ok for ok, _ in conv), origin(v for _, v in conv)
     if origin is dict: return isinstance(value, dict), value
+    if typ is str: return isinstance(value, str), value
     return isinstance(value, typ), value
+
+def _type_error(name: str, value, typ) -> ParamError:
+    expected = str(typ).replace("typing.", "")
+    if isinstance(value, float) and not math.isfinite(value): return ParamError(f"{name}={value!r} is not a finite number")
+    return ParamError(f"{name}={value!r} has the wrong type; expected {expected}")
 
 def check_params(cls, values: dict):
     "Build dataclass `cls` from `values`, rejecting unknown names and wrong types with `ParamError`."
@@ -65,9 +79,18 @@ def check_params(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         ok, kwargs[name] = _type_ok(value, hints[name])
-        if not ok:
-            raise ParamError(f"{name}={value!r} has the wrong type; expected {hints[name]!s}".replace("typing.", ""))
+        if not ok: raise _type_error(name, value, hints[name])
     return cls(**kwargs)
+
+def check_fields(obj) -> None:
+    "Check every field of dataclass instance `obj` against its type hint (converting int to float, list to tuple)."
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, conv = _type_ok(value, hints[f.name])
+        if not ok: raise _type_error(f.name, value, hints[f.name])
+        if conv is not value: object.__setattr__(obj, f.name, conv)  # works for frozen dataclasses too
+
 
 # %% ../nbs/00_core.ipynb #a421adf4
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -123,9 +146,15 @@ def seed_everything(seed: int) -> None:
 def pick_device(device: str = "auto") -> torch.device:
     "`auto`: CUDA when available, else CPU; otherwise the named device, checked to exist."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParamError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ParamError(f"device={device!r}: dyntrack runs on 'cpu', 'cuda' or 'cuda:N' (or 'auto')")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError(f"device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParamError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
 def device_name(device: str | torch.device = "auto") -> str:
@@ -146,21 +175,66 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
     elif path.exists() or path.is_symlink(): path.unlink()
 
+def _scratch(path: Path, kind: Literal["tmp", "old"]) -> Path:
+    "A hidden sibling `.NAME.KIND-PID-RANDOM` of `path`; the pid says whether its writer still runs."
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+def _writer_alive(scratch: Path) -> bool:
+    "Does the process that made `scratch` still run on this host? (Names without a pid: no.)"
+    try: pid = int(scratch.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError): return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # it runs, as another user
+    return True
+
+def settle(path) -> Path:
+    "Finish what a killed atomic write of `path` left: restore the old version if `path` is gone, delete dead writers' scratch."
+    path = Path(path)
+    pattern = lambda kind: path.parent.glob(f".{glob.escape(path.name)}.{kind}-*")
+    olds = sorted((p for p in pattern("old") if not _writer_alive(p)), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists() and not path.is_symlink(): olds.pop().rename(path)  # the newest complete version
+    for p in olds + [p for p in pattern("tmp") if not _writer_alive(p)]: _remove(p)
+    return path
+
 @contextlib.contextmanager
 def atomic_path(path, overwrite: bool = False):
     "Yield a temporary sibling of `path` to write a file or folder into; rename it onto `path` on success."
-    path = Path(path)
+    path = settle(path)
     if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _scratch(path, "tmp")
     try:
         yield tmp
         if overwrite and path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old); tmp.rename(path); shutil.rmtree(old)
+            old = _scratch(path, "old")
+            path.rename(old); tmp.rename(path); shutil.rmtree(old)  # killed in between: `settle` restores `old`
         else: os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+# %% ../nbs/00_core.ipynb #74f1e332
+class Busy(RuntimeError):
+    "Another process holds the lock; the message names the lock and its holder."
+
+@contextlib.contextmanager
+def file_lock(path, wait: bool = True, what: str | None = None):
+    "Hold an exclusive lock on the file `path` while the block runs; `wait=False` raises `Busy` if another process has it."
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise Busy(f"{what or path} is in use by another process ({f.read().strip() or 'holder unknown'}); wait "
+                       f"for it to finish or use another folder") from None
+        f.seek(0); f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"); f.flush()
+        try: yield path
+        finally: f.seek(0); f.truncate()  # the lock itself goes with the file's closing
+
 
 # %% ../nbs/00_core.ipynb #9bb33672
 def _jsonable(obj):
@@ -181,9 +255,41 @@ def write_json(path, obj) -> Path:
         tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=False) + "\n")
     return path
 
+class CorruptFileError(ValueError):
+    "A file is damaged, half written or not what it should be; the message names it."
+
 def read_json(path):
-    "Read JSON from `path`."
-    return json.loads(Path(path).read_text())
+    "Read JSON from `path`; `CorruptFileError` naming the file if it is not valid JSON."
+    path = Path(path)
+    try: return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}): damaged or half written; delete it, or the folder "
+                               "it belongs to, to start that part over") from e
+
+# %% ../nbs/00_core.ipynb #b874a4b3
+def digest(obj, n: int = 16) -> str:
+    "First `n` hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys; dataclasses, paths, arrays converted)."
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:n]
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    "SHA-256 (hex) of the bytes of file `path`, read in chunks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk): h.update(block)
+    return h.hexdigest()
+
+def module_digest(*names: str, n: int = 16) -> str:
+    "Digest of the source files of modules `names` (e.g. `'dyntrack.train'`); a package counts with all its modules."
+    h = hashlib.sha256()
+    for name in names:
+        mod = importlib.import_module(name)
+        if getattr(mod, "__file__", None) is None:
+            raise ImportError(f"{name} has no source file: is a folder of that name shadowing the installed package?")
+        path = Path(mod.__file__)
+        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        for f in files: h.update(f"{name}:{f.relative_to(path.parent)}\0".encode() + f.read_bytes())
+    return h.hexdigest()[:n]
+
 
 # %% ../nbs/00_core.ipynb #506e667f
 def progress(iterable=None, *, total=None, desc=None, unit="it", unit_scale=False, **kw):
