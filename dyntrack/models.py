@@ -4,24 +4,27 @@
 
 # %% ../nbs/04_models.ipynb #ba63262c
 from __future__ import annotations
-import importlib, inspect, json, re
-from dataclasses import dataclass
+import importlib, inspect, numbers, re
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from packaging.version import Version
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
-from .core import ParamError, atomic_path, check_choice, check_range, read_json, write_json
+from .core import (CorruptFileError, ParamError, atomic_path, check_choice, check_range, file_lock,
+                           file_sha256, read_json, settle, write_json)
 
 # %% auto #0
-__all__ = ['ARCHS', 'SIZES', 'PYTHIA_TOKENS_PER_STEP', 'PYTHIA_SIZES', 'SUITE_FORMAT', 'OWN_MODEL_MODULES', 'model_config',
-           'build_model', 'checkpoint_schedule', 'pythia_steps', 'unwrap_model', 'read_manifest', 'save_checkpoint',
-           'Checkpoint', 'run_checkpoints', 'folder_checkpoints', 'hub_checkpoints', 'register_own_models',
-           'CheckpointSuite']
+__all__ = ['ARCHS', 'SIZES', 'COUNT_FIELDS', 'PYTHIA_TOKENS_PER_STEP', 'PYTHIA_SIZES', 'SUITE_FORMAT', 'OWN_MODEL_MODULES',
+           'model_config', 'build_model', 'checkpoint_schedule', 'pythia_steps', 'unwrap_model', 'read_manifest',
+           'save_checkpoint', 'Checkpoint', 'run_checkpoints', 'folder_checkpoints', 'hub_checkpoints',
+           'verify_checkpoint', 'load_error', 'register_own_models', 'CheckpointSuite']
 
 # %% ../nbs/04_models.ipynb #10ab6c18
 ARCHS = ("gpt_neox", "llama")
@@ -31,6 +34,8 @@ SIZES: dict[str, dict[str, int]] = {
     "base":   dict(d_model=512, n_layers=8,  n_heads=8),
     "medium": dict(d_model=768, n_layers=12, n_heads=12),
 }
+COUNT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "max_position_embeddings", "head_dim")  # config fields that must be ints >= 1
 
 def _preset_kwargs(arch: str, d_model: int, n_layers: int, n_heads: int) -> dict:
     "The `transformers` config keywords of one preset."
@@ -42,28 +47,55 @@ def _preset_kwargs(arch: str, d_model: int, n_layers: int, n_heads: int) -> dict
     ffn = -(-8 * d_model // 3 // 64) * 64  # 8/3·d rounded up to a multiple of 64
     return dict(common, intermediate_size=ffn, num_key_value_heads=n_heads, rms_norm_eps=1e-5)
 
+def _check_int(name: str, value, lo=None, hi=None) -> None:
+    "`ParamError` unless `value` is an integer (not a bool) in [`lo`, `hi`]."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParamError(f"{name}={value!r} must be an int")
+    check_range(name, value, lo, hi)
+
+def _check_override(name: str, value, default) -> None:
+    "`ParamError` unless `value` has the type of the field's `default` (an int may stand for a float) and a sane range."
+    kind = next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+    if name in COUNT_FIELDS and value is not None: return _check_int(name, value, lo=1)
+    if kind is int: return _check_int(name, value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is not None and not (isinstance(value, kind) or kind is float and number):
+        raise ParamError(f"{name}={value!r} must be a {kind.__name__}, like the default {default!r}")
+    if number: check_range(name, value, *((0, 1) if name.endswith("dropout") else ()))
+
+def _check_heads(fields: dict) -> None:
+    "`ParamError` unless the width splits into whole heads (and, for Llama, query heads into key/value groups)."
+    d, heads, kv = fields["hidden_size"], fields["num_attention_heads"], fields.get("num_key_value_heads")
+    if d % heads: raise ParamError(f"hidden_size={d} must be divisible by num_attention_heads={heads}")
+    if kv is not None and heads % kv: raise ParamError(f"num_attention_heads={heads} must be divisible by num_key_value_heads={kv}")
+
 def model_config(arch: Literal["gpt_neox", "llama"], size: str, vocab_size: int, max_seq_len: int,
                  **overrides) -> PretrainedConfig:
-    "A `transformers` config for preset `arch` × `size`; `overrides` are config fields (unknown names rejected)."
+    "A `transformers` config for preset `arch` × `size`; `overrides` are config fields (unknown names, bad values rejected)."
     check_choice("arch", arch, ARCHS)
     check_choice("size", size, SIZES)
-    check_range("vocab_size", vocab_size, lo=1)
-    check_range("max_seq_len", max_seq_len, lo=1)
+    _check_int("vocab_size", vocab_size, lo=1)
+    _check_int("max_seq_len", max_seq_len, lo=1)
     cls = GPTNeoXConfig if arch == "gpt_neox" else LlamaConfig
-    kwargs = dict(_preset_kwargs(arch, **SIZES[size]), vocab_size=vocab_size, max_position_embeddings=max_seq_len)
-    known = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
-    unknown = sorted(set(overrides) - known)
+    kwargs = dict(_preset_kwargs(arch, **SIZES[size]), vocab_size=int(vocab_size), max_position_embeddings=int(max_seq_len))
+    signature = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
+    defaults = {**signature, **cls().to_dict()}
+    unknown = sorted(set(overrides) - set(defaults) - set(cls.attribute_map))
     if unknown: raise ParamError(f"unknown config override(s) {unknown}: not fields of {cls.__name__}")
-    return cls(**{**kwargs, **overrides}, attn_implementation="sdpa")
+    defaults.update(kwargs)
+    for name, value in overrides.items(): _check_override(name, value, defaults.get(cls.attribute_map.get(name, name)))
+    fields = {**kwargs, **overrides}
+    _check_heads(fields)
+    return cls(**fields, attn_implementation="sdpa")
 
 # %% ../nbs/04_models.ipynb #60db5add
 def build_model(config: PretrainedConfig, seed: int = 0) -> transformers.PreTrainedModel:
-    "A freshly initialised causal LM for `config`, deterministic given `seed` (global RNG untouched)."
+    "A freshly initialised causal LM for `config`, deterministic given `seed` (global RNG untouched); never runs remote code."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try: return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        try: return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", trust_remote_code=False)
         except (ValueError, ImportError):  # an architecture without an sdpa kernel
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 # %% ../nbs/04_models.ipynb #6ac5aa11
 def checkpoint_schedule(total_steps: int, log_until: int | None = None, n_linear: int = 10) -> list[int]:
@@ -93,38 +125,66 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module): model = model._orig_mod
         else: return model
 
+def _is_count(value) -> bool: return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+def _is_plain_name(value) -> bool:
+    "A file or folder name inside one folder: no separators, no `.`/`..`, not absolute."
+    return isinstance(value, str) and value not in ("", ".", "..") and not any(c in value for c in "/\\\0")
+
+def _entry_problem(entry) -> str | None:
+    "What is wrong with one checkpoint entry of a manifest, or None."
+    if not isinstance(entry, dict) or not {"step", "tokens_seen", "path"} <= set(entry): return "it needs step, tokens_seen and path"
+    if not _is_count(entry["step"]): return f"step={entry['step']!r} must be an int >= 0"
+    if not _is_count(entry["tokens_seen"]): return f"tokens_seen={entry['tokens_seen']!r} must be an int >= 0"
+    if not _is_plain_name(entry["path"]): return f"path={entry['path']!r} must be the name of a folder directly inside the run"
+    files = entry.get("files") or {}
+    if not isinstance(files, dict) or not all(_is_plain_name(n) and isinstance(f, dict) and _is_count(f.get("size"))
+                                              and isinstance(f.get("sha256"), str) for n, f in files.items()):
+        return "files must map file names in the step folder to {size, sha256}"
+    return None
+
 def read_manifest(run_dir) -> dict:
-    "The validated manifest of a run folder; clear errors when it is missing or corrupt."
+    "The validated manifest of a run folder; `CorruptFileError` naming the file and entry when it is damaged."
     path = Path(run_dir) / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a dyntrack run folder (use CheckpointSuite.from_folders "
                                 "for plain save_pretrained folders)")
-    try: manifest = read_json(path)
-    except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON: {e}") from e
-    ok = (isinstance(manifest, dict) and manifest.get("format") == SUITE_FORMAT
-          and all({"step", "tokens_seen", "path"} <= set(c) for c in manifest.get("checkpoints", [None])))
-    if not ok: raise ValueError(f"{path} is not a {SUITE_FORMAT} manifest with checkpoints [{{step, tokens_seen, path}}]")
+    manifest = read_json(path)
+    if not (isinstance(manifest, dict) and manifest.get("format") == SUITE_FORMAT and isinstance(manifest.get("checkpoints"), list)):
+        raise CorruptFileError(f"{path} is not a {SUITE_FORMAT} manifest with checkpoints [{{step, tokens_seen, path}}]")
+    for i, entry in enumerate(manifest["checkpoints"]):
+        if problem := _entry_problem(entry): raise CorruptFileError(f"{path}: entry checkpoints[{i}] is invalid: {problem}")
+    steps = [c["step"] for c in manifest["checkpoints"]]
+    if twice := sorted({s for s in steps if steps.count(s) > 1}):
+        raise CorruptFileError(f"{path} lists checkpoint step(s) {twice} more than once")
     return manifest
 
 # %% ../nbs/04_models.ipynb #64eafe47
+def _file_records(folder: Path) -> dict[str, dict]:
+    "Size (bytes) and SHA-256 of every file in `folder`, by name."
+    return {p.name: dict(size=p.stat().st_size, sha256=file_sha256(p)) for p in sorted(folder.iterdir()) if p.is_file()}
+
 def save_checkpoint(model, tokenizer, run_dir, step: int, tokens_seen: int, meta: dict | None = None,
                     overwrite: bool = False) -> Path:
-    "Save `model` and `tokenizer` atomically to `run_dir/step{step}` and add it to the manifest; return the folder."
-    check_range("step", step, lo=0)
+    "Save `model` and `tokenizer` atomically to `run_dir/step{step}` and add it, with file checksums, to the manifest."
+    _check_int("step", step, lo=0)
+    _check_int("tokens_seen", tokens_seen, lo=0)
     run_dir = Path(run_dir)
-    step_dir = run_dir / f"step{step}"
-    manifest = read_manifest(run_dir) if (run_dir / "manifest.json").exists() else dict(format=SUITE_FORMAT, checkpoints=[])
-    listed = any(c["step"] == step for c in manifest["checkpoints"])
-    if step_dir.exists() and listed and not overwrite:
-        raise FileExistsError(f"{step_dir} exists; pass overwrite=True to replace checkpoint step {step}")
-    with atomic_path(step_dir, overwrite=step_dir.exists()) as tmp:  # an unlisted folder is an interrupted save
-        unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None: tokenizer.save_pretrained(tmp)
-    entries = [c for c in manifest["checkpoints"] if c["step"] != step]
-    entries.append(dict(step=int(step), tokens_seen=int(tokens_seen), path=step_dir.name))
-    manifest["checkpoints"] = sorted(entries, key=lambda c: c["step"])
-    manifest["meta"] = {**manifest.get("meta", {}), **(meta or {})}
-    write_json(run_dir / "manifest.json", manifest)
+    with file_lock(run_dir / ".manifest.lock", what=f"the manifest of {run_dir}"):
+        step_dir = settle(run_dir / f"step{step}")  # a replacement killed between its renames is undone first
+        manifest = read_manifest(run_dir) if (run_dir / "manifest.json").exists() else dict(format=SUITE_FORMAT, checkpoints=[])
+        listed = any(c["step"] == step for c in manifest["checkpoints"])
+        if step_dir.exists() and listed and not overwrite:
+            raise FileExistsError(f"{step_dir} exists; pass overwrite=True to replace checkpoint step {step}")
+        with atomic_path(step_dir, overwrite=step_dir.exists()) as tmp:  # an unlisted folder is an interrupted save
+            unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None: tokenizer.save_pretrained(tmp)
+            files = _file_records(tmp)
+        entries = [c for c in manifest["checkpoints"] if c["step"] != step]
+        entries.append(dict(step=int(step), tokens_seen=int(tokens_seen), path=step_dir.name, files=files))
+        manifest["checkpoints"] = sorted(entries, key=lambda c: c["step"])
+        manifest["meta"] = {**manifest.get("meta", {}), **(meta or {})}
+        write_json(run_dir / "manifest.json", manifest)
     return step_dir
 
 # %% ../nbs/04_models.ipynb #7b522d42
@@ -135,11 +195,13 @@ class Checkpoint:
     tokens_seen: int | None      # training tokens consumed up to this step (None = unknown)
     source: str                  # local folder, or Hub repo id when `revision` is set
     revision: str | None = None  # Hub revision (branch, tag or commit); None for local folders
+    files: dict | None = field(default=None, repr=False, compare=False)  # {name: {size, sha256}} from a manifest; None = unchecked
 
 def run_checkpoints(run_dir) -> list[Checkpoint]:
     "The checkpoints listed in `run_dir/manifest.json`, checked to exist."
     run_dir = Path(run_dir)
-    ckpts = [Checkpoint(c["step"], c["tokens_seen"], str(run_dir / c["path"])) for c in read_manifest(run_dir)["checkpoints"]]
+    ckpts = [Checkpoint(c["step"], c["tokens_seen"], str(settle(run_dir / c["path"])), files=c.get("files") or None)
+             for c in read_manifest(run_dir)["checkpoints"]]
     missing = [c.source for c in ckpts if not Path(c.source, "config.json").exists()]
     if missing: raise FileNotFoundError(f"manifest of {run_dir} lists checkpoints that are missing: {missing}")
     return ckpts
@@ -160,6 +222,55 @@ def hub_checkpoints(repo_id: str, steps: Iterable[int], revision_format: str = "
     "Revisions `revision_format.format(step=s)` of Hub repo `repo_id`, one per step."
     return [Checkpoint(s, s * tokens_per_step if tokens_per_step else None, repo_id, revision_format.format(step=s))
             for s in steps]
+
+# %% ../nbs/04_models.ipynb #e33f3e16
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, sha256) checked in this process
+
+def verify_checkpoint(ckpt: Checkpoint) -> None:
+    "Check size and SHA-256 of each file in `ckpt.files` (from the manifest); `CorruptFileError` naming a bad file."
+    for name, want in (ckpt.files or {}).items():
+        path = Path(ckpt.source, name)
+        if not path.is_file():
+            raise CorruptFileError(f"{path} is missing: the manifest lists it in checkpoint step {ckpt.step}; restore the "
+                                   "checkpoint folder or retrain that checkpoint")
+        stat = path.stat()
+        if stat.st_size != want["size"]:
+            raise CorruptFileError(f"{path} has {stat.st_size} bytes where the manifest says {want['size']}: truncated or "
+                                   f"replaced; restore checkpoint step {ckpt.step} or retrain it")
+        key = (str(path), stat.st_size, stat.st_mtime_ns, want["sha256"])
+        if key in _VERIFIED: continue
+        if file_sha256(path) != want["sha256"]:
+            raise CorruptFileError(f"{path} does not match its SHA-256 in the manifest: the file is damaged; restore "
+                                   f"checkpoint step {ckpt.step} or retrain it")
+        _VERIFIED.add(key)
+
+def _cached_file(ckpt: Checkpoint, name: str, hub_kwargs: dict) -> Path | None:
+    "Where file `name` of `ckpt` lies on disk: in its folder, or in the Hub cache (None if not cached)."
+    if ckpt.revision is None: return Path(ckpt.source, name)
+    hit = try_to_load_from_cache(ckpt.source, name, cache_dir=hub_kwargs.get("cache_dir"), revision=ckpt.revision)
+    return Path(hit) if isinstance(hit, str) else None
+
+def _opens(path: Path) -> bool:
+    "Whether `path` is a complete safetensors file (its header parses and covers the whole file)."
+    try:
+        with safe_open(str(path), "pt"): return True
+    except (SafetensorError, OSError): return False
+
+def load_error(ckpt: Checkpoint, what: str, error: Exception, hub_kwargs: dict | None = None) -> CorruptFileError | None:
+    "A `CorruptFileError` naming the damaged or missing file behind `error` from loading `what` of `ckpt`, else None."
+    where = ckpt.source if ckpt.revision is None else f"{ckpt.source} (revision {ckpt.revision})"
+    if isinstance(error, SafetensorError):
+        weights = (Path(ckpt.source).glob("*.safetensors") if ckpt.revision is None
+                   else [_cached_file(ckpt, "model.safetensors", hub_kwargs or {})])
+        bad = ", ".join(str(p) for p in weights if p is not None and not _opens(p)) or "a safetensors file"
+        return CorruptFileError(f"the weights of checkpoint {where} are damaged or truncated: {bad} ({error})")
+    if what != "tokenizer" or "trust_remote_code" in str(error): return None  # refusing a checkpoint's code is no damage
+    tok = _cached_file(ckpt, "tokenizer.json", hub_kwargs or {})
+    if tok is None: return None
+    if not tok.exists(): return CorruptFileError(f"{tok} is missing: cannot load the tokenizer of checkpoint {where} ({error})")
+    try: read_json(tok)
+    except CorruptFileError as e: return e
+    return None
 
 # %% ../nbs/04_models.ipynb #3e8f2ebb
 OWN_MODEL_MODULES = ("dyntrack.topk_model",)  # modules that register our model types with transformers' Auto classes
@@ -218,9 +329,15 @@ class CheckpointSuite:
         return CheckpointSuite([self.at(s) for s in steps], self.hub_kwargs)
 
     def _load(self, auto_cls, ckpt: Checkpoint, **kwargs):
+        "`auto_cls.from_pretrained` of `ckpt` after checking its files; never runs code shipped with a checkpoint."
         register_own_models()
+        verify_checkpoint(ckpt)
         if ckpt.revision is not None: kwargs["revision"] = ckpt.revision
-        return auto_cls.from_pretrained(ckpt.source, **self.hub_kwargs, **kwargs)
+        try: return auto_cls.from_pretrained(ckpt.source, **self.hub_kwargs, **kwargs, trust_remote_code=False)
+        except (SafetensorError, OSError, ValueError) as e:
+            what = "tokenizer" if auto_cls is AutoTokenizer else "model"
+            if (named := load_error(ckpt, what, e, self.hub_kwargs)) is None: raise
+            raise named from e
 
     def load_model(self, which: int | Checkpoint = -1, device=None, dtype=None, *, step: int | None = None):
         "Model of checkpoint `which` (position or `Checkpoint`) or training `step`, in eval mode (float32 unless `dtype`)."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/22a_topk_model.ipynb #tm0import
 from __future__ import annotations
-import contextlib
+import contextlib, numbers
 from functools import partial
 from typing import Literal
 
@@ -40,8 +40,14 @@ def default_k(d_model: int) -> int:
     "TopK's k for width `d_model`: the original's 64 per 1024 dimensions, at least 1."
     return max(1, round(d_model / 16))
 
-def _check_int(name: str, value, lo: int, hi: int) -> None:
+def _check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> None:
+    "`ParamError` unless `value` is an int (not a bool) in [`lo`, `hi`]."
     if not isinstance(value, int) or isinstance(value, bool): raise ParamError(f"{name}={value!r} must be an int")
+    check_range(name, value, lo, hi)
+
+def _check_number(name: str, value, lo: float | None = None, hi: float | None = None) -> None:
+    "`ParamError` unless `value` is a finite real number (not a bool) in [`lo`, `hi`]."
+    if not isinstance(value, numbers.Real) or isinstance(value, bool): raise ParamError(f"{name}={value!r} must be a number")
     check_range(name, value, lo, hi)
 
 class TopKLlamaConfig(LlamaConfig):
@@ -53,13 +59,15 @@ class TopKLlamaConfig(LlamaConfig):
                  topk_act: Literal["relu", "identity"] = "relu",  # f applied to the residual stream
                  topk_alpha: float = 0.0,  # α: 1 = dense f(x), 0 = pure TopK
                  **kwargs):
+        for name in ("hidden_size", "num_hidden_layers"):  # the bounds below; checked here, before transformers uses them
+            if name in kwargs: _check_int(name, kwargs[name], lo=1)
         self.topk_k, self.n_nontopk, self.topk_act, self.topk_alpha = topk_k, n_nontopk, topk_act, topk_alpha
         super().__init__(**kwargs)
         if self.topk_k is None: self.topk_k = default_k(self.hidden_size)
         _check_int("topk_k", self.topk_k, 1, self.hidden_size)
         _check_int("n_nontopk", self.n_nontopk, 0, self.num_hidden_layers)
         check_choice("topk_act", self.topk_act, TOPK_ACTS)
-        check_range("topk_alpha", self.topk_alpha, 0, 1)
+        _check_number("topk_alpha", self.topk_alpha, 0, 1)
 
 # %% ../nbs/22a_topk_model.ipynb #2e4bb49d
 def block_hidden(output) -> Tensor:
@@ -122,9 +130,9 @@ def layer_sparsity(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
 # %% ../nbs/22a_topk_model.ipynb #78ed66b1
 def anneal_alpha(step: int, total_steps: int, fraction: float = 0.2) -> float:
     "α at `step`: 1 at step 0, linear to 0 at `fraction × total_steps`, then 0."
-    check_range("step", step, lo=0)
-    check_range("total_steps", total_steps, lo=1)
-    check_range("fraction", fraction, 0, 1)
+    _check_int("step", step, lo=0)
+    _check_int("total_steps", total_steps, lo=1)
+    _check_number("fraction", fraction, 0, 1)
     span = fraction * total_steps
     return 0.0 if span == 0 else max(0.0, 1.0 - step / span)
 
@@ -133,13 +141,13 @@ def set_topk_alpha(model: nn.Module, alpha: float) -> None:
     config = unwrap_model(model).config
     if not isinstance(config, TopKLlamaConfig):
         raise ParamError(f"model has a {type(config).__name__}; α needs a TopK model (TopKLlamaConfig)")
-    check_range("alpha", alpha, 0, 1)
+    _check_number("alpha", alpha, 0, 1)
     config.topk_alpha = float(alpha)
 
 class TopKAnnealing(Callback):
     "Anneal α from 1 to 0 over the first `fraction` of `trainer.cfg.total_steps`; `alphas` maps step to α."
     def __init__(self, fraction: float = 0.2):
-        check_range("fraction", fraction, 0, 1)
+        _check_number("fraction", fraction, 0, 1)
         self.fraction, self.alphas = fraction, {}
 
     def set_alpha(self, trainer, step: int) -> None:
@@ -163,6 +171,7 @@ def steer(model: nn.Module, layer: int, neuron: int, delta: float):
     "While open, add `delta` to `neuron` of the residual stream after block `layer` (after TopK), at every position."
     check_layer(model, layer)
     _check_int("neuron", neuron, 0, unwrap_model(model).config.hidden_size - 1)
+    _check_number("delta", delta)
     handle = blocks(model)[layer].register_forward_hook(partial(_shift, neuron, delta))
     try: yield model
     finally: handle.remove()

@@ -1,5 +1,5 @@
 "Model presets, checkpoint schedules, atomic checkpoint saving and checkpoint suites (local and offline Hub)."
-import json
+import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -8,7 +8,8 @@ import torch
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from dyntrack.core import ParamError
+import dyntrack.models
+from dyntrack.core import Busy, CorruptFileError, ParamError, file_lock, write_json
 from conftest import fake_hub_cache
 from dyntrack.models import (CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps,
                              read_manifest, save_checkpoint)
@@ -117,7 +118,9 @@ def test_manifest_round_trip(tmp_path, config, tokenizer):
         save_checkpoint(model, tokenizer, run, step, tokens_seen=step * 100, meta={f"m{step}": step})
     manifest = read_manifest(run)
     assert manifest["format"] == "dyntrack-suite-v1"
-    assert manifest["checkpoints"] == [dict(step=s, tokens_seen=s * 100, path=f"step{s}") for s in (0, 2, 8)]
+    assert [{k: c[k] for k in ("step", "tokens_seen", "path")} for c in manifest["checkpoints"]] == [
+        dict(step=s, tokens_seen=s * 100, path=f"step{s}") for s in (0, 2, 8)]
+    assert all(sorted(c["files"]) == sorted(p.name for p in (run / c["path"]).iterdir()) for c in manifest["checkpoints"])
     assert manifest["meta"] == {"m8": 8, "m0": 0, "m2": 2}
     suite = CheckpointSuite.from_run(run)
     assert (suite.steps, suite.tokens, len(suite), [c.step for c in suite]) == ([0, 2, 8], [0, 200, 800], 3, [0, 2, 8])
@@ -138,9 +141,9 @@ def test_resave_needs_overwrite(tmp_path, config, tokenizer):
     with pytest.raises(FileExistsError, match="step5"):
         save_checkpoint(build_model(config, seed=1), tokenizer, run, 5, 50)
     save_checkpoint(build_model(config, seed=1), tokenizer, run, 5, 55, overwrite=True)
-    assert read_manifest(run)["checkpoints"] == [dict(step=5, tokens_seen=55, path="step5")]
+    assert [(c["step"], c["tokens_seen"], c["path"]) for c in read_manifest(run)["checkpoints"]] == [(5, 55, "step5")]
     assert same_weights(CheckpointSuite.from_run(run).load_model(0), build_model(config, seed=1))
-    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "step5"]
+    assert sorted(p.name for p in run.iterdir()) == [".manifest.lock", "manifest.json", "step5"]
 
 
 class BrokenTokenizer:
@@ -155,7 +158,7 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, config, tokenizer):
     before = (run / "manifest.json").read_text()
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(build_model(config, seed=1), BrokenTokenizer(), run, 1, 10)
-    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "step0"]  # no step1, no temporary
+    assert sorted(p.name for p in run.iterdir()) == [".manifest.lock", "manifest.json", "step0"]  # no step1, no temporary
     assert (run / "manifest.json").read_text() == before
 
 
@@ -203,6 +206,219 @@ def test_missing_and_corrupt(tmp_path, config, tokenizer):
         CheckpointSuite.from_run(run)
 
 
+# --- bad input: configs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("kw, words", [
+    (dict(vocab_size="64"), "vocab_size='64' must be an int"), (dict(vocab_size=64.0), "vocab_size=64.0 must be an int"),
+    (dict(max_seq_len=-1), r"max_seq_len=-1 is out of range"), (dict(num_hidden_layers="3"), "num_hidden_layers='3'"),
+    (dict(num_hidden_layers=-2), r"num_hidden_layers=-2 is out of range"), (dict(num_hidden_layers=0), "num_hidden_layers=0"),
+    (dict(intermediate_size=-5), "intermediate_size=-5"), (dict(num_attention_heads=0), "num_attention_heads=0"),
+    (dict(initializer_range=float("inf")), "initializer_range=inf is not a finite number"),
+    (dict(attention_dropout=float("nan")), "attention_dropout=nan"), (dict(tie_word_embeddings=1), "tie_word_embeddings=1"),
+    (dict(hidden_size=48, num_attention_heads=5), "hidden_size=48 must be divisible by num_attention_heads=5"),
+])
+def test_config_values_refused_with_the_field(arch, kw, words):
+    "Wrong types, sizes < 1 and non-finite floats used to pass, or fail inside transformers without a ParamError."
+    args = {**dict(vocab_size=10, max_seq_len=8), **kw}
+    with pytest.raises(ParamError, match=words):
+        model_config(arch, "tiny", **args)
+
+
+# --- faults: remote code, damaged files, foreign manifests, killed writers, locks -------------------------
+
+CUSTOM_CODE = '''
+from pathlib import Path
+Path({marker!r}).write_text("custom code ran")
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+class XConfig(PretrainedConfig): model_type = "dyntrack_test_custom"
+class XModel(PreTrainedModel): config_class = XConfig
+class XTokenizer(PreTrainedTokenizerFast): pass
+'''
+
+LOAD_CUSTOM = '''
+import sys, transformers
+from dyntrack.models import CheckpointSuite, build_model
+suite = CheckpointSuite.from_folders([sys.argv[1]])
+config = transformers.PretrainedConfig(auto_map={{"AutoModelForCausalLM": "modeling_x.XModel"}}, name_or_path=sys.argv[1])
+for name, load in [("config", lambda: suite.config), ("model", lambda: suite.load_model(0)),
+                   ("tokenizer", lambda: suite.load_tokenizer(0)), ("build", lambda: build_model(config))]:
+    try: load(); print(name, "loaded")
+    except Exception as e: print(name, "refused", type(e).__name__, "custom code" in str(e))
+'''
+
+
+@pytest.mark.parametrize("answer", ["y\n" * 20, None], ids=["y-on-stdin", "stdin-closed"])
+def test_checkpoint_code_never_runs(tmp_path, answer):
+    "A folder asking for its own code (auto_map) is refused without a prompt, even with 'y' waiting on stdin."
+    folder, marker = tmp_path / "step0", tmp_path / "MARKER"
+    folder.mkdir()
+    (folder / "modeling_x.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    auto_map = {"AutoConfig": "modeling_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (folder / "config.json").write_text(json.dumps(dict(model_type="dyntrack_test_custom", auto_map=auto_map)))
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(auto_map={"AutoTokenizer": ["modeling_x.XTokenizer", None]})))
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    stdin = dict(input=answer) if answer else dict(stdin=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", LOAD_CUSTOM.format(), str(folder)], **stdin, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not marker.exists(), out.stdout
+    assert "Do you wish to run the custom code" not in out.stdout + out.stderr
+    assert [line.split() for line in out.stdout.splitlines()] == [
+        [name, "refused", "ValueError", "True"] for name in ("config", "model", "tokenizer", "build")]
+
+
+def flip_byte(path, offset=-3):
+    "Flip one bit of the byte at `offset` (in the tensor data, so the header still parses); the size stays."
+    with open(path, "r+b") as f:
+        f.seek(offset, 2)
+        byte = f.read(1)[0]
+        f.seek(offset, 2)
+        f.write(bytes([byte ^ 1]))
+    mtime = os.stat(path).st_mtime_ns + 10**9  # a later mtime even where the clock ticks coarsely
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_damaged_run_checkpoint_is_named(tmp_path, config, tokenizer, monkeypatch):
+    run = tmp_path / "run"
+    for step in (0, 1, 2):
+        save_checkpoint(build_model(config, seed=step), tokenizer, run, step, step * 10)
+    suite = CheckpointSuite.from_run(run)
+    flip_byte(run / "step0" / "model.safetensors")
+    os.truncate(run / "step1" / "model.safetensors", 1000)
+    (run / "step2" / "tokenizer.json").unlink()
+    with pytest.raises(CorruptFileError, match=r"step0/model.safetensors does not match its SHA-256"):
+        suite.load_model(step=0)
+    with pytest.raises(CorruptFileError, match=r"step1/model.safetensors has 1000 bytes where the manifest says"):
+        suite.load_model(step=1)
+    with pytest.raises(CorruptFileError, match=r"step2/tokenizer.json is missing"):
+        suite.load_tokenizer(suite.at(2))
+
+
+def test_checksums_are_checked_once_per_file_version(tmp_path, config, tokenizer, monkeypatch):
+    run = tmp_path / "run"
+    save_checkpoint(build_model(config, seed=0), tokenizer, run, 0, 0)
+    hashed = []
+    real = dyntrack.models.file_sha256
+    monkeypatch.setattr(dyntrack.models, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    suite = CheckpointSuite.from_run(run)
+    suite.load_model(0)
+    assert sorted(hashed) == sorted(read_manifest(run)["checkpoints"][0]["files"])
+    hashed.clear()
+    suite.load_tokenizer(0), CheckpointSuite.from_run(run).load_model(0)
+    assert hashed == []  # verified files are only stat'ed again
+    flip_byte(run / "step0" / "model.safetensors")  # changed in place: a new mtime, so hashed again
+    with pytest.raises(CorruptFileError, match="model.safetensors does not match"):
+        suite.load_model(0)
+
+
+def test_old_manifest_without_checksums_still_opens(tmp_path, config, tokenizer):
+    run = tmp_path / "run"
+    model = build_model(config, seed=0)
+    save_checkpoint(model, tokenizer, run, 0, 0)
+    manifest = read_manifest(run)
+    for c in manifest["checkpoints"]: del c["files"]
+    write_json(run / "manifest.json", manifest)
+    flip_byte(run / "step0" / "model.safetensors", offset=-1000)  # not detectable without a checksum: loads
+    assert CheckpointSuite.from_run(run)[0].files is None and CheckpointSuite.from_run(run).load_model(0) is not None
+
+
+def test_damaged_plain_folder_names_the_file(tmp_path, config, tokenizer):
+    "Without a manifest there is no checksum, but a truncated weights file or a missing tokenizer.json is named."
+    step_dir = save_checkpoint(build_model(config, seed=0), tokenizer, tmp_path / "run", 0, 0)
+    os.truncate(step_dir / "model.safetensors", (step_dir / "model.safetensors").stat().st_size - 10)
+    (step_dir / "tokenizer.json").unlink()
+    suite = CheckpointSuite.from_folders([step_dir])
+    with pytest.raises(CorruptFileError, match=r"weights of checkpoint .*run/step0 are damaged.*step0/model.safetensors"):
+        suite.load_model(0)
+    with pytest.raises(CorruptFileError, match=r"step0/tokenizer.json is missing: cannot load the tokenizer of checkpoint"):
+        suite.load_tokenizer(0)
+    (step_dir / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(CorruptFileError, match=r"step0/tokenizer.json is not valid JSON"):
+        suite.load_tokenizer(0)
+
+
+@pytest.mark.parametrize("entry, words", [
+    (dict(path="../elsewhere"), r"manifest.json: entry checkpoints\[1\] is invalid: path='../elsewhere'"),
+    (dict(path="/tmp/outside"), r"manifest.json: entry checkpoints\[1\] is invalid: path='/tmp/outside'"),
+    (dict(step=0, path="step0"), r"manifest.json lists checkpoint step\(s\) \[0\] more than once"),
+    (dict(step="1"), r"checkpoints\[1\] is invalid: step='1' must be an int"),
+    (dict(step=1.5), r"step=1.5 must be an int"), (dict(tokens_seen=-10), r"tokens_seen=-10 must be an int >= 0"),
+    (dict(files={"../../etc/passwd": dict(size=1, sha256="0")}), "files must map file names"),
+])
+def test_foreign_manifest_entries_refused(tmp_path, config, tokenizer, entry, words):
+    run = tmp_path / "run"
+    save_checkpoint(build_model(config, seed=0), tokenizer, run, 0, 0)
+    manifest = read_manifest(run)
+    manifest["checkpoints"].append({**dict(step=1, tokens_seen=10, path="step1"), **entry})
+    write_json(run / "manifest.json", manifest)
+    with pytest.raises(CorruptFileError, match=words):
+        CheckpointSuite.from_run(run)
+    with pytest.raises(CorruptFileError, match=words):  # a resumed trainer's save refuses it too
+        save_checkpoint(build_model(config, seed=0), tokenizer, run, 2, 20)
+
+
+def test_garbled_manifest_names_the_file(tmp_path, config, tokenizer):
+    run = tmp_path / "run"
+    save_checkpoint(build_model(config, seed=0), tokenizer, run, 0, 0)
+    text = (run / "manifest.json").read_text()
+    (run / "manifest.json").write_text(text[: len(text) // 2])  # a half-written copy
+    with pytest.raises(CorruptFileError, match=rf"{run / 'manifest.json'} is not valid JSON"):
+        CheckpointSuite.from_run(run)
+
+
+def test_checkpoint_moved_aside_by_a_killed_writer_is_restored(tmp_path, config, tokenizer):
+    "overwrite=True renames the old folder aside before renaming the new one in; a kill in between loses neither."
+    run = tmp_path / "run"
+    model = build_model(config, seed=2)
+    save_checkpoint(build_model(config, seed=0), tokenizer, run, 0, 0)
+    save_checkpoint(model, tokenizer, run, 2, 20)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "step2").rename(run / f".step2.old-{int(dead.stdout)}-0badf00d")  # as left by the killed writer
+    suite = CheckpointSuite.from_run(run)
+    assert suite.steps == [0, 2] and same_weights(suite.load_model(step=2), model)
+    assert sorted(p.name for p in run.iterdir()) == [".manifest.lock", "manifest.json", "step0", "step2"]
+
+
+class LockProbe:
+    "A tokenizer whose saving asks another process whether the manifest lock is free."
+    def __init__(self, lock): self.lock, self.answer = lock, None
+    def save_pretrained(self, path):
+        probe = (f"from dyntrack.core import Busy, file_lock\n"
+                 f"try:\n    with file_lock({str(self.lock)!r}, wait=False): print('free')\n"
+                 f"except Busy: print('busy')")
+        self.answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def test_save_holds_the_manifest_lock(tmp_path, config):
+    run = tmp_path / "run"
+    probe = LockProbe(run / ".manifest.lock")
+    save_checkpoint(build_model(config, seed=0), probe, run, 0, 0)
+    assert probe.answer == "busy"  # another process saving into this run waits for the manifest write
+    with file_lock(run / ".manifest.lock", wait=False): pass  # released afterwards
+    assert read_manifest(run)["checkpoints"][0]["step"] == 0
+
+
+def test_topk_run_loads_in_a_fresh_interpreter(tmp_path):
+    "A TopK run saved by save_checkpoint loads, checksums checked, with only dyntrack.models imported and no remote code."
+    from dyntrack.topk_model import topk_config
+    model = build_model(topk_config("tiny", 50, 16, k=3, num_hidden_layers=3), seed=1).eval()
+    save_checkpoint(model, None, tmp_path / "run", 4, 40)
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad(): torch.save(model(ids).logits, tmp_path / "want.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from dyntrack.models import CheckpointSuite
+        assert "dyntrack.topk_model" not in sys.modules
+        model = CheckpointSuite.from_run({str(tmp_path / 'run')!r}).load_model(step=4)
+        print(type(model).__name__, model.config.topk_k)
+        with torch.no_grad(): torch.testing.assert_close(model(torch.arange(12).view(2, 6)).logits, torch.load({str(tmp_path / 'want.pt')!r}))
+        """)
+    out = subprocess.run([sys.executable, "-c", script], input="y\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["TopKLlamaForCausalLM", "3"]
+
+
 # --- Hub suites, offline -----------------------------------------------------------------------------------
 
 def test_hub_suite_offline(tmp_path, monkeypatch, config, tokenizer):
@@ -240,3 +456,14 @@ def test_load_model_on_cuda(tmp_path, config, tokenizer):
     save_checkpoint(build_model(config, seed=0), tokenizer, tmp_path / "run", 0, 0)
     model = CheckpointSuite.from_run(tmp_path / "run").load_model(0, device="cuda", dtype=torch.bfloat16)
     assert next(model.parameters()).device.type == "cuda" and model.dtype == torch.bfloat16 and not model.training
+
+
+def test_damaged_hub_cache_file_is_named(tmp_path, monkeypatch, config, tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fake_hub_cache(tmp_path / "hub", "toy-org/toy-pythia", {0: build_model(config, seed=0)}, tokenizer)
+    cached = next((tmp_path / "hub").glob("models--*/snapshots/*/model.safetensors"))
+    os.truncate(cached.resolve(), cached.stat().st_size - 10)
+    suite = CheckpointSuite.from_hub("toy-org/toy-pythia", [0], cache_dir=tmp_path / "hub", local_files_only=True)
+    with pytest.raises(CorruptFileError, match=r"toy-org/toy-pythia \(revision step0\) are damaged.*snapshots/\w+/model.safetensors"):
+        suite.load_model(0)
