@@ -240,8 +240,8 @@ def verify_checkpoint(ckpt: Checkpoint) -> None:
         key = (str(path), stat.st_size, stat.st_mtime_ns, want["sha256"])
         if key in _VERIFIED: continue
         if file_sha256(path) != want["sha256"]:
-            raise CorruptFileError(f"{path} does not match its SHA-256 in the manifest: the file is damaged; restore "
-                                   f"checkpoint step {ckpt.step} or retrain it")
+            raise CorruptFileError(f"{path} does not match its SHA-256 in the manifest: the file is damaged (or was "
+                                   f"replaced after the manifest was read); restore checkpoint step {ckpt.step} or retrain it")
         _VERIFIED.add(key)
 
 def _cached_file(ckpt: Checkpoint, name: str, hub_kwargs: dict) -> Path | None:
