@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #c6b0051e
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, random, time
+import contextlib, dataclasses, json, math, os, pickle, random, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -13,16 +13,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .core import (ParamError, atomic_path, check_choice, check_range, pick_device, progress, read_json,
-                           seed_everything, write_json)
-from .models import save_checkpoint
+from .core import (CorruptFileError, ParamError, atomic_path, check_fields, check_range, module_digest,
+                           pick_device, progress, read_json, seed_everything, settle, write_json)
+from .models import read_manifest, save_checkpoint
+from .tokens import tokenizer_hash
 
 # %% auto #0
-__all__ = ['GATED_MLP', 'TrainConfig', 'lr_at', 'param_groups', 'block_params', 'flops_per_token', 'mfu', 'Callback',
-           'init_distributed', 'lm_loss', 'validation_losses', 'append_log', 'truncate_log', 'check_run_dir',
-           'save_trainer_state', 'load_trainer_state', 'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
+__all__ = ['GATED_MLP', 'VOLATILE_CONFIG', 'TrainConfig', 'lr_at', 'param_groups', 'block_params', 'flops_per_token', 'mfu',
+           'Callback', 'init_distributed', 'lm_loss', 'validation_losses', 'append_log', 'read_log', 'truncate_log',
+           'run_identity', 'check_run_dir', 'reading', 'save_trainer_state', 'load_trainer_state', 'check_fresh_start',
+           'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
 
 # %% ../nbs/05_train.ipynb #7cf950ef
 def _positive(name: str, value) -> None:
@@ -57,19 +60,17 @@ class TrainConfig:
     log_every: int = 10                 # steps between log.jsonl records (eval steps are always logged)
 
     def __post_init__(self):
+        check_fields(self)  # types, choices and finiteness first: "256", NaN or inf never reach the ranges below
         for name in ("total_steps", "batch_size", "seq_len", "lr", "eps", "grad_accum", "log_every"):
             _positive(name, getattr(self, name))
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_range("warmup_steps", self.warmup_steps, 0, self.total_steps)
-        check_choice("schedule", self.schedule, ["cosine", "constant", "linear"])
-        check_choice("precision", self.precision, ["auto", "fp32", "bf16"])
-        for name in ("weight_decay", "grad_clip", "resume_every", "eval_tokens"):
+        for name in ("weight_decay", "grad_clip", "resume_every", "eval_tokens", "seed", "data_seed"):
             check_range(name, getattr(self, name), lo=0)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not all(0 <= b < 1 for b in self.betas):
             raise ParamError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         if self.batch_size % self.grad_accum:
             raise ParamError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
-        self.betas = tuple(float(b) for b in self.betas)
         self.checkpoint_steps = _steps_ok("checkpoint_steps", self.checkpoint_steps, self.total_steps)
         eval_steps = self.checkpoint_steps if self.eval_steps is None else self.eval_steps
         self.eval_steps = _steps_ok("eval_steps", eval_steps, self.total_steps)
@@ -161,29 +162,77 @@ def append_log(path, record: dict) -> None:
     "Append `record` as one JSON line to `path`."
     with open(path, "a") as f: f.write(json.dumps(record) + "\n")
 
+def read_log(path) -> list[dict]:
+    "The records of the log.jsonl at `path`, without a torn last line; `CorruptFileError` for a bad line elsewhere."
+    path = Path(path)
+    lines = [(n, l) for n, l in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1) if l.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try: record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1: break  # a kill in the middle of an append
+            raise CorruptFileError(f"{path} line {n} is not a JSON record ({e}); repair or delete that line") from e
+        if not isinstance(record, dict):
+            raise CorruptFileError(f"{path} line {n} is {line[:40]!r}, not a JSON record; repair or delete that line")
+        records.append(record)
+    return records
+
 def truncate_log(path, step: int) -> None:
-    "Atomically drop the records of `path` (a log.jsonl) whose step is after `step`."
+    "Atomically drop the records of `path` (a log.jsonl) whose step is after `step`, and a torn last line."
     path = Path(path)
     if not path.exists(): return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    with atomic_path(path, overwrite=True) as tmp: tmp.write_text("".join(l + "\n" for l in keep))
+    keep = [r for r in read_log(path) if r["step"] <= step]
+    with atomic_path(path, overwrite=True) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
+# %% ../nbs/05_train.ipynb #a02b9830
 _RESUME_FREE = ("compile", "log_every", "resume_every")  # TrainConfig fields that cannot change the weights
+VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash",
+                   "_attn_implementation_autoset", "use_cache")  # model-config fields that do not change the weights
 
-def check_run_dir(run_dir, cfg: TrainConfig, write: bool = True) -> None:
-    "Refuse `run_dir` if it holds a run with another config; else record `cfg` in `train_config.json` (if `write`)."
-    path = Path(run_dir) / "train_config.json"
+def run_identity(model, tokenizer, data) -> dict:
+    "What besides the `TrainConfig` decides a run's weights: digests of data, tokenizer and code; the model config."
+    if not hasattr(data, "fingerprint"):
+        raise ParamError(f"data must be a TokenShards (or have fingerprint()); got {type(data).__name__}")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG}
+    modules = ["dyntrack.train", "dyntrack.models"] + [
+        cls.__module__ for cls in (type(model), type(data)) if cls.__module__.startswith("dyntrack.")]
+    identity = dict(data=data.fingerprint(), tokenizer=None if tokenizer is None else tokenizer_hash(tokenizer),
+                    model=dict(config, model_class=type(model).__name__), code=module_digest(*dict.fromkeys(modules)))
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
+
+def _differences(saved: dict, mine: dict, prefix: str = "", skip=()) -> list[str]:
+    keys = sorted((set(saved) | set(mine)) - set(skip))
+    return [f"{prefix}{k} (saved {saved.get(k)!r}, given {mine.get(k)!r})" for k in keys if saved.get(k) != mine.get(k)]
+
+def check_run_dir(run_dir, cfg: TrainConfig, identity: dict, write: bool = True) -> None:
+    "Refuse `run_dir` if it holds a run with another config or `identity`; else record both (if `write`)."
+    run_dir = Path(run_dir)
+    cfg_path, id_path = run_dir / "train_config.json", run_dir / "run_identity.json"
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if not path.exists():
-        if write: write_json(path, mine)
+    if not cfg_path.exists():
+        if write: write_json(id_path, identity), write_json(cfg_path, mine)  # identity first: see above
         return
-    saved = read_json(path)
-    keys = sorted((set(saved) | set(mine)) - set(_RESUME_FREE))
-    diff = [f"{k} (saved {saved.get(k)!r}, given {mine.get(k)!r})" for k in keys if saved.get(k) != mine.get(k)]
-    if diff: raise ParamError(f"{run_dir} holds a run with a different config; use another run_dir or the same "
-                              f"config. Differing fields: {', '.join(diff)}")
+    if not id_path.exists():
+        raise ParamError(f"{run_dir} holds a run that did not record its data, tokenizer, model and code "
+                         f"({id_path.name} is missing: an older dyntrack wrote it), so it cannot be checked; use "
+                         f"another run_dir, or delete {run_dir} to train it again")
+    saved = read_json(id_path)
+    diff = _differences(read_json(cfg_path), mine, skip=_RESUME_FREE) + _differences(saved, identity, skip=["model"])
+    diff += _differences(saved.get("model") or {}, identity["model"], prefix="model.")
+    if diff: raise ParamError(f"{run_dir} holds a run with a different config, data, tokenizer, model or code; use "
+                              f"another run_dir or the same inputs. Differing fields: {', '.join(diff)}")
 
 # %% ../nbs/05_train.ipynb #d8a732ff
+@contextlib.contextmanager
+def reading(path, remedy: str):
+    "Re-raise what reading the file `path` in the block raises as an error naming it, ending with `remedy`."
+    try: yield
+    except FileNotFoundError as e: raise FileNotFoundError(f"{path} is missing; {remedy}") from e
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as e:
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CorruptFileError(f"{path} cannot be read ({type(e).__name__}: {why}): damaged, half written or not "
+                               f"what it should be; {remedy}") from e
+
 def save_trainer_state(state_dir, model, optimizer, counters: dict, config: TrainConfig) -> Path:
     "Replace `state_dir` atomically with weights, optimizer state, RNG states, `counters` and `config`."
     with atomic_path(state_dir, overwrite=True) as tmp:
@@ -199,16 +248,31 @@ def save_trainer_state(state_dir, model, optimizer, counters: dict, config: Trai
 def load_trainer_state(state_dir, model, optimizer) -> dict:
     "Load weights and optimizer state from `state_dir` into `model`/`optimizer`, restore RNGs; return state.json."
     state_dir = Path(state_dir)
-    load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
-    blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    remedy = f"delete the run folder {state_dir.parent} to train the run again"
+    with reading(state_dir / "model.safetensors", remedy):
+        load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
+    with reading(state_dir / "optimizer.pt", remedy):
+        blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state(blob["cuda_rng"])
-    state = read_json(state_dir / "state.json")
+    state = read_json(state_dir / "state.json")  # names the file if damaged
     v, s = state["python_rng"], state["numpy_rng"]
     random.setstate((v[0], tuple(v[1]), v[2]))
     np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
     return state
+
+# %% ../nbs/05_train.ipynb #8499d96c
+def check_fresh_start(run_dir, cfg: TrainConfig) -> None:
+    "Refuse to start `run_dir` over from step 0 if its log or checkpoints show it had saved a trainer state."
+    run_dir = Path(run_dir)
+    first_save = min(cfg.resume_every or cfg.total_steps, cfg.total_steps)
+    steps = [r["step"] for r in read_log(run_dir / "log.jsonl")] if (run_dir / "log.jsonl").exists() else []
+    if (run_dir / "manifest.json").exists(): steps += [c["step"] for c in read_manifest(run_dir)["checkpoints"]]
+    if max(steps, default=-1) > first_save:  # training went on after a state save
+        raise FileNotFoundError(f"{run_dir / 'trainer_state'} is missing, but {run_dir} holds a run that got to step "
+                                f"{max(steps)}, past its trainer-state save at step {first_save}: starting over would "
+                                f"empty its log. Restore trainer_state, or delete {run_dir} to train the run again")
 
 # %% ../nbs/05_train.ipynb #c62809f7
 def checkpoint_meta(run_dir, step: int, record: dict) -> dict:
@@ -350,11 +414,16 @@ class Trainer:
             save_trainer_state(self.state_dir, self.model, self.optimizer, counters, self.cfg)
 
     def open_run_dir(self) -> dict | None:
-        "Check (rank 0: record) the run's config; return the saved trainer state.json, if any."
-        check_run_dir(self.run_dir, self.cfg, write=not self.rank)
+        "Check (rank 0: record) the run's config and identity; return the saved trainer state.json, if any."
+        check_run_dir(self.run_dir, self.cfg, run_identity(self.model, self.tokenizer, self.data), write=not self.rank)
+        if not self.rank: settle(self.state_dir)  # a save killed between its two renames left the state aside
         self.barrier()
         path = self.state_dir / "state.json"
-        return read_json(path) if path.exists() else None
+        if path.exists(): return read_json(path)
+        if self.state_dir.exists():
+            raise FileNotFoundError(f"{path} is missing; delete the run folder {self.run_dir} to train the run again")
+        check_fresh_start(self.run_dir, self.cfg)
+        return None
 
     def progress_bar(self):
         if self.rank: return None

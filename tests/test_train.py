@@ -1,5 +1,5 @@
 "Tests of dyntrack.train: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
-import dataclasses, json, os, subprocess, sys
+import dataclasses, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dyntrack.core import ParamError
+import dyntrack.train as train_mod
+from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.models import CheckpointSuite, build_model, model_config, read_manifest
 from dyntrack.tokens import TokenShards
-from dyntrack.train import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params,
+from dyntrack.train import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params, read_log,
                             truncate_log)
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
@@ -262,9 +263,19 @@ def test_bf16_autocast_on_cpu(tmp_path):
     (dict(checkpoint_steps=[0, 13]), "checkpoint_steps entry=13"),
     (dict(eval_steps=[-1]), "eval_steps entry=-1"),
     (dict(log_every=0), "log_every=0"),
+    (dict(lr=float("inf")), "lr=inf"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(batch_size=-4), "batch_size=-4"),
+    (dict(seq_len="256"), "seq_len='256'"),
+    (dict(total_steps=12.0), "total_steps=12.0"),
+    (dict(grad_clip=float("inf")), "grad_clip=inf"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(data_seed=-1), "data_seed=-1"),
+    (dict(betas=(0.9, float("nan"))), "betas"),
+    (dict(checkpoint_steps=[0, "4"]), "checkpoint_steps"),
 ])
 def test_bad_config_raises(kw, words):
-    with pytest.raises(ParamError, match=words):
+    with pytest.raises(ParamError, match=f"^{words}"):
         make_config(**kw)
 
 
@@ -289,3 +300,108 @@ def test_truncate_log(tmp_path):
     truncate_log(path, 2)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [0, 1, 2]
     truncate_log(tmp_path / "missing.jsonl", 0)  # no log yet: nothing to do
+
+
+# --- the run folder under bad input and faults --------------------------------------------------------------------
+
+DEAD_PID = 2**22 + 4321  # above the largest pid Linux hands out: no process has it
+
+
+def files_of(folder) -> dict:
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_reused_run_dir_with_other_data_model_or_code_is_refused(tmp_path, monkeypatch):
+    cfg, data = make_config(total_steps=2, checkpoint_steps=[2]), make_data()
+    Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    before = files_of(tmp_path)
+    other_data = TokenShards.from_arrays(train={"up": counting(1, 20_000, 7), "down": counting(-1, 20_000, 1)},
+                                         val={"up": counting(1, 2_000, 2), "down": counting(-1, 2_000, 3)}, vocab_size=64)
+    wide = build_model(model_config("gpt_neox", "tiny", vocab_size=64, max_seq_len=128))
+    for model, shards, words in [(make_model(), other_data, r"Differing fields: data \(saved"),
+                                 (make_model(), data.subset(["up"]), r"Differing fields: data \(saved"),
+                                 (wide, data, r"model\.max_position_embeddings \(saved 64, given 128\)")]:
+        with pytest.raises(ParamError, match=r"use another run_dir.*" + words):
+            Trainer(model, None, shards, cfg, tmp_path).fit()
+    monkeypatch.setattr(train_mod, "module_digest", lambda *names, n=16: "edited-code")
+    with pytest.raises(ParamError, match=r"Differing fields: code \(saved '[0-9a-f]{16}', given 'edited-code'\)"):
+        Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    assert files_of(tmp_path) == before  # refused before anything was written
+    monkeypatch.undo()
+    assert Trainer(make_model(seed=9), None, make_data(), cfg, tmp_path).fit().steps == 2  # same inputs: reopened
+
+
+def test_run_dir_without_identity_is_refused(tmp_path):
+    cfg, data = make_config(total_steps=2, checkpoint_steps=[2]), make_data()
+    Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    (tmp_path / "run_identity.json").unlink()  # what a run folder of an older dyntrack holds
+    with pytest.raises(ParamError, match=r"run_identity\.json is missing.*cannot be checked.*another run_dir"):
+        Trainer(make_model(), None, data, cfg, tmp_path).fit()
+
+
+def test_kill_between_the_renames_of_a_state_save_resumes_from_it(tmp_path):
+    cfg, data = make_config(), make_data()
+    full = make_model(dropout=0.1)
+    Trainer(full, None, data, cfg, tmp_path / "full").fit()
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        Trainer(make_model(dropout=0.1), None, data, cfg, cut, callbacks=[Kill(8)]).fit()
+    log_before = log_records(cut)
+    # the next save was killed after moving the step-5 state aside, before renaming its own copy into place
+    (cut / "trainer_state").rename(cut / f".trainer_state.old-{DEAD_PID}-abcd1234")
+    (cut / f".trainer_state.tmp-{DEAD_PID}-0123abcd").mkdir()  # that writer's half-written copy
+    (cut / f".trainer_state.tmp-{DEAD_PID}-0123abcd" / "model.safetensors").write_bytes(b"half")
+    history = History()
+    resumed = make_model(dropout=0.1, seed=123)
+    Trainer(resumed, None, data, cfg, cut, callbacks=[history]).fit()
+    assert [r["step"] for r in history.records] == list(range(6, 13))  # continued after step 5, not from 0
+    for k, v in weights(full).items(): assert torch.equal(v, resumed.state_dict()[k]), k
+    assert log_records(cut)[:6] == log_before[:6]  # the records up to the saved step were kept, not rewritten
+    losses = lambda run: [(r["step"], r["loss"]) for r in log_records(run)]
+    assert losses(cut) == losses(tmp_path / "full")
+    assert [p.name for p in cut.iterdir() if p.name.startswith(".trainer_state.")] == []  # dead writers' leftovers gone
+
+
+def test_lost_trainer_state_is_refused_not_restarted(tmp_path):
+    cfg, data = make_config(), make_data()
+    with pytest.raises(Killed):
+        Trainer(make_model(), None, data, cfg, tmp_path, callbacks=[Kill(8)]).fit()
+    shutil.rmtree(tmp_path / "trainer_state")  # saved at step 5, then lost
+    before = files_of(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"trainer_state is missing.*got to step 8.*save at step 5.*delete"):
+        Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    assert files_of(tmp_path) == before  # the log was not emptied
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "state.json"])
+def test_damaged_trainer_state_names_the_file(tmp_path, name):
+    cfg, data = make_config(total_steps=4, checkpoint_steps=[4], resume_every=2), make_data()
+    with pytest.raises(Killed):
+        Trainer(make_model(), None, data, cfg, tmp_path, callbacks=[Kill(3)]).fit()
+    path = tmp_path / "trainer_state" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short, as by a full disk
+    with pytest.raises(CorruptFileError, match="^" + str(path).replace(".", r"\.") + r" .*delete"):
+        Trainer(make_model(), None, data, cfg, tmp_path).fit()
+
+
+def test_torn_last_log_line_does_not_stop_a_finished_run(tmp_path):
+    cfg, data = make_config(total_steps=4, checkpoint_steps=[4]), make_data()
+    first = Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    records = log_records(tmp_path)
+    with open(tmp_path / "log.jsonl", "a") as f: f.write('{"step": 5, "tokens_se')  # killed mid-append
+    again = Trainer(make_model(), None, data, cfg, tmp_path).fit()
+    assert again.steps == first.steps == 4 and log_records(tmp_path) == records
+
+
+def test_read_log_drops_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
+    assert read_log(path) == [dict(step=0), dict(step=1)]
+    path.write_text('{"step": 0}\n\n{"step": 1, "lo\n{"step": 2}\n')  # a damaged line, and records after it
+    with pytest.raises(CorruptFileError, match=r"log\.jsonl line 3 is not a JSON record"):
+        read_log(path)
+    with pytest.raises(CorruptFileError, match="line 3"):
+        truncate_log(path, 5)
+    path.write_bytes(b'{"step": 0}\n\xff\xfe\x00\n{"step": 2}\n')
+    with pytest.raises(CorruptFileError, match="line 2"):
+        read_log(path)
