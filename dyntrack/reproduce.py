@@ -4,7 +4,8 @@
 
 # %% ../nbs/07_reproduce.ipynb #82f489cb
 from __future__ import annotations
-import argparse, ast, hashlib, html, json, logging, platform, shutil, subprocess, sys, time
+import argparse, ast, contextlib, html, importlib, io, json, logging, math, os, platform, re, shutil, subprocess, sys, time
+import tokenize, typing
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -12,33 +13,48 @@ from typing import NamedTuple
 import nbformat
 import yaml
 
-from .core import ParamError, atomic_path, check_choice, device_name, read_json, software_versions, write_json
+from .core import (
+    PROFILES, Busy, CorruptFileError, ParamError, atomic_path, check_choice, device_name, digest, file_lock, file_sha256,
+    module_digest, read_json, resolve_params, settle, software_versions, write_json)
 
 _log = logging.getLogger(__name__)
 
+
 # %% auto #0
-__all__ = ['RESERVED', 'OFFLINE_PACKAGES', 'MANYLINUX_X86_64', 'INSTALL_SH', 'ExperimentNotebook', 'parameter_defaults',
-           'find_experiments', 'parse_value', 'plan_overrides', 'NotebookFailed', 'normalise_notebook', 'source_digest',
-           'is_complete', 'run_notebook', 'flatten_metrics', 'format_value', 'environment', 'collect_report',
-           'report_markdown', 'report_html', 'write_report', 'NotebookRun', 'ReproduceResult', 'resolve_profile',
-           'default_nbs_dir', 'kernel_python', 'select', 'reproduce', 'main', 'pip_download_command', 'wheelhouse',
-           'wheelhouse_main']
+__all__ = ['RESERVED', 'QUIET_ENV', 'KERNEL_ARGS', 'OFFLINE_PACKAGES', 'MANYLINUX_X86_64', 'INSTALL_SH', 'ExperimentNotebook',
+           'parameter_defaults', 'parameter_comments', 'find_experiments', 'parse_value', 'plan_overrides',
+           'parameter_class', 'describe_parameters', 'check_parameters', 'NotebookFailed', 'drop_redraws',
+           'normalise_notebook', 'data_dir', 'source_digest', 'is_complete', 'check_ours', 'environ', 'failure_record',
+           'remove_failure', 'run_notebook', 'flatten_metrics', 'format_value', 'environment', 'collect_report',
+           'report_markdown', 'report_html', 'write_report', 'check_out', 'NotebookRun', 'ReproduceResult',
+           'resolve_profile', 'default_nbs_dir', 'check_package', 'kernel_python', 'select', 'reproduce', 'main',
+           'pip_download_command', 'wheelhouse', 'wheelhouse_main']
 
 # %% ../nbs/07_reproduce.ipynb #4e367c40
 class ExperimentNotebook(NamedTuple):
-    path: Path              # the source notebook
-    stem: str               # file name without `.ipynb`; also the name of its output folder
-    params: dict[str, str]  # parameter name -> source text of its default, in cell order
+    path: Path                # the source notebook
+    stem: str                 # file name without `.ipynb`; also the name of its output folder
+    params: dict[str, str]    # parameter name -> source text of its default, in cell order
+    comments: dict[str, str]  # parameter name -> the trailing comment of its line (its description)
+
+def _assignments(tree: ast.Module) -> list[tuple[str, ast.stmt]]:
+    "The top-level `name = value` and `name: type = value` statements of a parsed cell, as (name, statement)."
+    out = []
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else [])
+        out += [(t.id, node) for t in targets if isinstance(t, ast.Name)]
+    return out
 
 def parameter_defaults(source: str) -> dict[str, str]:
     "Names assigned at top level in a parameters cell's `source`, mapped to the source text of their values."
-    tree = ast.parse(source)
-    out = {}
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name) and node.value is not None: out[t.id] = ast.get_source_segment(source, node.value)
-    return out
+    return {name: ast.get_source_segment(source, node.value) for name, node in _assignments(ast.parse(source))}
+
+def parameter_comments(source: str) -> dict[str, str]:
+    "Names assigned at top level in `source`, mapped to the comment that ends the line their assignment ends on."
+    on_line = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(source).readline)
+               if t.type == tokenize.COMMENT}
+    return {name: on_line.get(node.end_lineno, "") for name, node in _assignments(ast.parse(source))}
 
 def find_experiments(nbs_dir) -> list[ExperimentNotebook]:
     "Experiment notebooks (those with a `parameters`-tagged cell) in `nbs_dir`, in file-name order."
@@ -48,22 +64,38 @@ def find_experiments(nbs_dir) -> list[ExperimentNotebook]:
         nb = nbformat.read(path, as_version=4)
         cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         if not cells: continue
-        try: params = parameter_defaults(cells[0].source)
-        except SyntaxError as e: raise ParamError(f"{path.name}: cannot parse its parameters cell: {e}") from e
-        found.append(ExperimentNotebook(path, path.stem, params))
+        try: params, comments = parameter_defaults(cells[0].source), parameter_comments(cells[0].source)
+        except (SyntaxError, tokenize.TokenError) as e: raise ParamError(f"{path.name}: cannot parse its parameters cell: {e}") from e
+        found.append(ExperimentNotebook(path, path.stem, params, comments))
     return found
+
 
 # %% ../nbs/07_reproduce.ipynb #fff2fd25
 RESERVED = ("profile", "out_dir")  # parameters reproduce sets for every notebook
 
-def parse_value(text: str):
-    "Parse a `-p` value: papermill's rules, plus YAML/JSON for lists and dicts."
-    if text in ("True", "False", "None"): return {"True": True, "False": False, "None": None}[text]
+def _number(text: str):
     for conv in (int, float):
         try: return conv(text)
         except ValueError: pass
-    if text.startswith(("[", "{")): return yaml.safe_load(text)
-    return text
+    return None
+
+def _finite(value) -> bool:
+    "No NaN or infinity anywhere in `value` (a number, or lists and dicts of them)."
+    if isinstance(value, float): return math.isfinite(value)
+    if isinstance(value, (list, tuple)): return all(map(_finite, value))
+    if isinstance(value, dict): return all(map(_finite, value.values()))
+    return True
+
+def parse_value(text: str, name: str = "value"):
+    "Parse `-p name text`: papermill's rules, plus YAML/JSON for lists and dicts; `ParamError` naming `name` if bad."
+    if text in ("True", "False", "None"): return {"True": True, "False": False, "None": None}[text]
+    value = _number(text)
+    if value is None and not text.startswith(("[", "{")): return text
+    if value is None:
+        try: value = yaml.safe_load(text)
+        except yaml.YAMLError as e: raise ParamError(f"-p {name} {text!r} is not valid YAML: {e}") from None
+    if not _finite(value): raise ParamError(f"-p {name} {text!r}: {name} takes finite numbers only (no inf or nan)")
+    return value
 
 def plan_overrides(experiments, overrides: dict) -> dict[str, dict]:
     "Split `overrides` per notebook stem; `ParamError` for a reserved name or one no notebook defines."
@@ -72,6 +104,55 @@ def plan_overrides(experiments, overrides: dict) -> dict[str, dict]:
         if name in RESERVED: raise ParamError(f"{name} is set by reproduce itself (--profile / --out), not with -p")
         if name not in known: raise ParamError(f"unknown parameter {name!r}: no selected notebook defines it; known: {known}")
     return {e.stem: {k: v for k, v in overrides.items() if k in e.params} for e in experiments}
+
+
+# %% ../nbs/07_reproduce.ipynb #4254db36
+def _called_name(call: ast.Call) -> str | None:
+    return getattr(call.func, "id", None) or getattr(call.func, "attr", None)
+
+def parameter_class(nb_path):
+    "The dataclass of the notebook's `notebook_params(CLASS, ...)` call, imported as its `from M import CLASS`; else None."
+    imports, name = {}, None
+    for cell in nbformat.read(nb_path, as_version=4).cells:
+        if cell.cell_type != "code": continue
+        try: tree = ast.parse(cell.source)
+        except SyntaxError: continue  # IPython magics: not a cell that imports or builds the parameters
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+            elif isinstance(node, ast.Call) and _called_name(node) == "notebook_params" and node.args \
+                    and isinstance(node.args[0], ast.Name): name = node.args[0].id
+    if name not in imports: return None
+    module, attr = imports[name]
+    return getattr(importlib.import_module(module), attr)
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+def describe_parameters(exp: ExperimentNotebook) -> str:
+    "What `--list` prints for `exp`: per parameter its type, its value in each profile and its comment."
+    cls = parameter_class(exp.path)
+    resolved = {profile: resolve_params(cls, profile) for profile in PROFILES} if cls else {}
+    hints = typing.get_type_hints(cls) if cls else {}
+    lines = [f"{exp.stem}  ({cls.__name__} from {cls.__module__}; values: {' | '.join(resolved)})" if cls else exp.stem]
+    for name, default in exp.params.items():
+        note = f"  # {exp.comments[name]}" if exp.comments.get(name) else ""
+        if name not in hints: lines.append(f"    {name} = {default}{note}"); continue
+        values = [repr(getattr(p, name)) for p in resolved.values()]
+        shown = values[0] if len(set(values)) == 1 else " | ".join(values)
+        lines.append(f"    {name}: {_type_name(hints[name])} = {shown}{note}")
+    return "\n".join(lines) + "\n"
+
+def check_parameters(experiments, plan: dict, profile: str) -> None:
+    "Build each notebook's parameter dataclass from `profile` and its overrides, so a bad value stops before any run."
+    for exp in experiments:
+        try: cls = parameter_class(exp.path)
+        except ImportError as e:  # the kernel may still import it; the notebook then checks its parameters itself
+            _log.warning("%s: cannot check its parameters before running it (%s)", exp.stem, e); continue
+        if cls is None: continue
+        try: resolve_params(cls, profile, plan[exp.stem])
+        except ValueError as e: raise ParamError(f"{exp.stem}: {e}") from e
+
 
 # %% ../nbs/07_reproduce.ipynb #496b0170
 class NotebookFailed(RuntimeError):
@@ -94,66 +175,145 @@ def _strip_run_metadata(nb, allowed_cell_metadata_keys=("tags",)):
         for o in cell.get("outputs", []):
             if "execution_count" in o: o.execution_count = None
 
+
+# %% ../nbs/07_reproduce.ipynb #431aa113
+# A carriage return, or an escape that moves the cursor or erases (tqdm's nested bars); colour escapes (...m) stay.
+_REDRAW = re.compile(r"\r|\x1b\[[0-9;?]*[A-HJKSTfhl]")
+
+def _without_redraws(text: str, after_redraw: bool) -> tuple[str, bool]:
+    "`text` without redraw lines and the newline that closes a bar; whether it ends in a redraw."
+    parts = text.split("\n")  # not splitlines: a lone "\r" must not end a line
+    kept = []
+    for line in [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else []):
+        if _REDRAW.search(line): after_redraw = True
+        elif after_redraw and line == "\n": after_redraw = False
+        else: kept.append(line); after_redraw = False
+    return "".join(kept), after_redraw
+
+def drop_redraws(nb) -> None:
+    "Remove progress-bar redraws from the stderr stream outputs of `nb`'s code cells; outputs left empty go."
+    for cell in nb.cells:
+        if cell.cell_type != "code": continue
+        outputs, after_redraw = [], False
+        for o in cell.outputs:
+            if o.output_type == "stream" and o.name == "stderr":
+                o.text, after_redraw = _without_redraws(o.text, after_redraw)
+                if not o.text: continue
+            outputs.append(o)
+        cell.outputs = outputs
+
 def normalise_notebook(path) -> None:
-    "Clean an executed notebook in place, as `nbdev_clean` with `allowed_cell_metadata_keys = tags` does."
+    "Clean an executed notebook in place, as `nbdev_clean` with `allowed_cell_metadata_keys = tags` does, minus redraws."
     try: from nbdev.clean import clean_nb
     except ImportError: clean_nb = _strip_run_metadata
     nb = nbformat.read(path, as_version=4)
     clean_nb(nb, allowed_cell_metadata_keys=["tags"])
+    drop_redraws(nb)
     with atomic_path(path, overwrite=True) as tmp: nbformat.write(nb, tmp)
+
 
 # %% ../nbs/07_reproduce.ipynb #514a8186
 def _jsonish(obj):
     return json.loads(json.dumps(obj))
 
+def data_dir(nb_path) -> Path:
+    "The corpus data the kernel reads: `$DYNTRACK_DATA` (as `dyntrack.grammar` does), else `data/` beside `nbs/`."
+    return Path(os.environ.get("DYNTRACK_DATA") or Path(nb_path).resolve().parent.parent / "data")
+
 def source_digest(nb_path) -> str:
-    "SHA-256 (16 hex digits) of the notebook's cells and of every module of the installed `dyntrack` package."
-    h = hashlib.sha256()
-    for cell in nbformat.read(nb_path, as_version=4).cells: h.update(f"{cell.cell_type}\0{cell.source}\0".encode())
-    package = Path(sys.modules["dyntrack"].__file__).parent
-    for module in sorted(package.glob("*.py")): h.update(f"{module.name}\0".encode() + module.read_bytes())
-    return h.hexdigest()[:16]
+    "Digest (16 hex digits) of the notebook's cells, every module of the `dyntrack` package and every file of `data_dir`."
+    cells = [(c.cell_type, c.source) for c in nbformat.read(nb_path, as_version=4).cells]
+    data = data_dir(nb_path)
+    files = sorted(p for p in data.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if data.is_dir() else []
+    return digest([cells, module_digest("dyntrack"), {str(p.relative_to(data)): file_sha256(p) for p in files}])
 
 def is_complete(out_dir, profile: str, overrides: dict, digest: str) -> bool:
     "Did a previous run in `out_dir` finish with this `profile`, these `overrides` and this `source_digest`?"
-    out_dir = Path(out_dir)
+    out_dir = settle(out_dir)  # a run killed while replacing the folder left it moved aside
     if not (out_dir / "run.json").exists() or not (out_dir / "metrics.json").exists(): return False
     run = read_json(out_dir / "run.json")
     return (run.get("status") == "complete" and run.get("profile") == profile and run.get("overrides") == _jsonish(overrides)
             and run.get("source_digest") == digest and read_json(out_dir / "metrics.json").get("profile") == profile)
 
-def _fresh_dir(out_dir: Path) -> None:
-    "Empty `out_dir` for a (re)run, refusing to delete a folder reproduce did not create."
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / "run.json").exists():
-            raise FileExistsError(f"{out_dir} holds files reproduce did not write; move them or choose another --out")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_ours(out_dir) -> None:
+    "Refuse to replace `out_dir` if it holds something without a run.json: reproduce did not write it."
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / "run.json").exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} holds files reproduce did not write; move them or choose another --out")
+
 
 # %% ../nbs/07_reproduce.ipynb #63d54591
-def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict, kernel: str = "python3") -> float:
-    "Execute `exp` with papermill into `out_dir`; return its wall time in seconds or raise `NotebookFailed`."
+QUIET_ENV = dict(DYNTRACK_PROGRESS="0", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                 HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # the kernel inherits them: no progress bars in the record
+# The kernel's own log holds only its transport warning and the interrupt jupyter_client sends before every
+# shutdown; a cell's errors reach us through papermill, a kernel that dies through nbclient.
+KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+
+@contextlib.contextmanager
+def environ(**values: str):
+    "Set environment variables while the block runs (a kernel started inside inherits them), then restore them."
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def _execute(exp: ExperimentNotebook, stage: Path, profile: str, overrides: dict, kernel: str) -> tuple[float, str | None]:
+    "Run `exp` with papermill, writing into `stage`; return its wall time and what went wrong (None: it completed)."
     import papermill as pm
-    out_dir = Path(out_dir).resolve()
-    _fresh_dir(out_dir)
-    executed = out_dir / f"{exp.stem}.ipynb"
-    run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel, status="running",
-               source_digest=source_digest(exp.path),
-               environment=environment())  # the kernel runs on this machine, with this interpreter
-    write_json(out_dir / "run.json", run)
-    t0 = time.perf_counter()
+    executed, t0 = stage / f"{exp.stem}.ipynb", time.perf_counter()
     try:
-        pm.execute_notebook(exp.path, executed, parameters=dict(profile=profile, out_dir=str(out_dir), **overrides),
-                            kernel_name=kernel, cwd=str(exp.path.parent), progress_bar=False, log_output=False)
-        detail = None if (out_dir / "metrics.json").exists() else "it finished without writing metrics.json"
+        with environ(**QUIET_ENV):
+            pm.execute_notebook(exp.path, executed, parameters=dict(profile=profile, out_dir=str(stage), **overrides),
+                                kernel_name=kernel, cwd=str(exp.path.parent), progress_bar=False, log_output=False,
+                                extra_arguments=KERNEL_ARGS)
+        detail = None if (stage / "metrics.json").exists() else "it finished without writing metrics.json"
     except pm.PapermillExecutionError as e: detail = _failure_detail(e)
     except Exception as e: detail = f"{type(e).__name__}: {e}"  # e.g. the kernel died (out of memory)
     finally:
         wall_s = time.perf_counter() - t0
         if executed.exists(): normalise_notebook(executed)
-    write_json(out_dir / "run.json", {**run, "status": "failed" if detail else "complete", "wall_s": round(wall_s, 2)})
-    if detail: raise NotebookFailed(exp.stem, executed, detail)
+    return wall_s, detail
+
+
+# %% ../nbs/07_reproduce.ipynb #455ad3f6
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+def failure_record(out_dir) -> Path:
+    "Where a failed run of the notebook whose outputs go to `out_dir` leaves what it wrote: `out_dir` + `.failed`."
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".failed")
+
+def _keep_failure(stage: Path, out_dir: Path, stem: str, run: dict) -> Path:
+    "Make the failed run's `stage` (partial notebook, whatever it wrote, its run.json) the failure record."
+    write_json(stage / "run.json", run)
+    with atomic_path(failure_record(out_dir), overwrite=True) as tmp: stage.rename(tmp)
+    return failure_record(out_dir) / f"{stem}.ipynb"
+
+def remove_failure(out_dir) -> None:
+    "Delete the failure record beside `out_dir`: what was asked for is complete now."
+    record = settle(failure_record(out_dir))
+    if record.exists(): shutil.rmtree(record)
+
+def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict, kernel: str = "python3") -> float:
+    "Execute `exp` in a staging folder that replaces `out_dir` only if it completes; return its wall time in seconds."
+    out_dir = Path(out_dir).resolve()
+    check_ours(out_dir)
+    run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel,
+               source_digest=source_digest(exp.path),
+               environment=environment())  # the kernel runs on this machine, with this interpreter
+    with atomic_path(out_dir, overwrite=True) as stage:
+        stage.mkdir()
+        wall_s, detail = _execute(exp, stage, profile, overrides, kernel)
+        run.update(status="failed" if detail else "complete", wall_s=round(wall_s, 2), finished=_now())
+        if detail: raise NotebookFailed(exp.stem, _keep_failure(stage, out_dir, exp.stem, {**run, "error": detail}), detail)
+        write_json(stage / "run.json", run)
+    remove_failure(out_dir)
     return wall_s
+
 
 # %% ../nbs/07_reproduce.ipynb #a250006c
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
@@ -183,44 +343,110 @@ def environment() -> dict:
         except metadata.PackageNotFoundError: pass
     return {**env, "platform": platform.platform(), "device": device_name("auto")}
 
-def collect_report(out) -> dict:
-    "Aggregate every `out/<stem>/metrics.json` with its figures and run record (with the environment it ran in)."
-    out, notebooks = Path(out), []
-    for mpath in sorted(out.glob("*/metrics.json")):
-        folder = mpath.parent
-        run = read_json(folder / "run.json") if (folder / "run.json").exists() else {}
-        figures = [p.name for p in sorted(folder.glob("*.png"))]
-        pdfs = [p.name for p in sorted(folder.glob("*.pdf"))]
-        executed = f"{folder.name}/{folder.name}.ipynb" if (folder / f"{folder.name}.ipynb").exists() else None
-        notebooks.append(dict(stem=folder.name, **read_json(mpath), status=run.get("status", "unknown"),
-                              overrides=run.get("overrides", {}), environment=run.get("environment", {}),
-                              figures=figures, pdfs=pdfs, executed=executed))
-    profiles = sorted({n["profile"] for n in notebooks})
-    return dict(profiles=profiles, total_wall_s=round(sum(n["wall_s"] for n in notebooks), 2),
-                environment=environment(), notebooks=notebooks)
+_SCRATCH = re.compile(r"^\.(.+)\.(?:tmp|old)-\d+-[0-9a-f]+$")  # what core.atomic_path leaves when its writer dies
+
+def _stems(out: Path) -> list[str]:
+    "Notebooks with complete outputs or a failure record in `out`, after settling interrupted folder replacements."
+    for name in {m.group(1) for p in out.iterdir() if (m := _SCRATCH.match(p.name))}: settle(out / name)
+    stems = {p.name.removesuffix(".failed") for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return sorted(s for s in stems if (out / s / "metrics.json").exists() or (failure_record(out / s) / "run.json").exists())
+
+def _failure(out: Path, stem: str) -> dict | None:
+    "The failure record of `stem` in `out`, if any: when, how long, why, with what, and its partial notebook."
+    record = failure_record(out / stem)
+    if not (record / "run.json").exists(): return None
+    run = read_json(record / "run.json")
+    executed = f"{record.name}/{stem}.ipynb" if (record / f"{stem}.ipynb").exists() else None
+    return dict(finished=run.get("finished"), wall_s=run.get("wall_s"), error=run.get("error", "unknown"),
+                profile=run.get("profile"), overrides=run.get("overrides", {}), executed=executed)
+
+def _notebook_record(out: Path, stem: str) -> dict:
+    "The report's entry for `stem`: its complete outputs (metrics, figures, run record) and its failure record."
+    folder, failure = out / stem, _failure(out, stem)
+    rec = dict(stem=stem, has_outputs=(folder / "metrics.json").exists(), failure=failure, notebook=f"{stem}.ipynb",
+               profile=None, device=None, wall_s=None, finished=None, metrics={}, overrides={}, environment={},
+               figures=[], pdfs=[], executed=None, status="failed" if failure else "no outputs")
+    if not rec["has_outputs"]: return rec
+    run = read_json(folder / "run.json") if (folder / "run.json").exists() else {}
+    m = read_json(folder / "metrics.json")
+    rec.update(notebook=m.get("notebook", stem), profile=m.get("profile"), device=m.get("device"),
+               metrics=m.get("metrics", {}), wall_s=run.get("wall_s"), finished=run.get("finished"),
+               overrides=run.get("overrides", {}), environment=run.get("environment", {}),
+               figures=[p.name for p in sorted(folder.glob("*.png"))], pdfs=[p.name for p in sorted(folder.glob("*.pdf"))],
+               executed=f"{stem}/{stem}.ipynb" if (folder / f"{stem}.ipynb").exists() else None)
+    if not failure: rec["status"] = run.get("status", "unknown")
+    return rec
+
+def collect_report(out, run: dict | None = None) -> dict:
+    "Aggregate every notebook's outputs and failure record in `out`, with `run`'s progress (None: no run going on)."
+    notebooks = [_notebook_record(Path(out), stem) for stem in _stems(Path(out))]
+    walls = [n["wall_s"] for n in notebooks if n["wall_s"] is not None]  # run.json's: the whole notebook
+    return dict(generator="dyntrack-reproduce", run=run, profiles=sorted({n["profile"] for n in notebooks if n["profile"]}),
+                total_wall_s=round(sum(walls), 2), environment=environment(), notebooks=notebooks)
+
 
 # %% ../nbs/07_reproduce.ipynb #f71fa432
+def _banner(run: dict | None) -> str | None:
+    "The warning above a report whose run is not complete: still going or killed, interrupted, or stopped by a failure."
+    if not run or run["state"] == "complete": return None
+    pending = ", ".join(run["pending"]) or "none"
+    if run["state"] == "in progress":
+        return (f"INCOMPLETE: the run started {run['started']} (pid {run['pid']}) is still going, or was killed; "
+                f"pending: {pending}. Their sections show earlier complete outputs, where there are any.")
+    if run["state"] == "interrupted":
+        return f"INCOMPLETE: the run started {run['started']} was interrupted ({run['reason']}); not run: {pending}."
+    return f"The run started {run['started']} stopped when {run['failed']} failed; not run: {pending}." if run["pending"] else None
+
+def _failure_text(n: dict) -> tuple[str, str]:
+    "What a notebook's section says of its failure record: the headline (when, with what, what is shown) and the error."
+    f = n["failure"]
+    wall = f" after {f['wall_s']:.1f} s" if f["wall_s"] is not None else ""
+    given = ", ".join(f"{k}={v!r}" for k, v in f["overrides"].items()) or "none"
+    shown = (f"the outputs below are from an earlier complete run (finished {n['finished'] or 'before'})"
+             if n["has_outputs"] else "there is no earlier complete run of it in this folder")
+    return f"FAILED at {f['finished']}{wall} (profile {f['profile']}, overrides {given}); {shown}", f["error"]
+
 def _sections(report: dict):
     "Yield (notebook record, facts as (name, text) pairs, metric rows as (name, text) pairs) per notebook."
     for n in report["notebooks"]:
-        facts = [("notebook", n["notebook"]), ("profile", n["profile"]), ("device", n["device"]),
-                 ("wall time", f"{n['wall_s']:.1f} s")]
-        if n["status"] != "complete": facts.append(("status", f"{n['status']} (these outputs may be partial)"))
+        facts = []
+        if n["has_outputs"]:
+            wall = "unknown" if n["wall_s"] is None else f"{n['wall_s']:.1f} s"
+            facts = [("notebook", n["notebook"]), ("profile", n["profile"]), ("device", n["device"]),
+                     ("wall time (whole notebook)", wall)] + ([("finished", n["finished"])] if n["finished"] else [])
+        if n["status"] not in ("complete", "failed", "no outputs"):
+            facts.append(("status", f"{n['status']} (these outputs may be partial)"))
         if n["overrides"]: facts.append(("overrides", ", ".join(f"{k}={v!r}" for k, v in n["overrides"].items())))
         if n["environment"]: facts.append(("ran with", "; ".join(f"{k} {v}" for k, v in n["environment"].items())))
-        if n["executed"]: facts.append(("executed notebook", n["executed"]))
         rows = [(k, format_value(v)) for k, v in flatten_metrics(n["metrics"]).items()]
         yield n, facts, rows
 
+def _summary(report: dict) -> list[tuple[str, bool]]:
+    "The lines under the title, each with whether it is a warning: the banner, the failed notebooks, totals, versions."
+    failed = [n["stem"] for n in report["notebooks"] if n["failure"]]
+    lines = [(_banner(report.get("run")), True),
+             (f"FAILED: {', '.join(failed)} (each section says when, why, and where its partial notebook is)" if failed else None, True),
+             (f"Profiles: {', '.join(report['profiles']) or '-'}; total notebook time {report['total_wall_s']:.1f} s "
+              "(whole notebooks, as run.json records them).", False),
+             ("Report written with: " + "; ".join(f"{k} {v}" for k, v in report["environment"].items()), False)]
+    return [(text, warn) for text, warn in lines if text]
+
+
+# %% ../nbs/07_reproduce.ipynb #1a0090cd
 def report_markdown(report: dict) -> str:
     "The report as a Markdown page with a metrics table and every figure per notebook."
-    env = report["environment"]
-    lines = ["# dyntrack run report", "", f"Profiles: {', '.join(report['profiles']) or '-'}; "
-             f"total notebook time {report['total_wall_s']:.1f} s.", "",
-             "Report written with: " + "; ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines = ["# dyntrack run report", ""]
+    for text, warn in _summary(report): lines += [f"**{text}**" if warn else text, ""]
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
-        lines += [f"## {stem}", ""] + [f"- {k}: {v}" for k, v in facts] + [""]
+        lines += [f"## {stem}" + (" (FAILED)" if n["failure"] else ""), ""]
+        if n["failure"]:
+            headline, error = _failure_text(n)
+            link = f"[{n['failure']['executed']}]({n['failure']['executed']})" if n["failure"]["executed"] else "none"
+            lines += [f"**{headline}**; partial executed notebook: {link}", "", "```", error, "```", ""]
+        lines += [f"- {k}: {v}" for k, v in facts]
+        if n["executed"]: lines.append(f"- executed notebook: [{n['executed']}]({n['executed']})")
+        lines.append("")
         if rows: lines += ["| metric | value |", "|---|---|"] + [f"| `{k}` | {v.replace('|', chr(92) + '|')} |" for k, v in rows] + [""]
         lines += [f"![{f[:-4]}]({stem}/{f})" + "\n" for f in figs]
         if pdfs: lines += ["PDF: " + ", ".join(f"[{p}]({stem}/{p})" for p in pdfs), ""]
@@ -229,12 +455,18 @@ def report_markdown(report: dict) -> str:
 def report_html(report: dict) -> str:
     "The same report as a standalone HTML page (figures linked relatively)."
     e = html.escape
-    env = "; ".join(f"{k} {v}" for k, v in report["environment"].items())
-    body = [f"<h1>dyntrack run report</h1><p>Profiles: {e(', '.join(report['profiles']))}; total notebook time "
-            f"{report['total_wall_s']:.1f} s.</p><p>Report written with: {e(env)}</p>"]
+    body = ["<h1>dyntrack run report</h1>"] + [f"<p><b>{e(t)}</b></p>" if warn else f"<p>{e(t)}</p>" for t, warn in _summary(report)]
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
-        body.append(f"<h2>{e(stem)}</h2><ul>" + "".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in facts) + "</ul>")
+        body.append(f"<h2>{e(stem)}{' (FAILED)' if n['failure'] else ''}</h2>")
+        if n["failure"]:
+            headline, error = _failure_text(n)
+            nb = n["failure"]["executed"]
+            link = f'<a href="{e(nb)}">{e(nb)}</a>' if nb else "none"
+            body.append(f"<p><b>{e(headline)}</b>; partial executed notebook: {link}</p><pre>{e(error)}</pre>")
+        items = [f"<li>{e(k)}: {e(str(v))}</li>" for k, v in facts]
+        if n["executed"]: items.append(f'<li>executed notebook: <a href="{e(n["executed"])}">{e(n["executed"])}</a></li>')
+        body.append("<ul>" + "".join(items) + "</ul>")
         if rows: body.append("<table><tr><th>metric</th><th>value</th></tr>"
                              + "".join(f"<tr><td><code>{e(k)}</code></td><td>{e(v)}</td></tr>" for k, v in rows) + "</table>")
         body += [f'<figure><img src="{e(stem)}/{e(f)}" alt="{e(f)}"><figcaption>{e(f)}</figcaption></figure>' for f in figs]
@@ -242,14 +474,27 @@ def report_html(report: dict) -> str:
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}img{max-width:100%}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dyntrack run report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
 
-def write_report(out) -> Path:
-    "Write `out/report.json`, `out/report.md` and `out/report.html`; return the Markdown path."
+def write_report(out, run: dict | None = None) -> Path:
+    "Write `out/report.json`, `out/report.md` and `out/report.html` (with `run`'s progress); return the Markdown path."
     out = Path(out)
-    report = collect_report(out)
+    report = collect_report(out, run)
     write_json(out / "report.json", report)
     for name, text in (("report.md", report_markdown(report)), ("report.html", report_html(report))):
         with atomic_path(out / name, overwrite=True) as tmp: tmp.write_text(text, encoding="utf-8")
     return out / "report.md"
+
+def _is_our_report(path: Path) -> bool:
+    try: report = read_json(path)
+    except (FileNotFoundError, CorruptFileError): return False
+    return isinstance(report, dict) and {"profiles", "environment", "notebooks"} <= set(report)
+
+def check_out(out) -> None:
+    "Refuse an `out` whose report.md or report.html has no dyntrack report.json beside it: reproduce did not write them."
+    for page in (Path(out) / "report.md", Path(out) / "report.html"):
+        if page.exists() and not _is_our_report(Path(out) / "report.json"):
+            raise FileExistsError(f"{page} was not written by dyntrack-reproduce (no dyntrack report.json beside it); "
+                                  "move it or choose another --out")
+
 
 # %% ../nbs/07_reproduce.ipynb #7bccfd2c
 class NotebookRun(NamedTuple):
@@ -277,6 +522,16 @@ def default_nbs_dir() -> Path:
         if (d / "nbs").is_dir() and (d / "settings.ini").exists(): return d / "nbs"
     raise FileNotFoundError("cannot find the dyntrack repository's nbs/ folder; pass nbs_dir (--nbs)")
 
+def check_package() -> None:
+    "`ImportError` naming the folder when `import dyntrack` is not the package `dyntrack.core` was loaded from."
+    pkg, here = sys.modules["dyntrack"], Path(sys.modules["dyntrack.core"].__file__).resolve().parent
+    where = getattr(pkg, "__file__", None)
+    if where is None or Path(where).resolve().parent != here:
+        found = Path(where).parent if where else ", ".join(getattr(pkg, "__path__", []))
+        raise ImportError(f"`import dyntrack` finds {found}, not the package at {here}: that folder shadows the package "
+                          f"(a folder named dyntrack in the current folder {Path.cwd()}?); run from another folder, "
+                          "e.g. the repository root")
+
 def kernel_python(kernel: str) -> str:
     "The interpreter Jupyter kernel `kernel` runs (jupyter_client runs a bare `python` as the current one)."
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -293,10 +548,47 @@ def select(experiments, only) -> list[ExperimentNotebook]:
     if unknown: raise ParamError(f"only: unknown notebook(s) {unknown}; choose from {[e.stem for e in experiments]}")
     return [e for e in experiments if e.stem in stems]
 
+
 # %% ../nbs/07_reproduce.ipynb #a8dc66a8
 def _recorded_digest(folder: Path) -> str | None:
     "The `source_digest` in `folder`'s run.json, if any."
     return read_json(folder / "run.json").get("source_digest") if (folder / "run.json").exists() else None
+
+def _reproduce_one(exp, folder: Path, profile: str, overrides: dict, force: bool, kernel: str, tag: str) -> NotebookRun:
+    "Skip `exp` if `folder` holds its complete outputs for these settings, else run it."
+    if not force and is_complete(folder, profile, overrides, source_digest(exp.path)):
+        remove_failure(folder)  # an earlier attempt with other settings failed; what is asked for now is complete
+        _log.info("%s: complete from an earlier run, skipped (--force reruns it)", tag)
+        return NotebookRun(exp.stem, "skipped", read_json(folder / "run.json").get("wall_s", 0.0), folder)
+    if not force and is_complete(folder, profile, overrides, _recorded_digest(folder)):
+        _log.info("%s: the notebook, the dyntrack library or data/ changed since its earlier run", tag)
+    _log.info("%s: running (profile %s)", tag, profile)
+    wall_s = run_notebook(exp, folder, profile, overrides, kernel)
+    _log.info("%s: done in %.1f s", tag, wall_s)
+    return NotebookRun(exp.stem, "ran", wall_s, folder)
+
+def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str) -> ReproduceResult:
+    "Run or skip each of `exps` in order, rewriting the report after each; its banner goes only when all are done."
+    run = dict(state="in progress", pid=os.getpid(), started=_now(), profile=profile, selected=[e.stem for e in exps],
+               pending=[e.stem for e in exps])
+    write_report(out, run)
+    runs = []
+    try:
+        for i, exp in enumerate(exps, 1):
+            runs.append(_reproduce_one(exp, out / exp.stem, profile, plan[exp.stem], force, kernel, f"[{i}/{len(exps)}] {exp.stem}"))
+            run["pending"].remove(exp.stem)
+            write_report(out, run)
+        run["state"] = "complete"
+    except NotebookFailed as e:
+        run["pending"].remove(e.stem); run.update(state="failed", failed=e.stem)
+        raise
+    except BaseException as e:
+        run.update(state="interrupted", reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        run["finished"] = _now()
+        report = write_report(out, run)
+    return ReproduceResult(profile, out, runs, report)
 
 def reproduce(profile: str, out, overrides: dict | None = None, only=None, force: bool = False,
               kernel: str = "python3", nbs_dir=None) -> ReproduceResult:
@@ -304,26 +596,14 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
     profile, out = resolve_profile(profile), Path(out)
     exps = select(find_experiments(nbs_dir or default_nbs_dir()), only)
     plan = plan_overrides(exps, overrides or {})
+    check_parameters(exps, plan, profile)
+    for exp in exps: check_ours(out / exp.stem)
+    check_out(out)
     if (py := kernel_python(kernel)) != sys.executable:
         _log.warning("kernel %r runs %s, not this interpreter %s: the notebooks may see other packages", kernel, py, sys.executable)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    try:
-        for i, exp in enumerate(exps, 1):
-            folder, tag = out / exp.stem, f"[{i}/{len(exps)}] {exp.stem}"
-            if not force and is_complete(folder, profile, plan[exp.stem], source_digest(exp.path)):
-                runs.append(NotebookRun(exp.stem, "skipped", read_json(folder / "run.json").get("wall_s", 0.0), folder))
-                _log.info("%s: complete from an earlier run, skipped (--force reruns it)", tag)
-                continue
-            if not force and is_complete(folder, profile, plan[exp.stem], _recorded_digest(folder)):
-                _log.info("%s: the notebook or the dyntrack library changed since its earlier run", tag)
-            _log.info("%s: running (profile %s)", tag, profile)
-            wall_s = run_notebook(exp, folder, profile, plan[exp.stem], kernel)
-            runs.append(NotebookRun(exp.stem, "ran", wall_s, folder))
-            _log.info("%s: done in %.1f s", tag, wall_s)
-    finally:
-        report = write_report(out)
-    return ReproduceResult(profile, out, runs, report)
+    with file_lock(out / ".lock", wait=False, what=f"--out {out}"):  # a second run into `out` stops here
+        return _run_all(exps, plan, profile, out, force, kernel)
+
 
 # %% ../nbs/07_reproduce.ipynb #def7fd2e
 def _parser() -> argparse.ArgumentParser:
@@ -332,7 +612,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder; '{profile}' is replaced by the resolved profile")
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (papermill -p rules; [..] or {..} read as YAML)")
-    p.add_argument("--only", nargs="+", metavar="STEM", help="run only these notebooks (e.g. 10_suite)")
+    p.add_argument("--only", nargs="+", metavar="STEM", help="run (or list) only these notebooks (e.g. 10_suite)")
     p.add_argument("--force", action="store_true", help="rerun notebooks already complete in --out")
     p.add_argument("--list", action="store_true", help="list the experiment notebooks and their parameters, then exit")
     p.add_argument("--nbs", help="notebook folder (default: the repository's nbs/)")
@@ -340,7 +620,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv=None) -> int:
-    "Command-line entry point of `dyntrack-reproduce`; returns the exit status."
+    "Command-line entry point of `dyntrack-reproduce`; returns the exit status (0 done, 1 a notebook failed, 2 bad input)."
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     _log.addHandler(handler); _log.setLevel(logging.INFO)
@@ -349,16 +629,17 @@ def main(argv=None) -> int:
 
 def _cli(args) -> int:
     try:
+        check_package()
         nbs = Path(args.nbs) if args.nbs else default_nbs_dir()
         if args.list:
-            for e in find_experiments(nbs): print(e.stem + "\n" + "".join(f"    {k} = {v}\n" for k, v in e.params.items()), end="")
+            print("".join(describe_parameters(e) for e in select(find_experiments(nbs), args.only)), end="")
             return 0
         if not args.out: raise ParamError("--out is required (the folder for executed notebooks, figures and the report)")
+        overrides = {name: parse_value(text, name) for name, text in args.param}
         profile = resolve_profile(args.profile)
         if args.profile == "auto": print(f"profile auto -> {profile} ({device_name('auto')})", file=sys.stderr)
-        res = reproduce(profile, args.out.replace("{profile}", profile), {k: parse_value(v) for k, v in args.param},
-                        args.only, args.force, args.kernel, nbs)
-    except (ParamError, FileNotFoundError, FileExistsError) as e:
+        res = reproduce(profile, args.out.replace("{profile}", profile), overrides, args.only, args.force, args.kernel, nbs)
+    except (ParamError, CorruptFileError, Busy, ImportError, FileNotFoundError, FileExistsError) as e:
         print(f"dyntrack-reproduce: error: {e}", file=sys.stderr)
         return 2
     except NotebookFailed as e:
@@ -366,6 +647,7 @@ def _cli(args) -> int:
         return 1
     print(f"report: {res.report}", file=sys.stderr)
     return 0
+
 
 # %% ../nbs/07_reproduce.ipynb #5ff86850
 OFFLINE_PACKAGES = (

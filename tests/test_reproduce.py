@@ -1,14 +1,18 @@
-"""dyntrack.reproduce end to end on two tiny experiment notebooks (one papermill kernel per notebook run)."""
-import platform, shutil, subprocess, sys
+"""dyntrack.reproduce end to end on tiny experiment notebooks (one papermill kernel per notebook run)."""
+import json, os, platform, re, shutil, signal, subprocess, sys, time
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from dyntrack.core import ParamError, read_json
+import dyntrack.reproduce as reproduce_module
+from dyntrack.core import PROFILES, ParamError, read_json
 from dyntrack.reproduce import (INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, find_experiments, is_complete, main,
                                 parse_value, pip_download_command, plan_overrides, reproduce, source_digest)
 
-ALPHA_PARAMS = 'profile = "smoke"  # run profile\nout_dir = "../runs/alpha"  # outputs\nx = 1  # a number'
+REPO = Path(__file__).resolve().parent.parent
+ALPHA_PARAMS = ('profile = "smoke"  # run profile\nout_dir = "../runs/alpha"  # outputs\nx = 1  # a number\n'
+                'fail = False  # raise after saving the figure')
 ALPHA_BODY = """\
 import time
 import matplotlib
@@ -18,6 +22,7 @@ from dyntrack.core import device_name, save_figure, write_metrics
 t0 = time.time()
 fig, ax = plt.subplots(figsize=(2, 2)); ax.plot([0, 1], [0, x])
 save_figure(fig, out_dir, "fig1_alpha")
+assert not fail, "asked to fail"
 write_metrics(out_dir, "10_alpha", profile, device_name("cpu"), time.time() - t0,
               {"x": x, "loss": {"final": 0.5, "curve": [float(i) for i in range(20)]}})"""
 BETA_PARAMS = 'profile = "smoke"\nout_dir = "../runs/beta"\nlr: float = 0.01'
@@ -73,7 +78,7 @@ def test_parse_value():
 def test_plan_overrides(nbs):
     exps = find_experiments(nbs)
     assert plan_overrides(exps, {"x": 2, "lr": 0.1}) == {"10_alpha": {"x": 2}, "11_beta": {"lr": 0.1}}
-    with pytest.raises(ParamError, match=r"unknown parameter 'nope'.*known: \['lr', 'x'\]"):
+    with pytest.raises(ParamError, match=r"unknown parameter 'nope'.*known: \['fail', 'lr', 'x'\]"):
         plan_overrides(exps, {"nope": 1})
     with pytest.raises(ParamError, match="out_dir is set by reproduce"):
         plan_overrides(exps, {"out_dir": "x"})
@@ -111,7 +116,7 @@ def test_report(first_run):
     assert "## 10_alpha" in md and "## 11_beta" in md
     assert "![fig1_alpha](10_alpha/fig1_alpha.png)" in md
     assert "| `loss.final` | 0.5 |" in md and "| `loss.curve` | 20 values: 0 … 19 (min 0, max 19) |" in md
-    assert "executed notebook: 10_alpha/10_alpha.ipynb" in md
+    assert "executed notebook: [10_alpha/10_alpha.ipynb](10_alpha/10_alpha.ipynb)" in md
     assert f"- ran with: python {platform.python_version()}; torch" in md
     assert '<img src="10_alpha/fig1_alpha.png"' in (first_run.out / "report.html").read_text()
 
@@ -173,9 +178,10 @@ def test_failing_notebook(nbs, tmp_path, capsys):
     assert code == 1
     assert "notebook 11_beta failed" in err and "AssertionError: lr must be > 0, got -1.0" in err
     assert "assert lr > 0" in err and "cell" in err
-    executed = tmp_path / "o" / "11_beta" / "11_beta.ipynb"
+    executed = tmp_path / "o" / "11_beta.failed" / "11_beta.ipynb"  # the failure record, beside the outputs folder
     assert f"partial executed notebook: {executed}" in err and executed.exists()
-    assert read_json(tmp_path / "o" / "11_beta" / "run.json")["status"] == "failed"
+    assert read_json(tmp_path / "o" / "11_beta.failed" / "run.json")["status"] == "failed"
+    assert not (tmp_path / "o" / "11_beta").exists()  # no complete run: no outputs folder
     assert not is_complete(tmp_path / "o" / "11_beta", "smoke", {"lr": -1.0}, source_digest(nbs / "11_beta.ipynb"))
 
 
@@ -212,3 +218,233 @@ def test_wheelhouse_command_and_installer(tmp_path):
     script.write_text(INSTALL_SH)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "--no-index --no-deps" in INSTALL_SH and "PYTHONPATH" in INSTALL_SH
+
+
+# --- the run contract under failures, kills and bad input (issue #11) ---
+
+SLOW_PARAMS = 'profile = "smoke"\nout_dir = "../runs/slow"\nsleep_s = 0  # seconds to wait inside the notebook'
+SLOW_BODY = """\
+import json, os, pathlib, time
+out = pathlib.Path(out_dir)
+(out / "started").write_text(str(os.getpid()))  # the test kills this kernel too
+time.sleep(sleep_s)
+(out / "fig_slow.png").write_bytes(b"not really a PNG")
+(out / "metrics.json").write_text(json.dumps(dict(notebook="12_slow", profile=profile, device="cpu", wall_s=0.0,
+                                                  metrics={"sleep_s": sleep_s})))"""
+
+
+def _linked_files(out):
+    "Every file report.md and report.html link to, relative to `out`."
+    links = re.findall(r"\]\(([^)]+)\)", (out / "report.md").read_text())
+    links += re.findall(r'(?:src|href)="([^"]+)"', (out / "report.html").read_text())
+    return sorted(set(links))
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_rerun_keeps_complete_outputs(first_run, nbs, tmp_path, capsys):
+    "A rerun that fails leaves the earlier complete outputs untouched; the report lists it as FAILED beside them."
+    out = _copy(first_run, tmp_path)
+    before = _files(out / "10_alpha")
+    code = main(["--profile", "smoke", "--out", str(out), "--nbs", str(nbs), "--only", "10_alpha",
+                 "-p", "x", "4", "-p", "fail", "True"])
+    assert code == 1 and "AssertionError: asked to fail" in capsys.readouterr().err
+    assert _files(out / "10_alpha") == before  # metrics.json, the figure, run.json, the executed notebook
+    failed = out / "10_alpha.failed"
+    run = read_json(failed / "run.json")
+    assert run["status"] == "failed" and "asked to fail" in run["error"] and run["overrides"] == {"x": 4, "fail": True}
+    assert "fail = True" in (failed / "10_alpha.ipynb").read_text()  # the partial executed notebook
+    report = read_json(out / "report.json")
+    alpha = next(n for n in report["notebooks"] if n["stem"] == "10_alpha")
+    assert alpha["status"] == "failed" and alpha["failure"]["executed"] == "10_alpha.failed/10_alpha.ipynb"
+    assert alpha["metrics"]["x"] == 3  # the earlier complete run's metrics are still reported
+    md = (out / "report.md").read_text()
+    assert "FAILED" in md and "asked to fail" in md and "10_alpha.failed/10_alpha.ipynb" in md
+    assert "from an earlier complete run" in md and "![fig1_alpha](10_alpha/fig1_alpha.png)" in md
+    assert "FAILED" in (out / "report.html").read_text()
+    assert all((out / link).exists() for link in _linked_files(out))
+    assert main(["--profile", "smoke", "--out", str(out), "--nbs", str(nbs), "--only", "10_alpha", "-p", "x", "5"]) == 0
+    assert not failed.exists() and read_json(out / "10_alpha" / "metrics.json")["metrics"]["x"] == 5
+    assert "FAILED" not in (out / "report.md").read_text()
+
+
+def test_killed_run_and_lock(tmp_path, capsys):
+    "A second run into a busy --out exits 2 naming the holder; after a SIGKILL the report says it is incomplete."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    code = nbformat.v4.new_code_cell
+    _notebook(nbs / "12_slow.ipynb", [code(SLOW_PARAMS, metadata={"tags": ["parameters"]}), code(SLOW_BODY)])
+    out = tmp_path / "o"
+    args = ["--profile", "smoke", "--out", str(out), "--nbs", str(nbs)]
+    assert main(args) == 0
+    complete = _files(out / "12_slow")
+    proc = subprocess.Popen([sys.executable, "-m", "dyntrack.reproduce", *args, "-p", "sleep_s", "300"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kernel_pid = None
+    try:
+        for _ in range(600):  # until the notebook runs, in its staging folder
+            started = list(out.glob(".12_slow.tmp-*/started"))
+            if started and started[0].read_text(): kernel_pid = int(started[0].read_text()); break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        assert kernel_pid, "the slow notebook did not start"
+        md = (out / "report.md").read_text()
+        assert "INCOMPLETE" in md and "12_slow" in md  # written when the run started
+        capsys.readouterr()
+        assert main(args) == 2  # the lock: the second run does not run anything
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and f"pid {proc.pid}" in err
+    finally:
+        proc.kill(); proc.wait()
+        if kernel_pid: os.kill(kernel_pid, signal.SIGKILL)
+    assert _files(out / "12_slow") == complete  # the killed run left the complete outputs alone
+    md = (out / "report.md").read_text()
+    assert "INCOMPLETE" in md and "pending: 12_slow" in md
+    assert read_json(out / "report.json")["run"]["state"] == "in progress"
+    links = _linked_files(out)
+    assert "12_slow/12_slow.ipynb" in links and all((out / link).exists() for link in links)
+    assert main(args) == 0  # the dead run's lock went with it; the complete outputs are still complete
+    assert "INCOMPLETE" not in (out / "report.md").read_text()
+    assert not list(out.glob(".12_slow.*"))  # the killed run's staging folder is cleaned up
+
+
+def test_complete_covers_data(nbs, tmp_path):
+    "Editing a file under the repository's data/ (beside nbs/) makes a complete run rerun."
+    repo = tmp_path / "repo"
+    shutil.copytree(nbs, repo / "nbs")
+    (repo / "data").mkdir()
+    (repo / "data" / "grammar.json").write_text('{"rules": 1}')
+    nb = repo / "nbs" / "11_beta.ipynb"
+    d0 = source_digest(nb)
+    assert reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=repo / "nbs").runs[0].status == "ran"
+    assert reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=repo / "nbs").runs[0].status == "skipped"
+    (repo / "data" / "grammar.json").write_text('{"rules": 2}')
+    assert source_digest(nb) != d0
+    assert reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=repo / "nbs").runs[0].status == "ran"
+    d1 = source_digest(nb)
+    (repo / "data" / "sub").mkdir()
+    (repo / "data" / "sub" / "extra.tsv").write_text("a\tb\n")
+    assert source_digest(nb) != d1
+
+
+def test_digest_covers_every_module(nbs, monkeypatch):
+    "The digest takes the package's modules from core.module_digest, which covers subpackages too."
+    calls = []
+    monkeypatch.setattr(reproduce_module, "module_digest", lambda *names: calls.append(names) or "a")
+    d_a = source_digest(nbs / "11_beta.ipynb")
+    monkeypatch.setattr(reproduce_module, "module_digest", lambda *names: "b")
+    assert calls == [("dyntrack",)] and source_digest(nbs / "11_beta.ipynb") != d_a
+
+
+def test_hollow_package(nbs, tmp_path):
+    "From a folder holding a folder named dyntrack (a checkout's parent), `import dyntrack` is hollow: exit 2, named."
+    (tmp_path / "dyntrack").mkdir()
+    (tmp_path / "dyntrack" / "README.md").write_text("a checkout")
+    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce", "--profile", "smoke", "--out", "o", "--nbs", str(nbs)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert str(tmp_path / "dyntrack") in res.stderr and "shadows" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_exit_codes(first_run, nbs, tmp_path, capsys):
+    "Bad -p values and corrupt files in --out exit 2 with a message naming the parameter or the file."
+    out = _copy(first_run, tmp_path)
+    args = ["--profile", "smoke", "--out", str(out), "--nbs", str(nbs)]
+    assert main([*args, "-p", "x", "[0, 1"]) == 2
+    err = capsys.readouterr().err
+    assert "-p x" in err and "YAML" in err and "Traceback" not in err
+    for bad in ("inf", "nan", "[1, .inf]"):
+        assert main([*args, "--only", "11_beta", "-p", "lr", bad]) == 2
+        assert "lr" in (err := capsys.readouterr().err) and "finite" in err
+    (out / "10_alpha" / "run.json").write_text('{"status": "compl')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(out / "10_alpha" / "run.json") in err and "not valid JSON" in err
+
+
+def test_refuses_foreign_report(first_run, nbs, tmp_path, capsys):
+    "An --out holding a report.md or report.html reproduce did not write is refused, the file left alone."
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    assert main(["--profile", "smoke", "--out", str(out), "--nbs", str(nbs), "--only", "11_beta"]) == 2
+    assert str(out / "report.md") in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "my own notes" and not (out / "11_beta").exists()
+    (out / "report.md").unlink()
+    (out / "report.html").write_text("<p>mine</p>")
+    (out / "report.json").write_text('{"mine": true}')
+    assert main(["--profile", "smoke", "--out", str(out), "--nbs", str(nbs), "--only", "11_beta"]) == 2
+    assert "report.html" in capsys.readouterr().err and (out / "report.html").read_text() == "<p>mine</p>"
+    ours = _copy(first_run, tmp_path)  # a dyntrack report is replaced as usual
+    assert main(["--profile", "smoke", "--out", str(ours), "--nbs", str(nbs), "-p", "x", "3"]) == 0
+
+
+def test_list_describes_parameters(capsys):
+    "--list gives each parameter's type, its value in each profile and the comment of its parameters-cell line."
+    assert main(["--list", "--only", "10_suite"]) == 0
+    listed = capsys.readouterr().out
+    smoke, paper = PROFILES["smoke"]["SuiteParams"]["lr"], PROFILES["paper"]["SuiteParams"]["lr"]
+    assert f"    lr: float = {smoke!r} | {paper!r}  # peak learning rate\n" in listed
+    assert "SuiteParams" in listed and "None" not in listed.split("lr:")[1].split("\n")[0]
+    assert '    profile = "smoke"  # smoke' in listed
+    assert "11_sae_track" not in listed
+
+
+def test_report_wall_time(first_run):
+    "The report shows one wall time per notebook: run.json's, the whole notebook; the total adds those."
+    report = read_json(first_run.out / "report.json")
+    walls = [read_json(first_run.out / n["stem"] / "run.json")["wall_s"] for n in report["notebooks"]]
+    assert [n["wall_s"] for n in report["notebooks"]] == walls and report["total_wall_s"] == round(sum(walls), 2)
+    assert read_json(first_run.out / "11_beta" / "metrics.json")["wall_s"] == 0.0 < walls[1]  # metrics.json's differs
+    md = first_run.report.read_text()
+    assert f"- wall time (whole notebook): {walls[1]:.1f} s" in md and f"total notebook time {sum(walls):.1f} s" in md
+
+
+NOISY_BODY = """\
+import sys, warnings
+from dyntrack.core import progress
+for step in progress(range(50), desc="steps"): pass
+print("\\rredraw\\x1b[A of a bar", file=sys.stderr)
+print("plain line to stderr", file=sys.stderr)
+warnings.warn("a genuine warning")
+import json, pathlib
+(pathlib.Path(out_dir) / "metrics.json").write_text(json.dumps(dict(notebook="12_noisy", profile=profile,
+                                                               device="cpu", wall_s=0.0, metrics={})))"""
+
+
+def test_executed_notebook_has_no_progress_bars(tmp_path, capfd):
+    "Progress bars are off in the kernel and redraws are dropped from the executed notebook; warnings stay."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    code = nbformat.v4.new_code_cell
+    _notebook(nbs / "12_noisy.ipynb", [code('profile = "smoke"\nout_dir = "x"', metadata={"tags": ["parameters"]}),
+                                       code(NOISY_BODY)])
+    env_before = {k: os.environ.get(k) for k in ("DYNTRACK_PROGRESS", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    capfd.readouterr()
+    reproduce("smoke", tmp_path / "o", nbs_dir=nbs)
+    log = capfd.readouterr().err
+    assert {k: os.environ.get(k) for k in env_before} == env_before  # restored afterwards
+    nb = nbformat.read(tmp_path / "o" / "12_noisy" / "12_noisy.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "\r" not in text and "\x1b[" not in text and "steps" not in text
+    assert "plain line to stderr" in text and "UserWarning: a genuine warning" in text
+    assert "without encryption" not in log and "KeyboardInterrupt" not in log
+
+
+def test_make_lab_as_root():
+    "make lab passes --allow-root when run as root, and LAB_ARGS through."
+    res = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--port 8899"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lab = next(l for l in res.stdout.splitlines() if "-m jupyterlab" in l)
+    assert "--port 8899" in lab and ("--allow-root" in lab) == (os.getuid() == 0)
+
+
+def test_readme_papermill_example_makes_its_folder():
+    "Each papermill command in the README creates the folder its executed notebook goes to."
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^(.*python -m papermill \S+ (\S+)/\S+\.ipynb.*)$", readme, flags=re.M)
+    assert commands
+    for line, folder in commands: assert f"mkdir -p {folder} &&" in line, line
