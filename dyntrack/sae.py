@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .acts import fold_scale
-from .core import ParamError, atomic_path, check_choice, check_params, check_range, read_json, write_json
+from .core import (CorruptFileError, ParamError, atomic_path, check_choice, check_fields, check_params, check_range,
+                           read_json, write_json)
+from .train import reading
 
 # %% auto #0
 __all__ = ['KINDS', 'B_DEC_INITS', 'SPARSE_DECODE', 'SAE_FORMAT', 'ARCH_FIELDS', 'SAELENS_VERSION', 'SAELENS_ARCH', 'SaeConfig',
@@ -50,10 +52,9 @@ class SaeConfig:
     seed: int = 0                  # weight initialisation
 
     def __post_init__(self):
-        check_choice("kind", self.kind, KINDS)
-        check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
-        for name in ("d_model", "expansion", "dead_tokens"): check_range(name, getattr(self, name), lo=1)
-        for name in ("d_sae", "aux_k", "l1_coef", "aux_coef", "warmup_steps"):
+        check_fields(self)  # types, choices and finiteness first: "16", NaN or inf never reach the ranges below
+        for name in ("d_model", "expansion", "dead_tokens", "k"): check_range(name, getattr(self, name), lo=1)
+        for name in ("d_sae", "aux_k", "l1_coef", "aux_coef", "warmup_steps", "seed"):
             check_range(name, getattr(self, name), lo=0)
         self.d_sae = self.d_sae or self.expansion * self.d_model
         self.aux_k = self.aux_k or max(self.d_model // 2, 1)
@@ -290,10 +291,14 @@ def save_sae(sae: SparseAutoencoder, cfg: SaeConfig, path, overwrite: bool = Fal
 def load_sae(path, device=None) -> SparseAutoencoder:
     "The SAE saved by `save_sae` in folder `path`; its `.cfg` is the saved config."
     path = Path(path)
-    saved = read_json(path / "cfg.json")
-    if saved.pop("format", None) != SAE_FORMAT: raise ValueError(f"{path / 'cfg.json'} is not a {SAE_FORMAT} config")
-    sae = SparseAutoencoder(check_params(SaeConfig, saved), device=device)
-    sae.load_state_dict(load_file(path / "sae.safetensors", device=str(device or "cpu")))
+    saved, remedy = read_json(path / "cfg.json"), f"save the SAE again, or delete {path}"
+    if not isinstance(saved, dict) or saved.pop("format", None) != SAE_FORMAT:
+        raise CorruptFileError(f"{path / 'cfg.json'} is not a {SAE_FORMAT} config; {remedy}")
+    try: cfg = check_params(SaeConfig, saved)
+    except (ParamError, TypeError) as e: raise CorruptFileError(f"{path / 'cfg.json'}: {e}; {remedy}") from e
+    sae = SparseAutoencoder(cfg, device=device)
+    with reading(path / "sae.safetensors", remedy):
+        sae.load_state_dict(load_file(path / "sae.safetensors", device=str(device or "cpu")))
     return sae
 
 # %% ../nbs/09_sae.ipynb #346ade20
@@ -339,7 +344,8 @@ def from_saelens(path, device=None) -> SparseAutoencoder:
     path = Path(path)
     raw = read_json(path / "cfg.json")
     kind, k = _saelens_kind(raw)
-    w = {n: t.float() for n, t in load_file(path / "sae_weights.safetensors").items()}
+    with reading(path / "sae_weights.safetensors", f"export the SAE again, or point at another folder than {path}"):
+        w = {n: t.float() for n, t in load_file(path / "sae_weights.safetensors").items()}
     d_in, d_sae = raw["d_in"], raw["d_sae"]
     shapes = dict(W_enc=(d_in, d_sae), b_enc=(d_sae,), W_dec=(d_sae, d_in), b_dec=(d_in,))
     bad = [f"{n} {tuple(w[n].shape) if n in w else 'missing'} (expected {s})" for n, s in shapes.items()

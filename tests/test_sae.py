@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dyntrack.sae as sae_mod
-from dyntrack.core import ParamError
+from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.sae import (SaeConfig, SparseAutoencoder, decode_dense, decode_latents, decode_sparse, evaluate_sae,
                           explained_variance, from_saelens, geometric_median, l0, load_sae, normalize_decoder,
                           remove_parallel_grad, save_sae, to_saelens, topk_code)
@@ -41,6 +41,9 @@ def randomised(sae: SparseAutoencoder, seed: int = 0) -> SparseAutoencoder:
     (dict(warmup_steps=-1), "warmup_steps"), (dict(batch_size=1), "batch_size"), (dict(n_tokens=100), "n_tokens"),
     (dict(dead_tokens=0), "dead_tokens"), (dict(b_dec_init="median"), "b_dec_init"),
     (dict(decoder_init_norm=0.5), "decoder_init_norm"), (dict(unit_norm_decoder=False, decoder_init_norm=0.0), "decoder_init_norm"),
+    (dict(l1_coef=float("nan")), "l1_coef"), (dict(lr=float("inf")), "lr"), (dict(aux_coef=float("inf")), "aux_coef"),
+    (dict(d_model="12"), "d_model"), (dict(d_sae=40.0), "d_sae"), (dict(kind="topk", k=2.5), "k"), (dict(k=0), "k"),
+    (dict(seed=-1), "seed"), (dict(unit_norm_decoder="yes"), "unit_norm_decoder"), (dict(n_tokens=None), "n_tokens"),
 ])
 def test_bad_config_rejected(kw, field):
     with pytest.raises(ParamError, match=f"^{field}="):
@@ -212,7 +215,7 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(ParamError, match="d_sae"): save_sae(sae, small_cfg(kind="relu", d_sae=41), tmp_path / "x")
     saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**saved, "colour": "red"}))
-    with pytest.raises(ParamError, match="colour"): load_sae(tmp_path / "sae")
+    with pytest.raises(CorruptFileError, match="cfg.json.*colour"): load_sae(tmp_path / "sae")
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**saved, "format": "other"}))
     with pytest.raises(ValueError, match="dyntrack-sae-v1"): load_sae(tmp_path / "sae")
 
@@ -269,3 +272,30 @@ def test_from_saelens_refuses_what_it_cannot_express(tmp_path):
         with pytest.raises(ParamError, match=key): from_saelens(tmp_path / "e")
     cfg_path.write_text(json.dumps({**raw, "d_sae": 41}))
     with pytest.raises(ValueError, match="W_enc"): from_saelens(tmp_path / "e")
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("sae.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    ("sae.safetensors", lambda p: p.unlink()),
+    ("cfg.json", lambda p: p.write_text('{"format": "dyntrack-sae-v1", "d_mod')),
+    ("cfg.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "d_sae": -1}))),
+    ("cfg.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "d_sae": 41}))),  # not the weights'
+    ("cfg.json", lambda p: p.write_text("[1, 2]")),
+])
+def test_damaged_sae_folder_names_the_file(tmp_path, name, damage):
+    sae = randomised(SparseAutoencoder(small_cfg()))
+    save_sae(sae, sae.cfg, tmp_path / "sae")
+    damage(tmp_path / "sae" / name)
+    error = FileNotFoundError if not (tmp_path / "sae" / name).exists() else CorruptFileError
+    wrong = "sae.safetensors" if "41" in (tmp_path / "sae" / "cfg.json").read_text() else name  # the weights disagree
+    with pytest.raises(error, match="^" + str(tmp_path / "sae" / wrong).replace(".", r"\.")):
+        load_sae(tmp_path / "sae")
+
+
+def test_damaged_saelens_weights_name_the_file(tmp_path):
+    sae = SparseAutoencoder(small_cfg())
+    to_saelens(sae, sae.cfg, tmp_path / "e", hook_name="h")
+    weights = tmp_path / "e" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(CorruptFileError, match=r"sae_weights\.safetensors cannot be read.*export the SAE again"):
+        from_saelens(tmp_path / "e")
