@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_sae_track.ipynb #5768c035
 from __future__ import annotations
-import dataclasses, hashlib, itertools, json
+import contextlib, dataclasses, glob, itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
@@ -14,19 +14,21 @@ import torch
 from torch import Tensor
 
 from .acts import ActivationBuffer, estimate_scale, residual_at
-from .core import ParamError, check_choice, check_range, progress, read_json, write_json
+from .core import (ParamError, check_choice, check_range, digest, file_lock, module_digest, progress, read_json,
+                           settle, write_json)
 from .corpus import generate_corpus
 from .grammar import Lexicon, WordInfo
 from .models import Checkpoint, CheckpointSuite
 from .sae import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from .sae_train import splice_eval, train_sae
-from .suite import SuiteParams, encode_eval, labelled_tokens, prepare_embedded_data
+from .suite import SuiteParams, SuitePlan, check_suite_params, encode_eval, labelled_tokens, prepare_embedded_data
 from .tokens import TokenShards, load_text_files
 
 # %% auto #0
-__all__ = ['MEASURES', 'CHAIN_FIELDS', 'SaeTrackParams', 'sae_configs', 'chain_key', 'resolve_steps', 'training_shards',
-           'chain_batches', 'TokenWindow', 'token_window', 'window_acts', 'activation_scales', 'train_chain',
-           'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve', 'tokens_to_match', 'warm_cold_curves']
+__all__ = ['MEASURES', 'CHAIN_FIELDS', 'CHAIN_CODE', 'SaeTrackParams', 'sae_configs', 'chain_key', 'resolve_steps',
+           'check_sae_track_params', 'training_shards', 'chain_batches', 'TokenWindow', 'token_window', 'window_acts',
+           'activation_scales', 'train_chain', 'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve',
+           'tokens_to_match', 'warm_cold_curves']
 
 # %% ../nbs/21_sae_track.ipynb #045fa231
 MEASURES = ("activation_cosine", "feature_cosine", "feature_jaccard", "feature_weighted_jaccard")
@@ -87,6 +89,19 @@ class SaeTrackParams(SuiteParams):
             check_range(name, getattr(self, name), lo=self.sae_batch_size)
         check_range("splice_tokens", self.splice_tokens, hi=self.analysis_tokens)
 
+    def unused_fields(self) -> dict[str, str]:
+        "The fields these settings leave unused, each with the reason (see `SuiteParams.unused_fields`)."
+        unused = super().unused_fields() | dict.fromkeys(("n_pairs", "sim_tokens"), "it sizes 10_suite's evaluation")
+        if self.suite == "embedded": unused["sae_text"] = "the chain of the embedded suite trains on its own corpus"
+        else:
+            unused |= dict.fromkeys(("seq_len", "eval_tokens"), f"it trains the embedded suite, and suite={self.suite!r}")
+            if not self.sae_text: del unused["words_per_domain"]  # it sizes the generated text the chain trains on
+        if self.kind == "relu": unused["k"] = "a ReLU SAE keeps no fixed number of latents"
+        elif self.kind == "topk": unused["l1_coef"] = "a TopK SAE has no L1 term"
+        if self.d_sae: unused["sae_expansion"] = "d_sae is given"
+        if self.cold_steps: unused["n_cold"] = "cold_steps are given"
+        return unused
+
 # %% ../nbs/21_sae_track.ipynb #553cd3f5
 def sae_configs(p: SaeTrackParams, d_model: int) -> tuple[SaeConfig, SaeConfig, SaeConfig]:
     "The `SaeConfig`s of the first SAE, of every later link and of the cold starts."
@@ -101,16 +116,21 @@ CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_siz
                 "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed",
                 "words_per_domain", "corpus_seed")  # the last two pick the training text of a non-embedded suite
 
+CHAIN_CODE = ("dyntrack.sae", "dyntrack.sae_train", "dyntrack.sae_track", "dyntrack.acts",
+              "dyntrack.suite", "dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens")  # the last four: the training text
+
 def chain_key(p: SaeTrackParams, suite: CheckpointSuite, layer: int) -> str:
-    "Names a chain by what changes its weights: the suite's checkpoints, the site and the SAE and token settings."
-    what = dict(checkpoints=[(c.source, c.revision) for c in suite], layer=layer, **{f: getattr(p, f) for f in CHAIN_FIELDS})
-    return f"{p.kind}-L{layer}-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    "Names a chain by what changes its weights: the suite's checkpoints, the site, the SAE and token settings and `CHAIN_CODE`."
+    what = dict(checkpoints=[(c.source, c.revision) for c in suite], layer=layer, code=module_digest(*CHAIN_CODE),
+                **{f: getattr(p, f) for f in CHAIN_FIELDS})
+    return f"{p.kind}-L{layer}-{digest(what)}"
 
 def resolve_steps(suite: CheckpointSuite, chain_steps: Sequence[int], cold_steps: Sequence[int],
                   n_cold: int) -> tuple[list[int], list[int]]:
     "The chain's steps (all of `suite` when empty) and the cold-start steps (`n_cold` spread after the first when empty)."
     steps = list(chain_steps) or suite.steps
-    suite.select(steps)  # every step must be a checkpoint
+    if missing := [s for s in steps if s not in suite.steps]:
+        raise ParamError(f"chain_steps {missing} are not checkpoints of the suite; its steps: {suite.steps}")
     if sorted(set(steps)) != steps or len(steps) < 2:
         raise ParamError(f"chain_steps={steps} must be at least two increasing checkpoint steps of the suite")
     if not cold_steps:
@@ -119,6 +139,17 @@ def resolve_steps(suite: CheckpointSuite, chain_steps: Sequence[int], cold_steps
     if bad := [s for s in cold_steps if s not in steps[1:]]:
         raise ParamError(f"cold_steps {bad} are not chain steps after the first; allowed: {steps[1:]}")
     return steps, sorted(set(cold_steps))
+
+# %% ../nbs/21_sae_track.ipynb #c2cd4877
+def check_sae_track_params(p: SaeTrackParams) -> SuitePlan:
+    "Every check of `p` that needs no training: `check_suite_params`, the chain and cold steps against the suite's schedule, the SAE configs, `sae_text`."
+    if p.sae_text and not glob.glob(p.sae_text, recursive=True):
+        raise ParamError(f"sae_text={p.sae_text!r}: no file or folder matches it")
+    plan = check_suite_params(p)
+    planned = CheckpointSuite([Checkpoint(step, None, "not trained yet") for step in plan.steps])
+    resolve_steps(planned, p.chain_steps, p.cold_steps, p.n_cold)
+    sae_configs(p, plan.d_model)
+    return plan
 
 # %% ../nbs/21_sae_track.ipynb #34e8a142
 def training_shards(p: SaeTrackParams, suite: CheckpointSuite) -> TokenShards:
@@ -166,20 +197,22 @@ def activation_scales(suite: CheckpointSuite, layer: int, token_source_fn: Calla
                       n_batches: int = 1, device=None, path=None) -> dict[int, float]:
     "Per checkpoint step, the factor √d_model / mean‖x‖ that brings its activations at `layer` to mean norm √d_model."
     path = Path(path) if path is not None else None
-    saved = read_json(path) if path is not None and path.exists() else dict(layer=layer, n_batches=n_batches, scales=[])
-    if (saved["layer"], saved["n_batches"]) != (layer, n_batches):
-        raise ParamError(f"{path} holds scales of layer {saved['layer']} over {saved['n_batches']} batches, not layer "
-                         f"{layer} over {n_batches}; give another path")
-    known = {(r["step"], r["source"], r["revision"]): r["scale"] for r in saved["scales"]}
-    scales = {}
-    for ckpt in progress(suite, desc="activation scale", unit="ckpt"):
-        key = (ckpt.step, ckpt.source, ckpt.revision)
-        if key not in known:
-            model = suite.load_model(ckpt, device=device)
-            known[key] = estimate_scale(window_acts(model, b, layer) for b in itertools.islice(token_source_fn(ckpt), n_batches))
-            saved["scales"].append(dict(step=ckpt.step, source=ckpt.source, revision=ckpt.revision, scale=known[key]))
-            if path is not None: write_json(path, saved)  # measured scales survive an interrupted pass
-        scales[ckpt.step] = known[key]
+    lock = file_lock(f"{path}.lock", what=f"the activation scales {path}") if path else contextlib.nullcontext()
+    with lock:  # a second run of the same chain waits, then reads what the first measured
+        saved = read_json(path) if path is not None and path.exists() else dict(layer=layer, n_batches=n_batches, scales=[])
+        if (saved["layer"], saved["n_batches"]) != (layer, n_batches):
+            raise ParamError(f"{path} holds scales of layer {saved['layer']} over {saved['n_batches']} batches, not layer "
+                             f"{layer} over {n_batches}; give another path")
+        known = {(r["step"], r["source"], r["revision"]): r["scale"] for r in saved["scales"]}
+        scales = {}
+        for ckpt in progress(suite, desc="activation scale", unit="ckpt"):
+            key = (ckpt.step, ckpt.source, ckpt.revision)
+            if key not in known:
+                model = suite.load_model(ckpt, device=device)
+                known[key] = estimate_scale(window_acts(model, b, layer) for b in itertools.islice(token_source_fn(ckpt), n_batches))
+                saved["scales"].append(dict(step=ckpt.step, source=ckpt.source, revision=ckpt.revision, scale=known[key]))
+                if path is not None: write_json(path, saved)  # measured scales survive an interrupted pass
+            scales[ckpt.step] = known[key]
     return scales
 
 # %% ../nbs/21_sae_track.ipynb #85c1d501
@@ -203,15 +236,16 @@ def train_chain(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[C
     suite, out_dir, prev, paths = (suite.select(steps) if steps is not None else suite), Path(out_dir), None, []
     if scales is not None and (missing := [s for s in suite.steps if s not in scales]):
         raise ParamError(f"scales lacks steps {missing}; give one activation scale per chain step")
-    for i, ckpt in enumerate(progress(suite, desc="SAE chain", unit="link")):
-        link_dir, cfg = out_dir / f"step{ckpt.step}", (first_cfg if i == 0 else link_cfg)
-        if not (link_dir / "sae").exists():
-            model = suite.load_model(ckpt, device=device)
-            acts = _link_acts(model, layer, token_source_fn(ckpt), cfg, 1.0 if scales is None else scales[ckpt.step])
-            train_sae(SparseAutoencoder(cfg, device=device), acts, cfg, link_dir, warm_start=prev,
-                      l2_pull=l2_pull if prev is not None else 0.0)
-        prev = load_sae(link_dir / "sae", device=device)
-        paths.append(link_dir / "sae")
+    with file_lock(f"{out_dir}.lock", what=f"the SAE chain {out_dir}"):  # a second run waits, then finds the links
+        for i, ckpt in enumerate(progress(suite, desc="SAE chain", unit="link")):
+            link_dir, cfg = out_dir / f"step{ckpt.step}", (first_cfg if i == 0 else link_cfg)
+            if not settle(link_dir / "sae").exists():
+                model = suite.load_model(ckpt, device=device)
+                acts = _link_acts(model, layer, token_source_fn(ckpt), cfg, 1.0 if scales is None else scales[ckpt.step])
+                train_sae(SparseAutoencoder(cfg, device=device), acts, cfg, link_dir, warm_start=prev,
+                          l2_pull=l2_pull if prev is not None else 0.0)
+            prev = load_sae(link_dir / "sae", device=device)
+            paths.append(link_dir / "sae")
     return paths
 
 # %% ../nbs/21_sae_track.ipynb #c3b778ab

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_suite.ipynb #7f0c3faa
 from __future__ import annotations
-import hashlib, itertools
+import dataclasses, itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import ParamError, check_choice, check_range, cache_dir, pick_device, progress
+from .core import (PROFILES, ParamError, cache_dir, check_choice, check_fields, check_range, digest, file_lock,
+                           file_sha256, module_digest, pick_device, progress, settle)
 from .corpus import generate_corpus, label_offsets
 from .grammar import Lexicon, WordInfo, find_data_dir, load_lexicon
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
@@ -23,13 +24,31 @@ from .train import TrainConfig, Trainer, validation_losses
 from .acts import residual_at
 
 # %% auto #0
-__all__ = ['EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data',
-           'eval_texts', 'train_config', 'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site',
-           'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'labelled_tokens', 'activation_similarity',
-           'SuiteDescription', 'eval_pairs', 'describe_suite', 'emergence_tokens', 'plot_metric_curves',
-           'plot_similarity']
+__all__ = ['TRAINING_FIELDS', 'EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'CORPUS_CODE', 'TRAIN_CODE', 'refuse_unused',
+           'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data', 'eval_texts', 'train_config', 'run_key',
+           'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site', 'SuitePlan', 'suite_plan',
+           'check_suite_params', 'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'labelled_tokens',
+           'activation_similarity', 'SuiteDescription', 'eval_pairs', 'describe_suite', 'emergence_tokens',
+           'plot_metric_curves', 'plot_similarity']
+
+# %% ../nbs/08_suite.ipynb #7b48bbb9
+def _preset_values(cls, name: str) -> list:
+    "The default of field `name` of dataclass `cls` and every profile's value for it (rows of `cls` and its bases)."
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    rows = [PROFILES[profile].get(base.__name__, {}) for profile in PROFILES for base in cls.__mro__]
+    return [default] + [row[name] for row in rows if name in row]
+
+def refuse_unused(p, unused: dict[str, str]) -> None:
+    "Raise `ParamError` for a field of `p` named in `unused` ({name: why}) that holds neither its default nor a profile's value."
+    for name, why in unused.items():
+        value = getattr(p, name)
+        if value not in _preset_values(type(p), name):
+            raise ParamError(f"{name}={value!r} is not used here ({why}); leave it unset")
 
 # %% ../nbs/08_suite.ipynb #8f9cc215
+TRAINING_FIELDS = ("run_dir", "words_per_domain", "vocab_size", "arch", "size", "batch_size", "total_steps", "lr",
+                   "warmup_steps", "n_linear", "compile")  # fields that only train the embedded suite
+
 @dataclass
 class SuiteParams:
     suite: str = "embedded"              # where checkpoints come from (see table above)
@@ -57,6 +76,7 @@ class SuiteParams:
     device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
 
     def __post_init__(self):
+        check_fields(self)
         kinds = ("embedded", "hub:", "run:", "folders:")
         if not self.suite.startswith(kinds) or self.suite in kinds[1:]:
             raise ParamError(f"suite={self.suite!r}; use 'embedded', 'hub:ORG/NAME', 'run:PATH' or 'folders:A,B,...'")
@@ -69,38 +89,63 @@ class SuiteParams:
         check_range("warmup_steps", self.warmup_steps, 0, self.total_steps)
         check_range("lr", self.lr, lo=0)
         check_range("site_layer", self.site_layer, lo=-1)
+        refuse_unused(self, self.unused_fields())
+
+    @property
+    def depth(self) -> int:
+        "Blocks of the embedded suite's models."
+        return SIZES[self.size]["n_layers"]
+
+    def unused_fields(self) -> dict[str, str]:
+        "The fields these settings leave unused, each with the reason."
+        unused = {}
+        if not self.suite.startswith("hub:"):
+            unused |= dict.fromkeys(("hub_steps", "hub_tokens_per_step"), "only a hub suite has revisions to choose")
+        if self.suite != "embedded":
+            unused |= dict.fromkeys(TRAINING_FIELDS, f"it trains the embedded suite, and suite={self.suite!r}")
+        return unused
 
 # %% ../nbs/08_suite.ipynb #aada8a56
 EVAL_SEED_OFFSET = 1_000_003  # evaluation texts use corpus_seed + this: disjoint from every training seed we use
 TOKENIZER_DOCS_PER_DOMAIN = 20_000  # the BPE merges are learned from this many documents per domain (a few M words)
+CORPUS_CODE = ("dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens")  # the code that generates and tokenises the corpus
 
 def corpus_key(p: SuiteParams) -> str:
-    "Names `p`'s corpus: its size, seed, vocabulary and a digest of the grammar and lexicon files that generate it."
+    "Names `p`'s corpus: its size, seed and vocabulary, and a digest of them with the grammar files and the code of `CORPUS_CODE`."
     data = find_data_dir()
-    digest = hashlib.sha256(b"".join((data / f).read_bytes() for f in ("lexicon.tsv", "grammar.json"))).hexdigest()
-    return f"w{p.words_per_domain}-s{p.corpus_seed}-v{p.vocab_size}-g{digest[:8]}"
+    what = dict(words=p.words_per_domain, seed=p.corpus_seed, vocab=p.vocab_size, tokenizer_docs=TOKENIZER_DOCS_PER_DOMAIN,
+                data={f: file_sha256(data / f) for f in ("lexicon.tsv", "grammar.json")}, code=module_digest(*CORPUS_CODE))
+    return f"w{p.words_per_domain}-s{p.corpus_seed}-v{p.vocab_size}-{digest(what)}"
 
 def corpus_dir(p: SuiteParams) -> Path:
     "Cache folder of the tokenizer and shards for `p`'s corpus."
     return cache_dir("corpus", corpus_key(p))
 
+def _corpus_ready(folder: Path) -> bool:
+    "Does `folder` hold a complete tokenizer and shards? (A replacement killed half way is settled first.)"
+    return settle(folder / "tokenizer").exists() and (settle(folder / "shards") / "meta.json").exists()
+
 def prepare_embedded_data(p: SuiteParams):
     "Generate (or reuse) the corpus, train the tokenizer and write token shards; return (tokenizer, shards)."
     from transformers import AutoTokenizer
     folder = corpus_dir(p)
-    tok_dir, shard_dir = folder / "tokenizer", folder / "shards"
-    if (shard_dir / "meta.json").exists() and tok_dir.exists():
-        return AutoTokenizer.from_pretrained(tok_dir), TokenShards.open(shard_dir)
-    texts = generate_corpus(p.words_per_domain, seed=p.corpus_seed)
-    sample = [doc for docs in texts.values() for doc in docs[: TOKENIZER_DOCS_PER_DOMAIN]]
-    tokenizer = train_tokenizer(sample, p.vocab_size, tok_dir, overwrite=True)
-    return tokenizer, build_shards(texts, tokenizer, shard_dir, key=corpus_key(p), overwrite=True)
+    if not _corpus_ready(folder):
+        with file_lock(f"{folder}.lock", what=f"the corpus {folder}"):  # another run may be writing it: wait for it
+            if not _corpus_ready(folder):
+                texts = generate_corpus(p.words_per_domain, seed=p.corpus_seed)
+                sample = [doc for docs in texts.values() for doc in docs[: TOKENIZER_DOCS_PER_DOMAIN]]
+                tokenizer = train_tokenizer(sample, p.vocab_size, folder / "tokenizer", overwrite=True)
+                return tokenizer, build_shards(texts, tokenizer, folder / "shards", key=corpus_key(p), overwrite=True)
+    return (AutoTokenizer.from_pretrained(folder / "tokenizer", trust_remote_code=False),
+            TokenShards.open(folder / "shards"))
 
 def eval_texts(p: SuiteParams) -> dict[str, list[str]]:
     "Held-out evaluation documents per domain, generated with the evaluation seed."
     return generate_corpus(p.eval_words_per_domain, seed=p.corpus_seed + EVAL_SEED_OFFSET)
 
 # %% ../nbs/08_suite.ipynb #b47dd433
+TRAIN_CODE = CORPUS_CODE + ("dyntrack.train", "dyntrack.models")  # the code that makes the embedded suite's weights
+
 def train_config(p: SuiteParams) -> TrainConfig:
     "The trainer configuration of the embedded suite."
     steps = checkpoint_schedule(p.total_steps, n_linear=p.n_linear)
@@ -108,11 +153,15 @@ def train_config(p: SuiteParams) -> TrainConfig:
                        warmup_steps=p.warmup_steps, seed=p.seed, data_seed=p.seed, compile=p.compile,
                        checkpoint_steps=steps, resume_every=max(p.total_steps // 4, 1), eval_tokens=p.eval_tokens // 4)
 
+def run_key(p: SuiteParams) -> str:
+    "Names the embedded suite of `p`: arch, size and a digest of its corpus key, trainer and model configs and `TRAIN_CODE`."
+    model = model_config(p.arch, p.size, vocab_size=p.vocab_size, max_seq_len=p.seq_len)
+    what = dict(corpus=corpus_key(p), train=train_config(p), model=model.to_dict(), code=module_digest(*TRAIN_CODE))
+    return f"{p.arch}-{p.size}-{digest(what)}"
+
 def default_run_dir(p: SuiteParams) -> Path:
-    "A cache folder named by every parameter that changes the trained weights."
-    name = (f"{p.arch}-{p.size}-{corpus_key(p)}-L{p.seq_len}-b{p.batch_size}"
-            f"-t{p.total_steps}-lr{p.lr:g}-wu{p.warmup_steps}-n{p.n_linear}-seed{p.seed}")
-    return cache_dir("suites") / name
+    "The cache folder of the embedded suite of `p`, named by `run_key`."
+    return cache_dir("suites") / run_key(p)
 
 def train_embedded_suite(p: SuiteParams) -> CheckpointSuite:
     "Train (or resume, or reopen) the embedded suite of `p` and return it."
@@ -120,8 +169,9 @@ def train_embedded_suite(p: SuiteParams) -> CheckpointSuite:
     tokenizer, shards = prepare_embedded_data(p)
     config = model_config(p.arch, p.size, vocab_size=len(tokenizer), max_seq_len=p.seq_len,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    trainer = Trainer(build_model(config, seed=p.seed), tokenizer, shards, train_config(p), run_dir, device=p.device)
-    trainer.fit()
+    with file_lock(f"{run_dir}.lock", what=f"the suite {run_dir}"):  # a second run waits, then finds it trained
+        trainer = Trainer(build_model(config, seed=p.seed), tokenizer, shards, train_config(p), run_dir, device=p.device)
+        trainer.fit()  # on a finished run: reopens it and trains nothing
     return CheckpointSuite.from_run(run_dir)
 
 # %% ../nbs/08_suite.ipynb #d3709f24
@@ -135,12 +185,33 @@ def open_suite(p: SuiteParams) -> CheckpointSuite:
     steps = list(p.hub_steps) or [s for s in every if s <= 512 or s % 10_000 == 0 or s == every[-1]]
     return CheckpointSuite.from_hub(rest, steps, tokens_per_step=p.hub_tokens_per_step)
 
-def resolve_site(suite: CheckpointSuite, layer: int) -> int:
+def resolve_site(suite: CheckpointSuite | SuitePlan, layer: int) -> int:
     "`layer`, or the middle block for -1; checked against the suite's depth."
     n = suite.n_layers
     layer = n // 2 if layer == -1 else layer
     if not 0 <= layer < n: raise ParamError(f"site_layer={layer} is out of range; the suite has blocks [0, {n - 1}]")
     return layer
+
+# %% ../nbs/08_suite.ipynb #2b7dc8c3
+class SuitePlan(NamedTuple):
+    steps: list[int]  # checkpoint steps the suite holds (the embedded suite: will hold once trained)
+    n_layers: int     # blocks of its models
+    d_model: int      # width of their residual stream
+
+def suite_plan(p: SuiteParams) -> SuitePlan:
+    "What the suite `p.suite` names holds, known without training or loading weights: from the parameters (embedded) or its config."
+    if p.suite == "embedded": return SuitePlan(train_config(p).checkpoint_steps, p.depth, SIZES[p.size]["d_model"])
+    try:
+        suite = open_suite(p)
+        return SuitePlan(suite.steps, suite.n_layers, suite.d_model)
+    except OSError as e: raise ParamError(f"suite={p.suite!r} cannot be opened: {e}") from e
+
+def check_suite_params(p: SuiteParams) -> SuitePlan:
+    "Every check of `p` that needs no training: the device, the suite's existence and `site_layer`; return the `suite_plan`."
+    pick_device(p.device)
+    plan = suite_plan(p)
+    resolve_site(plan, p.site_layer)
+    return plan
 
 # %% ../nbs/08_suite.ipynb #febd0779
 def encode_eval(tokenizer, texts: dict[str, list[str]], seq_len: int) -> dict[str, np.ndarray]:

@@ -18,24 +18,25 @@ from torch import Tensor, nn
 from transformers import LlamaConfig
 
 from .acts import blocks
-from .core import ParamError, atomic_path, cache_dir, check_choice, check_range
+from .core import ParamError, atomic_path, cache_dir, check_choice, check_range, digest, file_lock, module_digest
 from .corpus import annotate
 from .grammar import Lexicon, WordInfo, load_lexicon
 from .models import SIZES, CheckpointSuite, build_model
-from .suite import SuiteParams, corpus_key, labelled_tokens, prepare_embedded_data, train_config as suite_train_config
+from .suite import (TRAIN_CODE, SuiteParams, corpus_key, labelled_tokens, prepare_embedded_data,
+                            train_config as suite_train_config)
 from .tasks import lambada_accuracy, minimal_pair_accuracy
 from .tokens import TokenShards
 from .topk_model import (
-    TOPK_ACTS, TopKAnnealing, block_hidden, default_k, dense_config, steer, topk_config)
+    TOPK_ACTS, TopKAnnealing, block_hidden, dense_config, steer, topk_config)
 from .train import TrainConfig, Trainer, validation_losses
 
 # %% auto #0
-__all__ = ['EMBEDDING_MODEL', 'CONCEPT_POS', 'token_mass', 'mass_entropy', 'token_entropy', 'CategoryPurity', 'category_purity',
-           'active_tokens', 'semantic_entropy', 'TopKParams', 'lm_configs', 'lm_run_dirs', 'lm_train_configs',
-           'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm', 'category_names', 'word_category',
-           'TokenWindow', 'token_window', 'vocab_texts', 'vocab_digest', 'embedding_cache_path', 'vocab_embeddings',
-           'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget', 'steering_targets', 'steering_prompts',
-           'generate_steered', 'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response']
+__all__ = ['TOPK_CODE', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'token_mass', 'mass_entropy', 'token_entropy', 'CategoryPurity',
+           'category_purity', 'active_tokens', 'semantic_entropy', 'TopKParams', 'lm_configs', 'lm_run_dirs',
+           'lm_train_configs', 'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm', 'category_names',
+           'word_category', 'TokenWindow', 'token_window', 'vocab_texts', 'vocab_digest', 'embedding_cache_path',
+           'vocab_embeddings', 'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget', 'steering_targets',
+           'steering_prompts', 'generate_steered', 'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response']
 
 # %% ../nbs/22_topk_lm.ipynb #76424198
 def token_mass(acts: Tensor, token_ids: Tensor, vocab_size: int) -> Tensor:
@@ -129,12 +130,12 @@ class TopKParams(SuiteParams):
     embeddings: str = ""                 # vocabulary-embedding cache file; "" = the cache named by the tokenizer
 
     def __post_init__(self):
-        super().__post_init__()
         if self.suite != "embedded":
             raise ParamError(f"suite={self.suite!r}: the TopK experiment trains both of its models on the embedded "
                              "corpus; use 'embedded'")
-        check_choice("arch", self.arch, ["llama"])
+        check_choice("arch", self.arch, ["llama"])  # before the type checks: this message lists the choices
         check_choice("act", self.act, TOPK_ACTS)
+        super().__post_init__()
         check_range("anneal_fraction", self.anneal_fraction, 0, 1)
         for name in ("n_formation", "entropy_tokens", "max_active", "sim_bins", "n_steer", "n_prompts",
                      "prompt_tokens", "gen_tokens", "n_lambada"):
@@ -142,6 +143,8 @@ class TopKParams(SuiteParams):
         check_range("n_formation", self.n_formation, lo=2)
         check_range("min_active", self.min_active, lo=2)
         check_range("steer_min_purity", self.steer_min_purity, 0, 1)
+        check_range("act_threshold", self.act_threshold)  # any finite number
+        for delta in self.steer_deltas: check_range("steer_deltas entry", delta)
         check_range("n_layers", self.n_layers, lo=0)
         depth, width = self.depth, SIZES[self.size]["d_model"]
         check_range("k", self.k, 0, width)
@@ -154,26 +157,36 @@ class TopKParams(SuiteParams):
         "Blocks of both models."
         return self.n_layers or SIZES[self.size]["n_layers"]
 
+    def unused_fields(self) -> dict[str, str]:
+        "The fields these settings leave unused, each with the reason (see `SuiteParams.unused_fields`)."
+        return super().unused_fields() | {"sim_tokens": "the TopK experiment measures no activation similarity"}
+
     @property
     def steer_layer(self) -> int:
         "Block whose output is steered: `site_layer`, or the last TopK block for -1."
         return self.depth - self.n_nontopk - 1 if self.site_layer == -1 else self.site_layer
 
 # %% ../nbs/22_topk_lm.ipynb #tk61b3a8faa9
+TOPK_CODE = TRAIN_CODE + ("dyntrack.topk_model",)  # the code that makes the two models' weights
+
+def _lm_configs(p: TopKParams, vocab_size: int, **special_ids) -> dict[str, LlamaConfig]:
+    "Both configs for a vocabulary of `vocab_size` tokens (see `lm_configs`)."
+    over = dict(special_ids, num_hidden_layers=p.n_layers) if p.n_layers else special_ids
+    return dict(topk=topk_config(p.size, vocab_size, p.seq_len, k=p.k or None, n_nontopk=p.n_nontopk, act=p.act, **over),
+                dense=dense_config(p.size, vocab_size, p.seq_len, **over))
+
 def lm_configs(p: TopKParams, tokenizer) -> dict[str, LlamaConfig]:
     "The TopK model's config and its dense twin's, identical but for TopK: {'topk': ..., 'dense': ...}."
-    over = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if p.n_layers: over["num_hidden_layers"] = p.n_layers
-    return dict(topk=topk_config(p.size, len(tokenizer), p.seq_len, k=p.k or None, n_nontopk=p.n_nontopk, act=p.act, **over),
-                dense=dense_config(p.size, len(tokenizer), p.seq_len, **over))
+    return _lm_configs(p, len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 def lm_run_dirs(p: TopKParams) -> dict[str, Path]:
-    "Run folders of the two models, under `p.run_dir` (or the cache), named by every parameter that shapes their weights."
+    "Run folders of the two models under `p.run_dir` (or the cache), named by a digest of corpus, trainer and model configs, annealing and `TOPK_CODE`."
     base = Path(p.run_dir) if p.run_dir else cache_dir("topk_lm")
-    name = (f"llama-{p.size}-L{p.depth}-{corpus_key(p)}-s{p.seq_len}-b{p.batch_size}-t{p.total_steps}-lr{p.lr:g}"
-            f"-wu{p.warmup_steps}-n{p.n_linear}-seed{p.seed}")
-    k = p.k or default_k(SIZES[p.size]["d_model"])
-    return dict(topk=base / f"{name}-topk-k{k}-x{p.n_nontopk}-{p.act}-a{p.anneal_fraction:g}", dense=base / f"{name}-dense")
+    configs, train_cfgs = _lm_configs(p, p.vocab_size), lm_train_configs(p)  # the real vocabulary follows from the corpus key
+    shared = dict(corpus=corpus_key(p), code=module_digest(*TOPK_CODE))
+    key = lambda name, **extra: digest(dict(shared, train=train_cfgs[name], model=configs[name].to_dict(), **extra))
+    return dict(topk=base / f"llama-{p.size}-topk-{key('topk', anneal_fraction=p.anneal_fraction)}",
+                dense=base / f"llama-{p.size}-dense-{key('dense')}")
 
 def lm_train_configs(p: TopKParams) -> dict[str, TrainConfig]:
     "The suite's trainer settings for both; the TopK run keeps the whole checkpoint schedule, the dense twin its last step."
@@ -193,8 +206,9 @@ def train_topk_and_dense(p: TopKParams) -> TopKRuns:
     results = {}
     for name in ("topk", "dense"):
         callbacks = [TopKAnnealing(p.anneal_fraction)] if name == "topk" else []
-        model = build_model(configs[name], seed=p.seed)
-        results[name] = Trainer(model, tokenizer, shards, train_cfgs[name], dirs[name], callbacks, device=p.device).fit()
+        with file_lock(f"{dirs[name]}.lock", what=f"the TopK experiment's run {dirs[name]}"):  # a second run waits, then reuses it
+            model = build_model(configs[name], seed=p.seed)
+            results[name] = Trainer(model, tokenizer, shards, train_cfgs[name], dirs[name], callbacks, device=p.device).fit()
         del model
     return TopKRuns(CheckpointSuite.from_run(dirs["topk"]), CheckpointSuite.from_run(dirs["dense"]), tokenizer, results)
 

@@ -269,13 +269,77 @@ def test_resolve_steps_and_chain_key(suite):
     assert resolve_steps(suite, (), (), 2) == ([0, 10, 20], [10, 20])
     assert resolve_steps(suite, (), (), 5) == ([0, 10, 20], [10, 20])  # at most every step after the first
     assert resolve_steps(suite, (0, 20), (), 1) == ([0, 20], [20])
-    with pytest.raises(ParamError, match="step=5"): resolve_steps(suite, (0, 5), (), 1)
+    with pytest.raises(ParamError, match=r"chain_steps \[5\] are not checkpoints of the suite; its steps: \[0, 10, 20\]"):
+        resolve_steps(suite, (0, 5), (), 1)
     with pytest.raises(ParamError, match="at least two"): resolve_steps(suite, (10,), (), 1)
     with pytest.raises(ParamError, match="cold_steps"): resolve_steps(suite, (), (0,), 1)
     p = SaeTrackParams()
     assert chain_key(p, suite, 1) == chain_key(SaeTrackParams(n_random=7, analysis_tokens=10**5), suite, 1)
     assert len({chain_key(p, suite, 1), chain_key(p, suite, 0), chain_key(SaeTrackParams(sae_seed=1), suite, 1),
                 chain_key(p, suite.select([0, 10]), 1)}) == 4
+
+
+def test_chain_key_covers_the_code(suite, monkeypatch):
+    import dyntrack.sae_track as sae_track_mod
+    p = SaeTrackParams()
+    key = chain_key(p, suite, 1)
+    assert key == chain_key(SaeTrackParams(), suite, 1) and key.startswith("relu-L1-")  # stable across calls
+    seen = []
+    monkeypatch.setattr(sae_track_mod, "module_digest", lambda *names: seen.append(names) or "edited")
+    assert chain_key(p, suite, 1) != key
+    assert {"dyntrack.sae", "dyntrack.sae_train", "dyntrack.sae_track", "dyntrack.acts", "dyntrack.suite"} <= set(seen[0])
+
+
+def test_params_refuse_non_finite_and_unused_values():
+    for bad, words in [(dict(sae_lr=float("inf")), "^sae_lr=inf is not a finite number"),
+                       (dict(link_lr=float("nan")), "^link_lr=nan"), (dict(l1_coef=float("-inf")), "^l1_coef="),
+                       (dict(label_threshold=float("nan")), "^label_threshold="),
+                       (dict(phase_quantiles=(0.1, float("inf"))), "^phase_quantiles="),
+                       (dict(sae_text="texts/"), "^sae_text='texts/' is not used here"),
+                       (dict(k=8), "^k=8 is not used here"), (dict(kind="topk", l1_coef=1.0), "^l1_coef=1.0 is not used here"),
+                       (dict(d_sae=512, sae_expansion=8), "^sae_expansion=8 is not used here"),
+                       (dict(cold_steps=(8,), n_cold=4), "^n_cold=4 is not used here"),
+                       (dict(sim_tokens=100), "^sim_tokens=100 is not used here"),
+                       (dict(suite=f"hub:{REPO}", eval_tokens=100), "^eval_tokens=100 is not used here"),
+                       (dict(suite=f"hub:{REPO}", vocab_size=500), "^vocab_size=500 is not used here")]:
+        with pytest.raises(ParamError, match=words): SaeTrackParams(**bad)
+    with pytest.raises(ParamError, match="^sae_lr="): resolve_params(SaeTrackParams, "smoke", dict(sae_lr=float("inf")))
+    assert SaeTrackParams(suite=f"hub:{REPO}", words_per_domain=5000).words_per_domain == 5000  # sizes the chain's text
+
+
+def test_check_before_training(suite, tmp_path, monkeypatch):
+    from dyntrack.sae_track import check_sae_track_params
+    monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path / "cache"))
+    smoke = resolve_params(SaeTrackParams, "smoke")
+    assert check_sae_track_params(smoke).steps == [0, 1, 2, 4, 8, 15, 30, 45, 60]  # the schedule it will be trained with
+    for bad, words in [(dict(chain_steps=[0, 3]), r"chain_steps \[3\] are not checkpoints"),
+                       (dict(cold_steps=[0]), "cold_steps"), (dict(site_layer=2), "site_layer=2 is out of range"),
+                       (dict(device="gpu"), "device='gpu'"), (dict(kind="topk", k=257), "k=257")]:
+        with pytest.raises(ParamError, match=words): check_sae_track_params(resolve_params(SaeTrackParams, "smoke", bad))
+    run = dict(suite=f"run:{Path(suite[0].source).parent}")
+    assert check_sae_track_params(SaeTrackParams(**run, d_sae=32, chain_steps=(0, 20))).steps == [0, 10, 20]
+    for bad, words in [(dict(chain_steps=(0, 15)), r"chain_steps \[15\]"), (dict(site_layer=2), r"blocks \[0, 1\]"),
+                       (dict(sae_text=str(tmp_path / "none")), "sae_text=")]:
+        with pytest.raises(ParamError, match=words): check_sae_track_params(SaeTrackParams(**run, d_sae=32, **bad))
+    assert not (tmp_path / "cache").exists()  # nothing generated, trained or named
+
+
+def test_chain_waits_for_a_concurrent_run_and_reuses_its_links(suite, tmp_path, monkeypatch):
+    import contextlib, shutil
+    import dyntrack.sae_track as sae_track_mod
+    done = train_chain(suite, 1, tokens, chain_cfg(), chain_cfg(n_tokens=32), tmp_path / "done")
+    held = []
+    @contextlib.contextmanager
+    def other_run_finishes_first(path, wait=True, what=None):  # the lock is granted after another run wrote the chain
+        held.append(str(path))
+        shutil.copytree(tmp_path / "done", tmp_path / "chain")
+        yield path
+    monkeypatch.setattr(sae_track_mod, "file_lock", other_run_finishes_first, raising=False)
+    seen = []
+    paths = train_chain(suite, 1, lambda ckpt: seen.append(ckpt.step) or tokens(ckpt), chain_cfg(),
+                        chain_cfg(n_tokens=32), tmp_path / "chain")
+    assert held == [f"{tmp_path / 'chain'}.lock"] and seen == []  # checked again under the lock: nothing retrained
+    for a, b in zip(paths, done): assert torch.equal(load_sae(a).W_dec, load_sae(b).W_dec)
 
 
 # --- tokens and activations ---------------------------------------------------------------------------------

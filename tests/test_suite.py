@@ -1,5 +1,5 @@
 "The suite experiment notebook end to end on a Hub-like suite (offline cache), and its parameter errors."
-import json
+import json, re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import toy_hub
-from dyntrack.core import ParamError
+from dyntrack.core import ParamError, resolve_params
 from dyntrack.suite import SuiteParams, activation_similarity, emergence_tokens, open_suite, resolve_site
 
 NB = Path(__file__).parent.parent / "nbs" / "10_suite.ipynb"
@@ -86,3 +86,136 @@ def test_similarity_and_emergence_known_answers():
     rows = [dict(tokens=t, acc=v) for t, v in [(0, 0.5), (1, 0.95), (2, 0.8), (4, 0.91), (8, 0.99)]]
     assert emergence_tokens(rows, "acc") == 4  # the lucky checkpoint at 1 token does not count
     assert emergence_tokens(rows, "acc", 0.995) is None
+
+
+# --- parameters: non-finite, ill-typed and unused values ------------------------------------------------------
+
+def test_non_finite_floats_are_refused_in_every_parameter_set():
+    from dyntrack.sae_track import SaeTrackParams
+    from dyntrack.topk_lm import TopKParams
+    cases = [(SuiteParams, "lr"), (SaeTrackParams, "sae_lr"), (SaeTrackParams, "link_lr"), (SaeTrackParams, "l1_coef"),
+             (SaeTrackParams, "formation_fraction"), (TopKParams, "act_threshold"), (TopKParams, "anneal_fraction"),
+             (TopKParams, "steer_min_purity")]
+    for cls, name in cases:
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            with pytest.raises(ParamError, match=f"^{name}="):
+                resolve_params(cls, "smoke", {name: bad})
+            with pytest.raises(ParamError, match=f"^{name}="):
+                cls(**{name: bad})  # built directly, as library code does
+    with pytest.raises(ParamError, match="^steer_deltas="): TopKParams(steer_deltas=(1.0, float("inf")))
+    with pytest.raises(ParamError, match="^batch_size=2.5 has the wrong type"): SuiteParams(batch_size=2.5)
+    with pytest.raises(ParamError, match="^seed='abc' has the wrong type"): SuiteParams(seed="abc")
+
+
+def test_unused_parameters_are_refused():
+    hub = dict(suite=f"hub:{REPO}")
+    for bad, words in [(dict(hub_steps=(0, 16)), r"hub_steps=\(0, 16\) is not used here \(only a hub suite"),
+                       (dict(hub_tokens_per_step=1000), "hub_tokens_per_step=1000 is not used here"),
+                       (dict(hub, run_dir="/somewhere"), "run_dir='/somewhere' is not used here"),
+                       (dict(hub, size="medium"), "size='medium' is not used here"),
+                       (dict(suite="run:/x", lr=0.5), "lr=0.5 is not used here")]:
+        with pytest.raises(ParamError, match=words): SuiteParams(**bad)
+    # the defaults and the profiles' values are what a run gets untold: they pass
+    assert resolve_params(SuiteParams, "smoke", dict(hub, hub_steps=[0, 16])).size == "tiny"
+    assert resolve_params(SuiteParams, "paper", hub).size == "base"
+
+
+# --- checks before any work -------------------------------------------------------------------------------------
+
+def test_checks_run_before_anything_is_generated(tmp_path, monkeypatch):
+    from dyntrack.suite import SuitePlan, check_suite_params
+    monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path))
+    p = resolve_params(SuiteParams, "smoke")
+    assert check_suite_params(p) == SuitePlan([0, 1, 2, 4, 8, 15, 30, 45, 60], 2, 64)
+    for bad, words in [(dict(site_layer=99), r"site_layer=99 is out of range; the suite has blocks \[0, 1\]"),
+                       (dict(device="gpu"), "device='gpu'"), (dict(device="cuda:7"), "device='cuda:7'"),
+                       (dict(suite="run:/no/such/run"), "suite='run:/no/such/run' cannot be opened: /no/such/run/manifest.json"),
+                       (dict(suite=f"folders:{tmp_path}/a"), f"{tmp_path}/a")]:
+        with pytest.raises(ParamError, match=words): check_suite_params(resolve_params(SuiteParams, "smoke", bad))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checks_read_a_hub_suite_config_only(offline):
+    from dyntrack.suite import SuitePlan, check_suite_params
+    p = SuiteParams(suite=f"hub:{REPO}", hub_steps=(0, 16))
+    assert check_suite_params(p) == SuitePlan([0, 16], 2, 64)
+    with pytest.raises(ParamError, match=r"site_layer=5 is out of range; the suite has blocks \[0, 1\]"):
+        check_suite_params(SuiteParams(suite=f"hub:{REPO}", hub_steps=(0, 16), site_layer=5))
+    with pytest.raises(ParamError, match="suite='hub:toy-org/missing' cannot be opened"):
+        check_suite_params(SuiteParams(suite="hub:toy-org/missing", hub_steps=(0,)))
+
+
+# --- cache keys and locks -----------------------------------------------------------------------------------------
+
+TINY_SUITE = dict(words_per_domain=2000, vocab_size=300, size="tiny", seq_len=16, batch_size=4, total_steps=4,
+                  warmup_steps=1, n_linear=2, eval_tokens=64, device="cpu")
+
+
+def test_corpus_and_run_keys_cover_data_code_and_configs(tmp_path, monkeypatch):
+    import dataclasses, shutil
+    import dyntrack.suite as suite_mod
+    from dyntrack.grammar import find_data_dir
+    from dyntrack.suite import corpus_key, run_key
+    p = SuiteParams(**TINY_SUITE)
+    corpus, run = corpus_key(p), run_key(p)
+    assert corpus == corpus_key(SuiteParams(**TINY_SUITE)) and run == run_key(SuiteParams(**TINY_SUITE))  # stable
+    assert re.fullmatch(r"w2000-s0-v300-[0-9a-f]{16}", corpus) and re.fullmatch(r"gpt_neox-tiny-[0-9a-f]{16}", run)
+    for change in (dict(lr=1e-2), dict(batch_size=8), dict(warmup_steps=2), dict(seed=1), dict(seq_len=32),
+                   dict(arch="llama"), dict(corpus_seed=1), dict(words_per_domain=2001)):
+        assert run_key(dataclasses.replace(p, **change)) != run, change
+    assert run_key(dataclasses.replace(p, n_pairs=1, sim_tokens=7, site_layer=0, compile=False)) == run
+    data = tmp_path / "data"
+    shutil.copytree(find_data_dir(), data)
+    monkeypatch.setattr(suite_mod, "find_data_dir", lambda: data)
+    assert corpus_key(p) == corpus
+    with open(data / "grammar.json", "a") as f: f.write(" ")  # an edit of the grammar file
+    assert corpus_key(p) != corpus and run_key(p) != run
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(suite_mod, "module_digest", lambda *names: seen.append(names) or "edited")  # edited code
+    assert corpus_key(p) != corpus and run_key(p) != run
+    assert ("dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens") in seen
+    assert ("dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens", "dyntrack.train", "dyntrack.models") in seen
+
+
+PREPARE = """
+import json
+import dyntrack.suite as suite
+from dyntrack.tokens import tokenizer_hash
+generated, generate = [], suite.generate_corpus
+suite.generate_corpus = lambda *args, **kw: generated.append(1) or generate(*args, **kw)
+tok, shards = suite.prepare_embedded_data(suite.SuiteParams(words_per_domain=4000, vocab_size=400))
+print(json.dumps(dict(vocab=len(tok), tokenizer=tokenizer_hash(tok), n_tokens=shards.n_tokens("train"),
+                      batch=shards.batch(0, 8, 32).tolist(), generated=len(generated))))
+"""
+
+
+def test_two_processes_share_a_fresh_corpus_cache(tmp_path):
+    import os, subprocess, sys
+    env = dict(os.environ, DYNTRACK_CACHE=str(tmp_path), DYNTRACK_PROGRESS="0")
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    first, second = (json.loads(out.splitlines()[-1]) for out, _ in outs)
+    assert first["generated"] + second["generated"] == 1  # one wrote the corpus; the other waited and reused it
+    assert {**first, "generated": 0} == {**second, "generated": 0} and first["vocab"] > 258
+    (folder,) = [d for d in (tmp_path / "corpus").iterdir() if d.is_dir()]
+    assert (folder.parent / f"{folder.name}.lock").exists()
+    names = {p.name for p in folder.iterdir()}
+    assert {"shards", "tokenizer"} <= names and not [n for n in names if n.startswith(".")]  # no scratch folders left
+
+
+def test_embedded_suite_is_trained_under_a_lock_and_reused(tmp_path, monkeypatch, one_torch_thread):
+    from dyntrack.suite import default_run_dir, train_embedded_suite
+    monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path))
+    monkeypatch.setenv("DYNTRACK_PROGRESS", "0")
+    p = SuiteParams(**TINY_SUITE)
+    suite = train_embedded_suite(p)
+    run_dir = default_run_dir(p)
+    assert suite.steps == [0, 1, 2, 4] and Path(suite[-1].source).parent == run_dir
+    assert (run_dir.parent / f"{run_dir.name}.lock").exists()
+    mtime = (run_dir / "step4" / "model.safetensors").stat().st_mtime_ns
+    assert train_embedded_suite(p).steps == suite.steps
+    assert (run_dir / "step4" / "model.safetensors").stat().st_mtime_ns == mtime  # reopened, not retrained

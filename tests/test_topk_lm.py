@@ -1,5 +1,5 @@
 "Tests of dyntrack.topk_model and dyntrack.topk_lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
-import copy, json, math, os, subprocess, sys
+import copy, json, math, os, re, subprocess, sys
 
 import numpy as np
 import pytest
@@ -400,8 +400,15 @@ def test_params_profiles_and_errors():
                        (dict(arch="gpt_neox"), r"arch='gpt_neox' is not allowed; choose one of \['llama'\]"),
                        (dict(act="gelu"), r"act='gelu' is not allowed"),
                        (dict(anneal_fraction=-0.5), r"anneal_fraction=-0.5 is out of range"),
-                       (dict(suite="run:/tmp/x"), "use 'embedded'"), (dict(n_formation=1), "n_formation=1")]:
+                       (dict(suite="run:/tmp/x"), "use 'embedded'"), (dict(n_formation=1), "n_formation=1"),
+                       (dict(act_threshold=float("inf")), "^act_threshold=inf is not a finite number"),
+                       (dict(anneal_fraction=float("nan")), "^anneal_fraction=nan"),
+                       (dict(steer_deltas=(0.0, float("inf"))), "^steer_deltas="),
+                       (dict(hub_steps=(0, 1)), r"^hub_steps=\(0, 1\) is not used here"),
+                       (dict(hub_tokens_per_step=10), "^hub_tokens_per_step=10 is not used here"),
+                       (dict(sim_tokens=4), "^sim_tokens=4 is not used here")]:
         with pytest.raises(ParamError, match=words): TopKParams(size="tiny", n_layers=4, **bad)
+    with pytest.raises(ParamError, match="^act_threshold="): resolve_params(TopKParams, "smoke", dict(act_threshold=float("inf")))
     with pytest.raises(ParamError, match="unknown parameter"): resolve_params(TopKParams, "smoke", dict(top_k=3))
 
 
@@ -412,9 +419,31 @@ def test_twin_configs_and_run_dirs(pair):
     assert all(torch.equal(a, b) for a, b in zip(topk.state_dict().values(), dense.state_dict().values()))  # same init
     assert configs["topk"].num_hidden_layers == configs["dense"].num_hidden_layers == 4 and configs["topk"].topk_k == 4
     dirs = lm_run_dirs(p)
-    assert dirs["topk"] != dirs["dense"] and "-k4-x2-identity-a0.5" in dirs["topk"].name
+    assert dirs == lm_run_dirs(TopKParams(**TINY))  # stable across calls
+    assert re.fullmatch(r"llama-tiny-topk-[0-9a-f]{16}", dirs["topk"].name) and dirs["dense"].name.startswith("llama-tiny-dense-")
     assert lm_run_dirs(TopKParams(**{**TINY, "k": 8}))["topk"] != dirs["topk"]
     assert lm_run_dirs(TopKParams(**{**TINY, "k": 8}))["dense"] == dirs["dense"]  # k does not change the dense twin
+    for change in (dict(anneal_fraction=0.25), dict(act="relu"), dict(n_nontopk=1)):  # TopK settings: the TopK run only
+        changed = lm_run_dirs(TopKParams(**{**TINY, **change}))
+        assert changed["topk"] != dirs["topk"] and changed["dense"] == dirs["dense"], change
+    for change in (dict(lr=1e-3), dict(n_layers=3), dict(corpus_seed=1), dict(seq_len=16), dict(seed=1)):
+        changed = lm_run_dirs(TopKParams(**{**TINY, **change}))
+        assert changed["topk"] != dirs["topk"] and changed["dense"] != dirs["dense"], change
+
+
+def test_run_dirs_cover_the_code(pair, monkeypatch):
+    import dyntrack.topk_lm as topk_lm_mod
+    p, _ = pair
+    dirs, seen = lm_run_dirs(p), []
+    monkeypatch.setattr(topk_lm_mod, "module_digest", lambda *names: seen.append(names) or "edited")
+    edited = lm_run_dirs(p)
+    assert edited["topk"] != dirs["topk"] and edited["dense"] != dirs["dense"]
+    assert {"dyntrack.corpus", "dyntrack.tokens", "dyntrack.train", "dyntrack.models", "dyntrack.topk_model"} <= set(seen[-1])
+
+
+def test_runs_are_trained_under_locks(pair):
+    p, _ = pair
+    for d in lm_run_dirs(p).values(): assert (d.parent / f"{d.name}.lock").exists(), d
 
 
 def test_train_pair_is_a_suite_with_exact_topk_and_reuses_runs(pair):
