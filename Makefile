@@ -20,6 +20,8 @@ PROFILE ?= auto
 OUT ?= results/{profile}
 # more dyntrack-reproduce arguments, e.g. ARGS="-p seed 1 --only 10_suite --force"
 ARGS ?=
+# more JupyterLab arguments for `make lab`, e.g. LAB_ARGS="--port 8890 --no-browser --ip 0.0.0.0"
+LAB_ARGS ?=
 # Python version of the offline GPU host, and where `make wheelhouse` puts the wheels
 PY ?= 3.12
 WHEELHOUSE ?= wheelhouse
@@ -29,6 +31,8 @@ STAMP := $(VENV)/.dyntrack-installed
 # Scripts of packages reused from the base interpreter (--system-site-packages) live outside the venv: look in
 # the venv first, then on the normal PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
+# JupyterLab refuses to start as root unless told to; containers often run as root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: help install figures test lab export clean check wheelhouse
 
@@ -36,7 +40,7 @@ help:
 	@echo "make figures [PROFILE=smoke|paper|auto] [OUT=dir] [ARGS=...]  run all experiment notebooks + report"
 	@echo "make test                      pytest: unit, integration and library-notebook tests"
 	@echo "make install                   create $(VENV) and install dyntrack with its dev tools"
-	@echo "make lab                       JupyterLab on nbs/ (installs jupyterlab on first use)"
+	@echo "make lab [LAB_ARGS=...]        JupyterLab on nbs/ (installs jupyterlab on first use; --allow-root as root)"
 	@echo "make export | clean | check    nbdev_export | nbdev_clean | both, then fail if git sees changes"
 	@echo "make wheelhouse [PY=3.12]      wheels for an offline GPU host (README: Offline GPU host)"
 
@@ -67,7 +71,7 @@ test: install
 
 lab: install
 	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install jupyterlab
-	$(BIN)/python -m jupyterlab nbs/
+	$(BIN)/python -m jupyterlab $(ALLOW_ROOT) $(LAB_ARGS) nbs/
 
 export: install
 	nbdev_export
