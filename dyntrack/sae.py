@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .acts import fold_scale
 from .core import (CorruptFileError, ParamError, atomic_path, check_choice, check_fields, check_params, check_range,
-                           read_json, write_json)
+                           read_json, settle, write_json)
 from .train import reading
 
 # %% auto #0
@@ -290,7 +290,7 @@ def save_sae(sae: SparseAutoencoder, cfg: SaeConfig, path, overwrite: bool = Fal
 
 def load_sae(path, device=None) -> SparseAutoencoder:
     "The SAE saved by `save_sae` in folder `path`; its `.cfg` is the saved config."
-    path = Path(path)
+    path = settle(path)  # train_sae replaces its sae/ folder in place
     saved, remedy = read_json(path / "cfg.json"), f"save the SAE again, or delete {path}"
     if not isinstance(saved, dict) or saved.pop("format", None) != SAE_FORMAT:
         raise CorruptFileError(f"{path / 'cfg.json'} is not a {SAE_FORMAT} config; {remedy}")
@@ -341,7 +341,7 @@ def _saelens_kind(raw: dict) -> tuple[str, int | None]:
 
 def from_saelens(path, device=None) -> SparseAutoencoder:
     "An SAE from a SAELens folder (cfg.json + sae_weights.safetensors) of architecture 'standard' or 'topk'."
-    path = Path(path)
+    path = settle(path)  # to_saelens(overwrite=True) replaces the folder in place
     raw = read_json(path / "cfg.json")
     kind, k = _saelens_kind(raw)
     with reading(path / "sae_weights.safetensors", f"export the SAE again, or point at another folder than {path}"):

@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .acts import blocks, check_layer, residual_at
-from .core import ParamError, atomic_path, check_range, progress, read_json, write_json
+from .core import ParamError, atomic_path, check_range, progress, read_json, settle, write_json
 from .sae import (
     SaeConfig, SparseAutoencoder, check_matches, geometric_median, normalize_decoder, remove_parallel_grad, save_sae)
-from .train import append_log, lm_loss, truncate_log
+from .train import append_log, lm_loss, read_log, reading, truncate_log
 
 # %% auto #0
 __all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'lr_at', 'init_b_dec', 'l2_pull_loss',
@@ -134,16 +134,21 @@ def save_train_state(state_dir, sae: SparseAutoencoder, optimizer, state: SaeTra
 def load_train_state(state_dir, sae: SparseAutoencoder, optimizer, cfg: SaeConfig) -> SaeTrainState:
     "Load what `save_train_state` wrote into `sae` and `optimizer`; refuse a state saved with another config."
     state_dir, device = Path(state_dir), sae.W_dec.device
-    saved = read_json(state_dir / "state.json")
+    remedy = f"delete {state_dir.parent} to train the SAE again"
+    with reading(state_dir / "state.json", remedy):
+        saved = read_json(state_dir / "state.json")
+        step, tokens_seen, saved_cfg = saved["step"], saved["tokens_seen"], saved["config"]
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = [f"{k} (saved {saved['config'].get(k)!r}, given {v!r})" for k, v in mine.items()
-            if saved["config"].get(k) != v]
+    diff = [f"{k} (saved {saved_cfg.get(k)!r}, given {v!r})" for k, v in mine.items() if saved_cfg.get(k) != v]
     if diff: raise ParamError(f"{state_dir} holds a run with another config; use another out_dir. "
                               f"Differing: {', '.join(diff)}")
-    tensors = load_file(state_dir / "state.safetensors", device=str(device))
-    sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device, weights_only=True))
-    return SaeTrainState(saved["step"], saved["tokens_seen"], tensors["since_fired"])
+    with reading(state_dir / "state.safetensors", remedy):
+        tensors = load_file(state_dir / "state.safetensors", device=str(device))
+        sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
+        since_fired = tensors["since_fired"]
+    with reading(state_dir / "optimizer.pt", remedy):
+        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device, weights_only=True))
+    return SaeTrainState(step, tokens_seen, since_fired)
 
 # %% ../nbs/09b_sae_train.ipynb #72c969fd
 class SaeTrainResult(NamedTuple):
@@ -155,14 +160,19 @@ class SaeTrainResult(NamedTuple):
     exhausted: bool         # the activation batches ran out before cfg.n_steps
     wall_s: float           # wall time of this call, seconds
 
-def _start(sae, cfg, out_dir, warm_start, optimizer) -> SaeTrainState:
+def _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every: int) -> SaeTrainState:
     "Fresh counters, with warm-start weights copied in; or the state saved in `out_dir`."
     if warm_start is not None:
         check_matches(warm_start, cfg)
         sae.load_state_dict(warm_start.state_dict())
     state = SaeTrainState(0, 0, torch.zeros(cfg.d_sae, dtype=torch.long, device=sae.W_dec.device))
     if out_dir is None: return state
-    if (out_dir / "state").exists(): state = load_train_state(out_dir / "state", sae, optimizer, cfg)
+    log = out_dir / "log.jsonl"
+    if settle(out_dir / "state").exists(): state = load_train_state(out_dir / "state", sae, optimizer, cfg)
+    elif log.exists() and max((r["step"] for r in read_log(log)), default=0) > checkpoint_every:
+        raise FileNotFoundError(f"{out_dir / 'state'} is missing, but {log} goes past step {checkpoint_every}, where "
+                                f"a state was saved: starting over would empty the log. Restore state, or delete "
+                                f"{out_dir} to train the SAE again")
     out_dir.mkdir(parents=True, exist_ok=True)
     truncate_log(out_dir / "log.jsonl", state.step)
     return state
@@ -179,7 +189,7 @@ def train_sae(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig, ou
     if l2_pull and warm_start is None: raise ParamError("l2_pull > 0 needs warm_start (the weights to pull towards)")
     t0, out_dir, device = time.time(), (Path(out_dir) if out_dir is not None else None), sae.W_dec.device
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
-    state = _start(sae, cfg, out_dir, warm_start, optimizer)
+    state = _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every)
     anchor = {k: v.detach().to(device).clone() for k, v in warm_start.state_dict().items()} if l2_pull else None
     history, pending, batches = [], None, iter(acts) if state.step < cfg.n_steps else iter(())
     for _ in range(state.step): next(batches, None)  # resumed: skip what was trained on

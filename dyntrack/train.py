@@ -228,7 +228,7 @@ def reading(path, remedy: str):
     "Re-raise what reading the file `path` in the block raises as an error naming it, ending with `remedy`."
     try: yield
     except FileNotFoundError as e: raise FileNotFoundError(f"{path} is missing; {remedy}") from e
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as e:
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as e:  # cut short or foreign
         why = (str(e).strip().splitlines() or [""])[0]
         raise CorruptFileError(f"{path} cannot be read ({type(e).__name__}: {why}): damaged, half written or not "
                                f"what it should be; {remedy}") from e

@@ -1,5 +1,5 @@
 "SAE training and evaluation: warm starts, exact resume, planted-feature recovery, spliced ΔCE, top activations."
-import dataclasses, json
+import dataclasses, json, shutil
 
 import pytest
 import torch
@@ -8,12 +8,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from dyntrack.acts import residual_at
-from dyntrack.core import ParamError
+from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.models import build_model, model_config
 from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
                                 top_activations, top_activations_by_latent, train_sae)
-from dyntrack.train import lm_loss
+from dyntrack.train import lm_loss, read_log
 
 VOCAB = 61
 
@@ -229,3 +229,59 @@ def test_top_activations_by_latent_topk_sae_matches_dense_latents(counting_model
         for h in hits: assert abs(z[4 * h.batch + h.row, h.pos - 1, latent].item() - h.score) < 1e-6
     with pytest.raises(ParamError, match="latent=256"):
         top_activations_by_latent(sae, counting_model, tokenizer, ids, layer=1, latents=[3, 256])
+
+
+# --- the run folder under faults ------------------------------------------------------------------------------
+
+DEAD_PID = 2**22 + 4321  # above the largest pid Linux hands out: no process has it
+
+
+def interrupted_run(tmp_path, cfg, batches):
+    "A run into tmp_path/'run' stopped after step 6, its state saved at step 4."
+    with pytest.raises(Interrupt):
+        train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run", checkpoint_every=4, callbacks=[stop_at(6)])
+    return tmp_path / "run"
+
+
+def test_kill_between_the_renames_of_a_state_save_resumes_from_it(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    ref = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "ref", checkpoint_every=4)
+    run = interrupted_run(tmp_path, cfg, batches)
+    (run / "state").rename(run / f".state.old-{DEAD_PID}-abcd1234")  # killed between the renames of the next save
+    (run / f".state.tmp-{DEAD_PID}-0123abcd").mkdir()  # and its half-written copy
+    resumed = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=run, checkpoint_every=4)
+    assert [r["step"] for r in resumed.history] == list(range(5, 13))  # from the saved step 4, not from 0
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+    assert read_log(run / "log.jsonl") == read_log(tmp_path / "ref" / "log.jsonl")
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "sae", "state"]  # dead writers' leftovers gone
+
+
+def test_lost_state_is_refused_not_restarted(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    run = interrupted_run(tmp_path, cfg, batches)
+    shutil.rmtree(run / "state")
+    log = (run / "log.jsonl").read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"state is missing.*goes past step 4.*delete"):
+        train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=run, checkpoint_every=4)
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+@pytest.mark.parametrize("name", ["state.safetensors", "optimizer.pt", "state.json"])
+def test_damaged_state_names_the_file(tmp_path, name):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    path = interrupted_run(tmp_path, cfg, batches) / "state" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="^" + str(path).replace(".", r"\.") + " .*delete"):
+        train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run", checkpoint_every=4)
+
+
+def test_torn_last_log_line_does_not_stop_a_finished_run(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    first = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run")
+    with open(tmp_path / "run" / "log.jsonl", "a") as f: f.write('{"step": 13, "lo')  # killed mid-append
+    again = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run")
+    assert again.history == [] and again.steps == 12 and read_log(tmp_path / "run" / "log.jsonl") == first.history
