@@ -64,7 +64,7 @@ class SaeTrackParams(SuiteParams):
     label_threshold: float = 0.6         # share of top positions one lemma / property must hold to label a feature
     n_drift_features: int = 24           # live features drawn for the feature-centric drift curves
     n_embed_features: int = 6            # features (distinct final labels) in the embedding view
-    chain_dir: str = ""                  # folder of the chain's SAEs; "" = a cache folder named by the parameters
+    chain_dir: str = ""                  # folder of the chain's SAEs; "" = a cache folder named by the parameters and code
     sae_seed: int = 0                    # SAE initialisation, activation shuffling and token-window seed
 
     def __post_init__(self):

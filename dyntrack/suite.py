@@ -20,16 +20,16 @@ from .grammar import Lexicon, WordInfo, find_data_dir, load_lexicon
 from .tasks import PHENOMENA, make_minimal_pairs, minimal_pair_accuracy
 from .tokens import TokenShards, build_shards, train_tokenizer
 from .models import ARCHS, SIZES, CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps
-from .train import TrainConfig, Trainer, validation_losses
+from .train import VOLATILE_CONFIG, TrainConfig, Trainer, validation_losses
 from .acts import residual_at
 
 # %% auto #0
 __all__ = ['TRAINING_FIELDS', 'EVAL_SEED_OFFSET', 'TOKENIZER_DOCS_PER_DOMAIN', 'CORPUS_CODE', 'TRAIN_CODE', 'refuse_unused',
-           'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data', 'eval_texts', 'train_config', 'run_key',
-           'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site', 'SuitePlan', 'suite_plan',
-           'check_suite_params', 'encode_eval', 'CheckpointEval', 'evaluate_checkpoint', 'labelled_tokens',
-           'activation_similarity', 'SuiteDescription', 'eval_pairs', 'describe_suite', 'emergence_tokens',
-           'plot_metric_curves', 'plot_similarity']
+           'SuiteParams', 'corpus_key', 'corpus_dir', 'prepare_embedded_data', 'eval_texts', 'train_config',
+           'config_fields', 'run_key', 'default_run_dir', 'train_embedded_suite', 'open_suite', 'resolve_site',
+           'SuitePlan', 'suite_plan', 'check_suite_params', 'encode_eval', 'CheckpointEval', 'evaluate_checkpoint',
+           'labelled_tokens', 'activation_similarity', 'SuiteDescription', 'eval_pairs', 'describe_suite',
+           'emergence_tokens', 'plot_metric_curves', 'plot_similarity']
 
 # %% ../nbs/08_suite.ipynb #7b48bbb9
 def _preset_values(cls, name: str) -> list:
@@ -54,7 +54,7 @@ class SuiteParams:
     suite: str = "embedded"              # where checkpoints come from (see table above)
     hub_steps: tuple[int, ...] = ()      # hub revisions step{N} to use; () = Pythia's log-spaced steps up to 143000
     hub_tokens_per_step: int = 2_097_152 # tokens per step of the hub suite (Pythia: 1024 × 2048)
-    run_dir: str = ""                    # embedded suite folder; "" = a cache folder named by the parameters
+    run_dir: str = ""                    # embedded suite folder; "" = a cache folder named by the parameters and code
     words_per_domain: int = 200_000      # training-corpus words generated per domain
     eval_words_per_domain: int = 20_000  # held-out evaluation words per domain (own seed)
     corpus_seed: int = 0                 # seed of the generated corpus
@@ -153,10 +153,14 @@ def train_config(p: SuiteParams) -> TrainConfig:
                        warmup_steps=p.warmup_steps, seed=p.seed, data_seed=p.seed, compile=p.compile,
                        checkpoint_steps=steps, resume_every=max(p.total_steps // 4, 1), eval_tokens=p.eval_tokens // 4)
 
+def config_fields(config) -> dict:
+    "The fields of a model config that shape its weights: all but `train.VOLATILE_CONFIG` (versions, names, dtype)."
+    return {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
+
 def run_key(p: SuiteParams) -> str:
     "Names the embedded suite of `p`: arch, size and a digest of its corpus key, trainer and model configs and `TRAIN_CODE`."
-    model = model_config(p.arch, p.size, vocab_size=p.vocab_size, max_seq_len=p.seq_len)
-    what = dict(corpus=corpus_key(p), train=train_config(p), model=model.to_dict(), code=module_digest(*TRAIN_CODE))
+    model = config_fields(model_config(p.arch, p.size, vocab_size=p.vocab_size, max_seq_len=p.seq_len))
+    what = dict(corpus=corpus_key(p), train=train_config(p), model=model, code=module_digest(*TRAIN_CODE))
     return f"{p.arch}-{p.size}-{digest(what)}"
 
 def default_run_dir(p: SuiteParams) -> Path:

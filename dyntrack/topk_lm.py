@@ -22,7 +22,7 @@ from .core import ParamError, atomic_path, cache_dir, check_choice, check_range,
 from .corpus import annotate
 from .grammar import Lexicon, WordInfo, load_lexicon
 from .models import SIZES, CheckpointSuite, build_model
-from .suite import (TRAIN_CODE, SuiteParams, corpus_key, labelled_tokens, prepare_embedded_data,
+from .suite import (TRAIN_CODE, SuiteParams, config_fields, corpus_key, labelled_tokens, prepare_embedded_data,
                             train_config as suite_train_config)
 from .tasks import lambada_accuracy, minimal_pair_accuracy
 from .tokens import TokenShards
@@ -184,7 +184,7 @@ def lm_run_dirs(p: TopKParams) -> dict[str, Path]:
     base = Path(p.run_dir) if p.run_dir else cache_dir("topk_lm")
     configs, train_cfgs = _lm_configs(p, p.vocab_size), lm_train_configs(p)  # the real vocabulary follows from the corpus key
     shared = dict(corpus=corpus_key(p), code=module_digest(*TOPK_CODE))
-    key = lambda name, **extra: digest(dict(shared, train=train_cfgs[name], model=configs[name].to_dict(), **extra))
+    key = lambda name, **extra: digest(dict(shared, train=train_cfgs[name], model=config_fields(configs[name]), **extra))
     return dict(topk=base / f"llama-{p.size}-topk-{key('topk', anneal_fraction=p.anneal_fraction)}",
                 dense=base / f"llama-{p.size}-dense-{key('dense')}")
 
