@@ -389,6 +389,7 @@ def test_activation_scales_recorded_and_reused(suite, tmp_path, monkeypatch):
     again = activation_scales(suite, 1, tokens, path=path)  # only step 20 is new
     assert loaded == [20] and {s: again[s] for s in (0, 10)} == first and sorted(again) == [0, 10, 20]
     assert [r["step"] for r in read_json(path)["scales"]] == [0, 10, 20]
+    assert (path.parent / "scales.json.lock").exists()  # measured under a lock: two runs of one chain measure once
     with pytest.raises(ParamError, match="layer 1 over 1 batches, not layer 1 over 2"):
         activation_scales(suite, 1, tokens, n_batches=2, path=path)
 
