@@ -35,7 +35,7 @@ import torch.distributed as dist
 from dyntrack.core import device_name, resolve_params, software_versions, write_json
 from dyntrack.models import CheckpointSuite, build_model, model_config
 from dyntrack.suite import SuiteParams, prepare_embedded_data, train_config
-from dyntrack.train import Callback, Trainer, validation_losses
+from dyntrack.train import Callback, Trainer, read_log, validation_losses
 from bench_train import Stopwatch
 
 NO_MULTICAST = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -138,8 +138,7 @@ def cpu_checkpoint_check(run_dir, step: int, p: SuiteParams, shards, cfg) -> dic
     suite = CheckpointSuite.from_run(run_dir)
     model = suite.load_model(step=step, device="cpu", dtype=torch.float32)
     cpu = validation_losses(model, shards, cfg.seq_len, cfg.batch_size // 4, cfg.eval_tokens or None)
-    logged = next(json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()
-                  if json.loads(l)["step"] == step)["val_loss"]
+    logged = next(r for r in read_log(Path(run_dir) / "log.jsonl") if r["step"] == step)["val_loss"]
     return dict(step=step, cpu_fp32=float(np.mean(list(cpu.values()))), logged_bf16=float(np.mean(list(logged.values()))))
 
 

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+try: import ipywidgets  # tqdm.auto draws widget bars only with it, and warns on every import without it
+except ImportError: from tqdm.std import tqdm
+else: from tqdm.auto import tqdm
 
 
 # %% auto #0
@@ -66,7 +68,7 @@ def _type_ok(value, typ) -> tuple[bool, Any]:
     return isinstance(value, typ), value
 
 def _type_error(name: str, value, typ) -> ParamError:
-    expected = str(typ).replace("typing.", "")
+    expected = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")  # "int", not "<class 'int'>"
     if isinstance(value, float) and not math.isfinite(value): return ParamError(f"{name}={value!r} is not a finite number")
     return ParamError(f"{name}={value!r} has the wrong type; expected {expected}")
 
@@ -214,7 +216,7 @@ def atomic_path(path, overwrite: bool = False):
         _remove(tmp)
 
 
-# %% ../nbs/00_core.ipynb #74f1e332
+# %% ../nbs/00_core.ipynb #f7077e09
 class Busy(RuntimeError):
     "Another process holds the lock; the message names the lock and its holder."
 
@@ -266,7 +268,7 @@ def read_json(path):
         raise CorruptFileError(f"{path} is not valid JSON ({e}): damaged or half written; delete it, or the folder "
                                "it belongs to, to start that part over") from e
 
-# %% ../nbs/00_core.ipynb #b874a4b3
+# %% ../nbs/00_core.ipynb #995e0615
 def digest(obj, n: int = 16) -> str:
     "First `n` hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys; dataclasses, paths, arrays converted)."
     return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:n]
