@@ -5,14 +5,17 @@
 # %% ../nbs/00_core.ipynb #1ec42f81
 from __future__ import annotations
 import contextlib, dataclasses, glob, hashlib, importlib, json, math, os, platform, random, shutil, socket, time, types, typing, uuid
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-try: import ipywidgets  # tqdm.auto draws widget bars only with it, and warns on every import without it
-except ImportError: from tqdm.std import tqdm
-else: from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+# In a kernel without ipywidgets, tqdm.auto (which transformers and datasets import too) falls back to text bars
+# and says so in every executed notebook; the fallback is what we want.
+warnings.filterwarnings("ignore", "IProgress not found", TqdmWarning)
+from tqdm.auto import tqdm
 
 
 # %% auto #0
