@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from dyntrack.core import device_name, resolve_params, software_versions, write_json
-from dyntrack.models import CheckpointSuite, build_model, model_config
+from dyntrack.models.suite import CheckpointSuite, build_model, model_config
 from dyntrack.suite import SuiteParams, prepare_embedded_data, train_config
-from dyntrack.train import Callback, Trainer, read_log, validation_losses
+from dyntrack.train.trainer import Callback, Trainer, read_log, validation_losses
 from bench_train import Stopwatch
 
 NO_MULTICAST = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")

@@ -7,7 +7,7 @@ under bf16 autocast on CUDA (plain float32 on the CPU), losses in float32.
   1. plain dense TopK (reference), written out below: h = (x − b_dec) W_enc + b_enc, keep the top k (unsorted, ReLU),
      scatter them into a dense [batch, d_sae] tensor, x̂ = z W_dec + b_dec as a dense matmul, MSE, `torch.optim.Adam`.
      No AuxK, no decoder-norm constraint, no dead-latent bookkeeping, no per-step host sync.
-  2. dyntrack, AuxK idle: `dyntrack.sae_train.train_sae` exactly as the library trains (SparseAutoencoder with
+  2. dyntrack, AuxK idle: `dyntrack.sae.train.train_sae` exactly as the library trains (SparseAutoencoder with
      kind="topk", the embedding-bag decoder `decode_sparse`, normalised MSE, the AuxK term, unit-norm decoder with
      the parallel gradient removed, the tokens-since-fired counter, a log record per step) with the default
      `dead_tokens` (10M): no latent can die within the run, so AuxK costs only its dead-latent count.
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
-from dyntrack.models import SIZES
-from dyntrack.sae import SaeConfig, SparseAutoencoder
-from dyntrack.sae_train import train_sae
+from dyntrack.models.suite import SIZES
+from dyntrack.sae.model import SaeConfig, SparseAutoencoder
+from dyntrack.sae.train import train_sae
 from dyntrack.suite import SuiteParams
 from bench_train import peak_flops
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
-from dyntrack.models import build_model
+from dyntrack.models.suite import build_model
 from dyntrack.suite import SuiteParams
-from dyntrack.tokens import TokenShards
-from dyntrack.topk_model import TopKAnnealing, dense_config, layer_sparsity, set_topk_alpha, topk_config
-from dyntrack.train import Trainer, TrainConfig
+from dyntrack.data.tokens import TokenShards
+from dyntrack.topk.model import TopKAnnealing, dense_config, layer_sparsity, set_topk_alpha, topk_config
+from dyntrack.train.trainer import Trainer, TrainConfig
 from bench_train import Stopwatch
 
 VARIANTS = ("anneal", "pure", "schedule")

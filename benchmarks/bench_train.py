@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
 from dyntrack.suite import SuiteParams
-from dyntrack.models import build_model, model_config
-from dyntrack.tokens import TokenShards
-from dyntrack.train import Callback, Trainer, TrainConfig, flops_per_token, mfu
+from dyntrack.models.suite import build_model, model_config
+from dyntrack.data.tokens import TokenShards
+from dyntrack.train.trainer import Callback, Trainer, TrainConfig, flops_per_token, mfu
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
 

@@ -284,7 +284,7 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 def module_digest(*names: str, n: int = 16) -> str:
-    "Digest of the source files of modules `names` (e.g. `'dyntrack.train'`); a package counts with all its modules."
+    "Digest of the source files of modules `names` (e.g. `'dyntrack.train.trainer'`); a package counts with all its modules."
     h = hashlib.sha256()
     for name in names:
         mod = importlib.import_module(name)

@@ -36,9 +36,9 @@ def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) 
 
 def toy_hub(root: Path, repo_id: str, steps) -> Path:
     "A Hub cache under `root` with revisions step{N} of a tiny GPT-NeoX (seed N) and a BPE tokenizer trained on the corpus."
-    from dyntrack.corpus import generate_corpus
-    from dyntrack.models import build_model, model_config
-    from dyntrack.tokens import train_tokenizer
+    from dyntrack.data.corpus import generate_corpus
+    from dyntrack.models.suite import build_model, model_config
+    from dyntrack.data.tokens import train_tokenizer
     docs = [d for ds in generate_corpus(3000, seed=5).values() for d in ds]
     tok = train_tokenizer(docs, 400, root / "tok")
     config = model_config("gpt_neox", "tiny", vocab_size=len(tok), max_seq_len=64)

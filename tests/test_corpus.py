@@ -1,4 +1,4 @@
-"""Tests of dyntrack.corpus: lexicon, grammar, determinism, agreement ground truth, Zipf, domains, held-out rule."""
+"""Tests of dyntrack.data.corpus: lexicon, grammar, determinism, agreement ground truth, Zipf, domains, held-out rule."""
 import os
 import re
 from collections import Counter
@@ -9,10 +9,10 @@ import pytest
 os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
-from dyntrack.corpus import (
+from dyntrack.data.corpus import (
     CorpusConfig, Generator, annotate, generate_corpus, generate_documents, generate_sentences, is_heldout,
     label_offsets, story)
-from dyntrack.grammar import compile_construction, find_data_dir, load_grammar, load_lexicon
+from dyntrack.data.grammar import compile_construction, find_data_dir, load_grammar, load_lexicon
 
 LEX = load_lexicon()
 SENTENCE_END = re.compile(r"(?<=\.) (?=[A-Z])")

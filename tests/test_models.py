@@ -8,10 +8,10 @@ import torch
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-import dyntrack.models
+import dyntrack.models.suite
 from dyntrack.core import Busy, CorruptFileError, ParamError, file_lock, write_json
 from conftest import fake_hub_cache
-from dyntrack.models import (CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps,
+from dyntrack.models.suite import (CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps,
                              read_manifest, save_checkpoint)
 
 WORDS = ["<unk>", "<bos>", "the", "cat", "dog", "sat", "on", "a", "mat", "."]
@@ -238,7 +238,7 @@ class XTokenizer(PreTrainedTokenizerFast): pass
 
 LOAD_CUSTOM = '''
 import sys, transformers
-from dyntrack.models import CheckpointSuite, build_model
+from dyntrack.models.suite import CheckpointSuite, build_model
 suite = CheckpointSuite.from_folders([sys.argv[1]])
 config = transformers.PretrainedConfig(auto_map={{"AutoModelForCausalLM": "modeling_x.XModel"}}, name_or_path=sys.argv[1])
 for name, load in [("config", lambda: suite.config), ("model", lambda: suite.load_model(0)),
@@ -299,8 +299,8 @@ def test_checksums_are_checked_once_per_file_version(tmp_path, config, tokenizer
     run = tmp_path / "run"
     save_checkpoint(build_model(config, seed=0), tokenizer, run, 0, 0)
     hashed = []
-    real = dyntrack.models.file_sha256
-    monkeypatch.setattr(dyntrack.models, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    real = dyntrack.models.suite.file_sha256
+    monkeypatch.setattr(dyntrack.models.suite, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
     suite = CheckpointSuite.from_run(run)
     suite.load_model(0)
     assert sorted(hashed) == sorted(read_manifest(run)["checkpoints"][0]["files"])
@@ -400,16 +400,16 @@ def test_save_holds_the_manifest_lock(tmp_path, config):
 
 
 def test_topk_run_loads_in_a_fresh_interpreter(tmp_path):
-    "A TopK run saved by save_checkpoint loads, checksums checked, with only dyntrack.models imported and no remote code."
-    from dyntrack.topk_model import topk_config
+    "A TopK run saved by save_checkpoint loads, checksums checked, with only dyntrack.models.suite imported and no remote code."
+    from dyntrack.topk.model import topk_config
     model = build_model(topk_config("tiny", 50, 16, k=3, num_hidden_layers=3), seed=1).eval()
     save_checkpoint(model, None, tmp_path / "run", 4, 40)
     ids = torch.arange(12).view(2, 6)
     with torch.no_grad(): torch.save(model(ids).logits, tmp_path / "want.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        from dyntrack.models import CheckpointSuite
-        assert "dyntrack.topk_model" not in sys.modules
+        from dyntrack.models.suite import CheckpointSuite
+        assert "dyntrack.topk.model" not in sys.modules
         model = CheckpointSuite.from_run({str(tmp_path / 'run')!r}).load_model(step=4)
         print(type(model).__name__, model.config.topk_k)
         with torch.no_grad(): torch.testing.assert_close(model(torch.arange(12).view(2, 6)).logits, torch.load({str(tmp_path / 'want.pt')!r}))

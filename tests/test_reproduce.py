@@ -1,13 +1,13 @@
-"""dyntrack.reproduce end to end on tiny experiment notebooks (one papermill kernel per notebook run)."""
+"""dyntrack.reproduce.run end to end on tiny experiment notebooks (one papermill kernel per notebook run)."""
 import json, os, platform, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-import dyntrack.reproduce as reproduce_module
+import dyntrack.reproduce.run as reproduce_module
 from dyntrack.core import PROFILES, ParamError, read_json
-from dyntrack.reproduce import (INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, find_experiments, is_complete, main,
+from dyntrack.reproduce.run import (INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, find_experiments, is_complete, main,
                                 parse_value, pip_download_command, plan_overrides, reproduce, source_digest)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_edited_notebook_reruns(nbs, tmp_path, caplog):
     nb.cells.append(nbformat.v4.new_markdown_cell("A remark: prose counts too, it is part of the executed notebook."))
     nbformat.write(nb, mine / "11_beta.ipynb")
     assert source_digest(mine / "11_beta.ipynb") != digest
-    with caplog.at_level("INFO", logger="dyntrack.reproduce"):
+    with caplog.at_level("INFO", logger="dyntrack.reproduce.run"):
         again = reproduce("smoke", tmp_path / "o", only=["11_beta"], nbs_dir=mine)
     assert [r.status for r in first.runs + again.runs] == ["ran", "ran"]
     assert "changed since its earlier run" in caplog.text
@@ -200,7 +200,7 @@ def test_cli(first_run, nbs, tmp_path, capsys):
 
 
 def test_module_entry_point(nbs):
-    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce", "--list", "--nbs", str(nbs)],
+    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce.run", "--list", "--nbs", str(nbs)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "11_beta" in res.stdout and "lr = 0.01" in res.stdout
 
@@ -280,7 +280,7 @@ def test_killed_run_and_lock(tmp_path, capsys):
     args = ["--profile", "smoke", "--out", str(out), "--nbs", str(nbs)]
     assert main(args) == 0
     complete = _files(out / "12_slow")
-    proc = subprocess.Popen([sys.executable, "-m", "dyntrack.reproduce", *args, "-p", "sleep_s", "300"],
+    proc = subprocess.Popen([sys.executable, "-m", "dyntrack.reproduce.run", *args, "-p", "sleep_s", "300"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     kernel_pid = None
     try:
@@ -342,7 +342,7 @@ def test_hollow_package(nbs, tmp_path):
     "From a folder holding a folder named dyntrack (a checkout's parent), `import dyntrack` is hollow: exit 2, named."
     (tmp_path / "dyntrack").mkdir()
     (tmp_path / "dyntrack" / "README.md").write_text("a checkout")
-    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce", "--profile", "smoke", "--out", "o", "--nbs", str(nbs)],
+    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce.run", "--profile", "smoke", "--out", "o", "--nbs", str(nbs)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert str(tmp_path / "dyntrack") in res.stderr and "shadows" in res.stderr and "Traceback" not in res.stderr

@@ -4,9 +4,9 @@ import dataclasses, json
 import pytest
 import torch
 
-import dyntrack.sae as sae_mod
+import dyntrack.sae.model as sae_mod
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.sae import (SaeConfig, SparseAutoencoder, decode_dense, decode_latents, decode_sparse, evaluate_sae,
+from dyntrack.sae.model import (SaeConfig, SparseAutoencoder, decode_dense, decode_latents, decode_sparse, evaluate_sae,
                           explained_variance, from_saelens, geometric_median, l0, load_sae, normalize_decoder,
                           remove_parallel_grad, save_sae, to_saelens, topk_code)
 
@@ -122,7 +122,7 @@ def test_remove_parallel_grad_leaves_perpendicular_part():
 
 
 def test_unit_norm_invariant_through_training(tmp_path):
-    from dyntrack.sae_train import train_sae
+    from dyntrack.sae.train import train_sae
     cfg = small_cfg(kind="relu", l1_coef=0.05, lr=1e-2, warmup_steps=2)
     sae = SparseAutoencoder(cfg)
     norms = []

@@ -1,4 +1,4 @@
-"SAE-Track (dyntrack.sae_track and dyntrack.sae_track_analysis): parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
+"SAE-Track (dyntrack.sae_track.chain and dyntrack.sae_track.analysis): parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
 import json, math
 from collections import Counter
 from pathlib import Path
@@ -10,20 +10,20 @@ import torch
 from conftest import toy_hub
 from dyntrack.acts import residual_at
 from dyntrack.core import PROFILES, ParamError, read_json, resolve_params
-from dyntrack.corpus import generate_documents
-from dyntrack.grammar import WordInfo
-from dyntrack.models import CheckpointSuite, build_model, model_config, save_checkpoint
-from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
-from dyntrack.sae_track import (
+from dyntrack.data.corpus import generate_documents
+from dyntrack.data.grammar import WordInfo
+from dyntrack.models.suite import CheckpointSuite, build_model, model_config, save_checkpoint
+from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae_track.chain import (
     MEASURES, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, chain_key, check_sae,
     eval_steps, resolve_steps, sae_configs, token_window, tokens_to_match, train_chain, warm_cold_curves,
     window_acts)
-from dyntrack.sae_track_analysis import (
+from dyntrack.sae_track.analysis import (
     PATTERNS, FeatureLabel, analyse_chain, analyse_checkpoint, decoder_cosines, decoder_pca, distinct_features,
     embed_2d, feature_patterns, formation_step, label_feature, label_share, labels_at, mean_pairwise,
     pairwise_similarity, pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions,
     progress_measure, progress_measures, random_positions, separation, top_positions)
-from dyntrack.tokens import train_tokenizer
+from dyntrack.data.tokens import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 61
@@ -280,14 +280,14 @@ def test_resolve_steps_and_chain_key(suite):
 
 
 def test_chain_key_covers_the_code(suite, monkeypatch):
-    import dyntrack.sae_track as sae_track_mod
+    import dyntrack.sae_track.chain as sae_track_mod
     p = SaeTrackParams()
     key = chain_key(p, suite, 1)
     assert key == chain_key(SaeTrackParams(), suite, 1) and key.startswith("relu-L1-")  # stable across calls
     seen = []
     monkeypatch.setattr(sae_track_mod, "module_digest", lambda *names: seen.append(names) or "edited")
     assert chain_key(p, suite, 1) != key
-    assert {"dyntrack.sae", "dyntrack.sae_train", "dyntrack.sae_track", "dyntrack.acts", "dyntrack.suite"} <= set(seen[0])
+    assert {"dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts", "dyntrack.suite"} <= set(seen[0])
 
 
 def test_params_refuse_non_finite_and_unused_values():
@@ -308,7 +308,7 @@ def test_params_refuse_non_finite_and_unused_values():
 
 
 def test_check_before_training(suite, tmp_path, monkeypatch):
-    from dyntrack.sae_track import check_sae_track_params
+    from dyntrack.sae_track.chain import check_sae_track_params
     monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path / "cache"))
     smoke = resolve_params(SaeTrackParams, "smoke")
     assert check_sae_track_params(smoke).steps == [0, 1, 2, 4, 8, 15, 30, 45, 60]  # the schedule it will be trained with
@@ -326,7 +326,7 @@ def test_check_before_training(suite, tmp_path, monkeypatch):
 
 def test_chain_waits_for_a_concurrent_run_and_reuses_its_links(suite, tmp_path, monkeypatch):
     import contextlib, shutil
-    import dyntrack.sae_track as sae_track_mod
+    import dyntrack.sae_track.chain as sae_track_mod
     done = train_chain(suite, 1, tokens, chain_cfg(), chain_cfg(n_tokens=32), tmp_path / "done")
     held = []
     @contextlib.contextmanager

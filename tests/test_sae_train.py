@@ -9,11 +9,11 @@ from transformers import PreTrainedTokenizerFast
 
 from dyntrack.acts import residual_at
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.models import build_model, model_config
-from dyntrack.sae import SaeConfig, SparseAutoencoder, load_sae
-from dyntrack.sae_train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
+from dyntrack.models.suite import build_model, model_config
+from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae.train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
                                 top_activations, top_activations_by_latent, train_sae)
-from dyntrack.train import lm_loss, read_log
+from dyntrack.train.trainer import lm_loss, read_log
 
 VOCAB = 61
 

@@ -91,8 +91,8 @@ def test_similarity_and_emergence_known_answers():
 # --- parameters: non-finite, ill-typed and unused values ------------------------------------------------------
 
 def test_non_finite_floats_are_refused_in_every_parameter_set():
-    from dyntrack.sae_track import SaeTrackParams
-    from dyntrack.topk_lm import TopKParams
+    from dyntrack.sae_track.chain import SaeTrackParams
+    from dyntrack.topk.lm import TopKParams
     cases = [(SuiteParams, "lr"), (SaeTrackParams, "sae_lr"), (SaeTrackParams, "link_lr"), (SaeTrackParams, "l1_coef"),
              (SaeTrackParams, "formation_fraction"), (TopKParams, "act_threshold"), (TopKParams, "anneal_fraction"),
              (TopKParams, "steer_min_purity")]
@@ -154,7 +154,7 @@ TINY_SUITE = dict(words_per_domain=2000, vocab_size=300, size="tiny", seq_len=16
 def test_corpus_and_run_keys_cover_data_code_and_configs(tmp_path, monkeypatch):
     import dataclasses, shutil
     import dyntrack.suite as suite_mod
-    from dyntrack.grammar import find_data_dir
+    from dyntrack.data.grammar import find_data_dir
     from dyntrack.suite import corpus_key, run_key
     p = SuiteParams(**TINY_SUITE)
     corpus, run = corpus_key(p), run_key(p)
@@ -174,14 +174,14 @@ def test_corpus_and_run_keys_cover_data_code_and_configs(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(suite_mod, "module_digest", lambda *names: seen.append(names) or "edited")  # edited code
     assert corpus_key(p) != corpus and run_key(p) != run
-    assert ("dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens") in seen
-    assert ("dyntrack.corpus", "dyntrack.grammar", "dyntrack.tokens", "dyntrack.train", "dyntrack.models") in seen
+    assert ("dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens") in seen
+    assert ("dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens", "dyntrack.train.trainer", "dyntrack.models.suite") in seen
 
 
 PREPARE = """
 import json
 import dyntrack.suite as suite
-from dyntrack.tokens import tokenizer_hash
+from dyntrack.data.tokens import tokenizer_hash
 generated, generate = [], suite.generate_corpus
 suite.generate_corpus = lambda *args, **kw: generated.append(1) or generate(*args, **kw)
 tok, shards = suite.prepare_embedded_data(suite.SuiteParams(words_per_domain=4000, vocab_size=400))

@@ -1,4 +1,4 @@
-"""Tests of dyntrack.tasks: minimal pairs (one changed word, held out, really ungrammatical) and batched LM scoring."""
+"""Tests of dyntrack.data.tasks: minimal pairs (one changed word, held out, really ungrammatical) and batched LM scoring."""
 import os
 from types import SimpleNamespace
 
@@ -10,9 +10,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
-from dyntrack.corpus import annotate, is_heldout
-from dyntrack.grammar import load_lexicon
-from dyntrack.tasks import (PHENOMENA, MinimalPair, encode, lambada_accuracy, make_lambada, make_minimal_pairs,
+from dyntrack.data.corpus import annotate, is_heldout
+from dyntrack.data.grammar import load_lexicon
+from dyntrack.data.tasks import (PHENOMENA, MinimalPair, encode, lambada_accuracy, make_lambada, make_minimal_pairs,
                             make_pair_sets, minimal_pair_accuracy, score_pairs, sequence_logprobs)
 
 LEX = load_lexicon()

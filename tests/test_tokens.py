@@ -1,4 +1,4 @@
-"Tests of dyntrack.tokens: tokenizer, token shards, batches and text loaders."
+"Tests of dyntrack.data.tokens: tokenizer, token shards, batches and text loaders."
 import json, os, pickle, subprocess, sys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.tokens import (EOS_TOKEN, PAD_TOKEN, TokenShards, build_shards, load_hub_dataset, load_shakespeare,
+from dyntrack.data.tokens import (EOS_TOKEN, PAD_TOKEN, TokenShards, build_shards, load_hub_dataset, load_shakespeare,
                              load_text_files, play_scenes, tokenizer_hash, train_tokenizer)
 
 ANIMALS = [f"the {a} {v} the {b}." for a in ["cat", "dog", "cow", "hen"] for v in ["sees", "likes", "chases"]
@@ -329,7 +329,7 @@ def test_fingerprint_names_the_data(tok, tmp_path):
 BUILD_SCRIPT = """
 import pathlib, sys, time
 sys.path.insert(0, {tests!r})
-import dyntrack.tokens as tokens
+import dyntrack.data.tokens as tokens
 from transformers import AutoTokenizer
 from test_tokens import DOMAINS
 tok = AutoTokenizer.from_pretrained({tok!r}, trust_remote_code=False)

@@ -1,4 +1,4 @@
-"Tests of dyntrack.topk_model and dyntrack.topk_lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
+"Tests of dyntrack.topk.model and dyntrack.topk.lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
 import copy, json, math, os, re, subprocess, sys
 
 import numpy as np
@@ -8,13 +8,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dyntrack.acts import blocks, residual_at
 from dyntrack.core import ParamError
-from dyntrack.models import CheckpointSuite, build_model
-from dyntrack.tokens import TokenShards
-from dyntrack.topk_lm import active_tokens, category_purity, mass_entropy, semantic_entropy, token_entropy, token_mass
-from dyntrack.topk_model import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, anneal_alpha, default_k,
+from dyntrack.models.suite import CheckpointSuite, build_model
+from dyntrack.data.tokens import TokenShards
+from dyntrack.topk.lm import active_tokens, category_purity, mass_entropy, semantic_entropy, token_entropy, token_mass
+from dyntrack.topk.model import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, anneal_alpha, default_k,
                                  dense_config, layer_sparsity, set_topk_alpha, steer, topk_activation, topk_config,
                                  topk_mask)
-from dyntrack.train import Callback, History, TrainConfig, Trainer, validation_losses
+from dyntrack.train.trainer import Callback, History, TrainConfig, Trainer, validation_losses
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
 
@@ -169,12 +169,12 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_suite_of_topk_checkpoints_loads_without_importing_the_module(tmp_path):
-    "A fresh process that imports only dyntrack.models loads TopK checkpoints: the suite registers the model type."
+    "A fresh process that imports only dyntrack.models.suite loads TopK checkpoints: the suite registers the model type."
     model, ids = make_model(seed=5, k=3), make_ids()
     model.save_pretrained(tmp_path / "step7")
     torch.save(ids, tmp_path / "ids.pt")
-    script = (f"import sys, torch; from dyntrack.models import CheckpointSuite\n"
-              f"assert 'dyntrack.topk_model' not in sys.modules\n"
+    script = (f"import sys, torch; from dyntrack.models.suite import CheckpointSuite\n"
+              f"assert 'dyntrack.topk.model' not in sys.modules\n"
               f"m = CheckpointSuite.from_folders([{str(tmp_path / 'step7')!r}]).load_model(step=7)\n"
               f"print(type(m).__name__, m.config.topk_k)\n"
               f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})")
@@ -360,10 +360,10 @@ def test_active_tokens():
 # --- the experiment's helpers ---------------------------------------------------------------------------------------
 
 from dyntrack.core import resolve_params
-from dyntrack.corpus import annotate
+from dyntrack.data.corpus import annotate
 from dyntrack.suite import encode_eval, eval_pairs, eval_texts
-from dyntrack.tasks import make_lambada, token_logprobs
-from dyntrack.topk_lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
+from dyntrack.data.tasks import make_lambada, token_logprobs
+from dyntrack.topk.lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
                               continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
                               lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets, token_window,
                               train_topk_and_dense, vocab_embeddings)
@@ -432,13 +432,13 @@ def test_twin_configs_and_run_dirs(pair):
 
 
 def test_run_dirs_cover_the_code(pair, monkeypatch):
-    import dyntrack.topk_lm as topk_lm_mod
+    import dyntrack.topk.lm as topk_lm_mod
     p, _ = pair
     dirs, seen = lm_run_dirs(p), []
     monkeypatch.setattr(topk_lm_mod, "module_digest", lambda *names: seen.append(names) or "edited")
     edited = lm_run_dirs(p)
     assert edited["topk"] != dirs["topk"] and edited["dense"] != dirs["dense"]
-    assert {"dyntrack.corpus", "dyntrack.tokens", "dyntrack.train", "dyntrack.models", "dyntrack.topk_model"} <= set(seen[-1])
+    assert {"dyntrack.data.corpus", "dyntrack.data.tokens", "dyntrack.train.trainer", "dyntrack.models.suite", "dyntrack.topk.model"} <= set(seen[-1])
 
 
 def test_runs_are_trained_under_locks(pair):

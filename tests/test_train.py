@@ -1,4 +1,4 @@
-"Tests of dyntrack.train: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
+"Tests of dyntrack.train.trainer: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
 import dataclasses, json, os, shutil, subprocess, sys
 from pathlib import Path
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dyntrack.train as train_mod
+import dyntrack.train.trainer as train_mod
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.models import CheckpointSuite, build_model, model_config, read_manifest
-from dyntrack.tokens import TokenShards
-from dyntrack.train import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params, read_log,
+from dyntrack.models.suite import CheckpointSuite, build_model, model_config, read_manifest
+from dyntrack.data.tokens import TokenShards
+from dyntrack.train.trainer import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params, read_log,
                             truncate_log)
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
@@ -160,7 +160,7 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_train import make_config, make_data, make_model
-from dyntrack.train import Trainer
+from dyntrack.train.trainer import Trainer
 torch.set_num_threads(1)
 Trainer(make_model(), None, make_data(), make_config(**{kw!r}), {run_dir!r}).fit()
 """
