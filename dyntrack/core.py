@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 __all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'check_fields',
            'resolve_params', 'notebook_params', 'seed_everything', 'pick_device', 'device_name', 'cache_dir', 'settle',
            'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError', 'read_json', 'digest', 'file_sha256',
-           'module_digest', 'progress', 'save_figure', 'write_metrics', 'software_versions']
+           'module_digest', 'progress', 'save_figure', 'write_metrics', 'software_versions', 'parse_shard',
+           'shard_items']
 
 # %% ../nbs/00_core.ipynb #13d78738
 class ParamError(ValueError):
@@ -328,3 +329,24 @@ def software_versions() -> dict[str, str]:
                tokenizers=tokenizers.__version__, numpy=np.__version__)
     if torch.cuda.is_available(): out["cuda"] = torch.version.cuda or ""
     return out
+
+# %% ../nbs/00_core.ipynb #1b9dba74
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    "The `(i, n)` of `shard='i/n'` (shard `i` of `n`, counted from 0); None is the whole job, `(0, 1)`."
+    if shard is None: return 0, 1
+    i, sep, n = shard.partition("/") if isinstance(shard, str) else ("", "", "")
+    i, n = i.strip(), n.strip()
+    if not (sep and i.isascii() and i.isdigit() and n.isascii() and n.isdigit()):
+        raise ParamError(f"shard={shard!r} is not 'i/n' (shard i of n, counted from 0, e.g. '0/4')")
+    i, n = int(i), int(n)
+    if n < 1: raise ParamError(f"shard={shard!r} does not exist: the number of shards n={n} must be >= 1")
+    if i >= n: raise ParamError(f"shard={shard!r} does not exist: the shards of {n} are 0/{n} .. {n - 1}/{n}")
+    return i, n
+
+def shard_items(items: typing.Iterable, i: int, n: int) -> list:
+    "Shard `i` of `n` of `items`, round-robin: items `i`, `i + n`, `i + 2n`, ... in their order."
+    if isinstance(items, (set, frozenset)): raise ParamError("items is a set, whose order differs between processes; sort it first")
+    for name, value in (("i", i), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int): raise ParamError(f"shard {name}={value!r} must be an int")
+    if not 0 <= i < n: raise ParamError(f"shard {i}/{n} does not exist: need n >= 1 and 0 <= i < n")
+    return list(items)[i::n]
