@@ -213,6 +213,69 @@ def test_from_arrays_validates():
     assert TokenShards.from_arrays({"a": np.array([3, 9])}).vocab_size == 10
 
 
+# --- equal slices of a domain ----------------------------------------------------------------------------------------
+
+def test_slices_are_disjoint_equal_and_deterministic(arange_shards):
+    "b holds ids 1000..3999 (3000 tokens): 7 slices of 428, the last 4 tokens in none; windows stay in their slice."
+    parts = arange_shards.slices("b", 7)
+    ranges = [p.ranges["b"] for p in parts]
+    assert ranges == [(428 * k, 428 * (k + 1)) for k in range(7)]  # contiguous, disjoint, equal
+    assert [p.n_tokens("train") for p in parts] == [428] * 7 and all(p.domains == ["b"] for p in parts)
+    for (start, stop), part in zip(ranges, parts):
+        rows = torch.cat([part.batch(step, 32, 16) for step in range(8)])
+        assert rows.min() >= 1000 + start and rows.max() < 1000 + stop
+        assert (rows.diff(dim=1) == 1).all()  # contiguous windows of the slice's own stream
+    again = arange_shards.slices("b", 7)
+    assert all(torch.equal(p.batch(5, 16, 8, seed=3), q.batch(5, 16, 8, seed=3)) for p, q in zip(parts, again))
+    assert [p.fingerprint() for p in parts] == [q.fingerprint() for q in again]
+    assert len({p.fingerprint() for p in parts} | {arange_shards.subset(["b"]).fingerprint()}) == 8
+    assert all(list(p.val_batches("b", 2, 4)) and torch.equal(torch.cat(list(p.val_batches("b", 2, 4))),
+                                                              torch.cat(list(arange_shards.val_batches("b", 2, 4))))
+               for p in parts)  # val shared: every slice keeps the domain's whole val split
+    assert arange_shards.slices("a", 1)[0].ranges == {"a": (0, 1000)}
+    with pytest.raises(ParamError, match="n=3001 slices of domain 'b' would be empty"):
+        arange_shards.slices("b", 3001)
+    with pytest.raises(ParamError, match=r"domain='c' is unknown"):
+        arange_shards.slices("c", 2)
+    with pytest.raises(ParamError, match="n=True must be an int"):
+        arange_shards.slices("b", True)
+
+
+def test_slices_of_shards_on_disk(tok, tmp_path):
+    "A slice of memory-mapped shards reads only its range, pickles as path and offset, and nests in whole-stream ranges."
+    shards = build_shards(DOMAINS, tok, tmp_path / "s")
+    train = np.fromfile(tmp_path / "s" / "animals.train.bin", dtype=np.uint16)
+    length = len(train) // 3
+    for k, part in enumerate(shards.slices("animals", 3)):
+        assert np.array_equal(part._array("animals", "train"), train[k * length:(k + 1) * length])
+        clone = pickle.loads(pickle.dumps(part))
+        assert len(pickle.dumps(part)) < 2000 and clone.ranges == {"animals": (k * length, (k + 1) * length)}
+        assert torch.equal(clone.batch(2, 8, 8), part.batch(2, 8, 8)) and clone.fingerprint() == part.fingerprint()
+        assert part.n_tokens("val") == shards.n_tokens("val", "animals")
+    inner = shards.slices("animals", 3)[2].slices("animals", 2)
+    half = length // 2
+    assert [p.ranges["animals"] for p in inner] == [(2 * length, 2 * length + half), (2 * length + half, 2 * length + 2 * half)]
+    assert np.array_equal(inner[1]._array("animals", "train"), train[2 * length + half:2 * length + 2 * half])
+    assert "train tokens [" in repr(inner[1])
+    reopened = TokenShards.open(tmp_path / "s").slices("animals", 3)  # the fingerprint is a function of the data
+    assert [p.fingerprint() for p in reopened] == [p.fingerprint() for p in shards.slices("animals", 3)]
+    assert len({p.fingerprint() for p in reopened} | {shards.fingerprint(), shards.subset(["animals"]).fingerprint()}) == 5
+
+
+def test_shards_key_is_the_digest_of_what_defines_them(tok, tmp_path):
+    "Keys now come from core.digest; they equal the hand-written sha256-of-JSON they replace, so caches stay valid."
+    import hashlib
+    from dyntrack.core import digest
+    from dyntrack.data.tokens import _texts_hash
+    meta = json.loads((build_shards(DOMAINS, tok, tmp_path / "s").path / "meta.json").read_text())
+    ident = dict(texts=_texts_hash(DOMAINS), tokenizer=tokenizer_hash(tok), eos_id=tok.eos_token_id, val_fraction=0.05,
+                 seed=0, domains=list(DOMAINS))
+    assert meta["key"] == digest(ident) == hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)
+    assert tokenizer_hash(tok) == digest(spec) == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --- loaders ---------------------------------------------------------------------------------------------------------
 
 def test_load_text_files(tmp_path):

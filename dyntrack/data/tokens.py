@@ -60,12 +60,12 @@ def train_tokenizer(
 
 # %% ../../nbs/01d_tokens.ipynb #d7e4b339
 def tokenizer_hash(tokenizer) -> str:
-    "First 16 hex digits of the sha256 of `tokenizer`'s definition (tokenizer.json; the vocabulary for slow tokenizers)."
+    "`core.digest` of `tokenizer`'s definition (tokenizer.json; the vocabulary for slow tokenizers)."
     if getattr(tokenizer, "is_fast", False):
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         spec.pop("truncation", None), spec.pop("padding", None)
     else: spec = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(spec)
 
 # %% ../../nbs/01d_tokens.ipynb #7ec27925
 SPLITS = ("train", "val")
@@ -120,9 +120,9 @@ def _texts_hash(docs: Mapping[str, list[str]]) -> str:
     return h.hexdigest()
 
 def _shards_key(texts_id: str, tokenizer, val_fraction: float, seed: int, domains: list[str]) -> str:
-    ident = dict(texts=texts_id, tokenizer=tokenizer_hash(tokenizer), eos_id=tokenizer.eos_token_id,
-                 val_fraction=val_fraction, seed=seed, domains=domains)
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    "The digest of everything that decides the shards' contents."
+    return digest(dict(texts=texts_id, tokenizer=tokenizer_hash(tokenizer), eos_id=tokenizer.eos_token_id,
+                       val_fraction=val_fraction, seed=seed, domains=domains))
 
 def _reuse_or_clear(out_dir: Path, key: str, overwrite: bool) -> bool:
     "True if `out_dir` holds complete shards with `key`; else make room for new ones or raise."
@@ -214,12 +214,13 @@ def _val_iter(arr: np.ndarray, seq_len: int, batch_size: int, n_windows: int) ->
 # %% ../../nbs/01d_tokens.ipynb #61ed895f
 class TokenShards:
     "Per-domain train/val token streams with deterministic, DDP-consistent random batches."
-    def __init__(self, files: Mapping[tuple[str, str], tuple[Path, str, int]], arrays: Mapping[tuple[str, str], np.ndarray],
+    def __init__(self, files: Mapping[tuple[str, str], tuple[Path, str, int, int]], arrays: Mapping[tuple[str, str], np.ndarray],
                  domains: list[str], vocab_size: int, weights: Mapping[str, float] | None = None, path=None,
-                 key: str | None = None):
+                 key: str | None = None, ranges: Mapping[str, tuple[int, int]] | None = None):
         self.domains, self.vocab_size, self.path = list(domains), int(vocab_size), path
         self.key = key  # the key in meta.json of the shards opened; None in memory
-        self._files, self._arrays = dict(files), dict(arrays)  # (domain, split) -> (path, dtype, n) | array
+        self.ranges = dict(ranges or {})  # {domain: (start, stop)} of a slice's train tokens in the whole stream
+        self._files, self._arrays = dict(files), dict(arrays)  # (domain, split) -> (path, dtype, n, offset) | array
         if weights is not None:
             for d, w in weights.items():
                 self._check_domain(d)
@@ -238,7 +239,7 @@ class TokenShards:
             raise FileNotFoundError(f"{out_dir} is incomplete: {', '.join(str(out_dir / b) for b in bad)} missing or "
                                     f"truncated; build the shards again (build_shards(..., overwrite=True)) or delete "
                                     f"{out_dir}")
-        files = {(d, s): (out_dir / f"{d}.{s}.bin", meta["dtype"], c[s]["n_tokens"])
+        files = {(d, s): (out_dir / f"{d}.{s}.bin", meta["dtype"], c[s]["n_tokens"], 0)
                  for d, c in meta["domains"].items() for s in SPLITS}
         return cls(files, {}, list(meta["domains"]), meta["vocab_size"], weights, path=out_dir, key=meta.get("key"))
 
@@ -261,8 +262,9 @@ class TokenShards:
     def _array(self, domain: str, split: str) -> np.ndarray:
         "The token array of (`domain`, `split`), memory-mapping it on first use: [n_tokens]."
         if (domain, split) not in self._arrays:
-            path, dtype, n = self._files[(domain, split)]
-            self._arrays[(domain, split)] = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            path, dtype, n, offset = self._files[(domain, split)]
+            self._arrays[(domain, split)] = (np.memmap(path, dtype=dtype, mode="r", offset=offset * np.dtype(dtype).itemsize,
+                                                       shape=(n,)) if n else np.zeros(0, dtype))
         return self._arrays[(domain, split)]
 
     def __getstate__(self):
@@ -313,7 +315,29 @@ class TokenShards:
         keep = lambda m: {k: v for k, v in m.items() if k[0] in domains}
         weights = None if self.weights is None else {d: self.weights[d] for d in domains}
         return TokenShards(keep(self._files), keep(self._arrays), domains, self.vocab_size, weights, self.path,
-                           self.key)
+                           self.key, {d: r for d, r in self.ranges.items() if d in domains})
+
+    def slices(self, domain: str, n: int) -> list[TokenShards]:
+        "`n` views of `domain` alone over disjoint, equal-length, contiguous ranges of its train tokens; val shared."
+        self._check_domain(domain)
+        if isinstance(n, bool) or not isinstance(n, int): raise ParamError(f"n={n!r} must be an int")
+        check_range("n", n, lo=1)
+        n_train = self.n_tokens("train", domain)
+        if (length := n_train // n) == 0:
+            raise ParamError(f"n={n} slices of domain {domain!r} would be empty: it has {n_train} train tokens")
+        return [self._slice(domain, k * length, length) for k in range(n)]
+
+    def _slice(self, domain: str, start: int, length: int) -> TokenShards:
+        "`domain` alone with train tokens [`start`, `start + length`) of this view's stream; val unchanged."
+        keep = lambda m: {k: v for k, v in m.items() if k[0] == domain}
+        files, arrays, train = keep(self._files), keep(self._arrays), (domain, "train")
+        if train in files:  # memory-map only the range (pickles as path and offset, not as tokens)
+            path, dtype, _, offset = files[train]
+            files[train], _ = (path, dtype, length, offset + start), arrays.pop(train, None)
+        else: arrays[train] = self._array(domain, "train")[start:start + length]
+        base = self.ranges.get(domain, (0, None))[0]
+        return TokenShards(files, arrays, [domain], self.vocab_size, None, self.path, self.key,
+                           {domain: (base + start, base + start + length)})
 
     def fingerprint(self) -> str:
         "Digest of what batches can draw: the shards' key (else the tokens), domains, weights and vocabulary size."
@@ -325,11 +349,13 @@ class TokenShards:
                 h.update(f"{d}.{s}:{len(arr)}\0".encode())
                 for lo in range(0, len(arr), 1 << 20): h.update(arr[lo:lo + (1 << 20)].astype(np.int64).tobytes())
             source = h.hexdigest()
-        return digest(dict(source=source, domains=self.domains, weights=self.weights, vocab_size=self.vocab_size))
+        ranges = dict(ranges=self.ranges) if self.ranges else {}  # unsliced views keep the fingerprints they always had
+        return digest(dict(source=source, domains=self.domains, weights=self.weights, vocab_size=self.vocab_size, **ranges))
 
     def __repr__(self):
+        sliced = "".join(f", train tokens [{a:,}, {b:,}) of {d!r}" for d, (a, b) in self.ranges.items())
         return (f"TokenShards({len(self.domains)} domains {self.domains}, {self.n_tokens('train'):,} train / "
-                f"{self.n_tokens('val'):,} val tokens, vocab {self.vocab_size})")
+                f"{self.n_tokens('val'):,} val tokens, vocab {self.vocab_size}{sliced})")
 
 # %% ../../nbs/01d_tokens.ipynb #1315e688
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
