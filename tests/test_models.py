@@ -1,4 +1,4 @@
-"Model presets, checkpoint schedules, atomic checkpoint saving and checkpoint suites (local and offline Hub)."
+"Model presets, checkpoint schedules, atomic checkpoint saving, checkpoint suites (local and offline Hub), sibling sets and parameter averages."
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -467,3 +467,85 @@ def test_damaged_hub_cache_file_is_named(tmp_path, monkeypatch, config, tokenize
     suite = CheckpointSuite.from_hub("toy-org/toy-pythia", [0], cache_dir=tmp_path / "hub", local_files_only=True)
     with pytest.raises(CorruptFileError, match=r"toy-org/toy-pythia \(revision step0\) are damaged.*snapshots/\w+/model.safetensors"):
         suite.load_model(0)
+
+
+# --- sibling models and parameter averages -----------------------------------------------------------------
+
+def llama_siblings(n: int, **overrides):
+    cfg = model_config("llama", "tiny", vocab_size=len(WORDS), max_seq_len=32, **overrides)
+    return [build_model(cfg, seed=s) for s in range(n)]
+
+
+def test_average_parameters_of_llama_models():
+    from dyntrack.models.siblings import average_parameters
+    a, b, c = llama_siblings(3)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert same_weights(average_parameters([a, a]), a) and same_weights(average_parameters([a], weights=[1]), a)
+    pair = average_parameters([a, b]).state_dict()
+    assert all(torch.equal(pair[k], (sa[k] + sb[k]) / 2) for k in sa)
+    mix = average_parameters(iter([sa, sb, sc]), weights=[0.2, 0.3, 0.5])  # a generator of state dicts
+    assert all(torch.allclose(mix[k], 0.2 * sa[k] + 0.3 * sb[k] + 0.5 * sc[k], atol=1e-7) for k in sa)
+    assert not any(t.requires_grad for t in mix.values()) and mix.keys() == sa.keys()
+    half = [{k: v.bfloat16() for k, v in s.items()} for s in (sa, sb)]  # summed in float64, cast back to bfloat16
+    merged = average_parameters(half)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    assert all(torch.equal(merged[k], ((half[0][k].double() + half[1][k].double()) / 2).bfloat16()) for k in sa)
+    for model, count in ((a, 3), (b, 5)): model.register_buffer("n_merged", torch.tensor([count]))  # an int buffer
+    out = average_parameters([a, b])
+    assert torch.equal(out.n_merged, torch.tensor([3])) and out is not a and torch.equal(a.n_merged, torch.tensor([3]))
+    with pytest.raises(ParamError, match="weights=.*must sum to 1"):
+        average_parameters([sa, sb], weights=[0.5, 0.25])
+    with pytest.raises(ParamError, match="weights=.*must be finite numbers >= 0"):
+        average_parameters([sa, sb], weights=[2.0, -1.0])
+    with pytest.raises(ParamError, match="model 1 has another config than model 0: .*intermediate_size: 192 vs 256"):
+        average_parameters([a, llama_siblings(1, intermediate_size=256)[0]])
+    with pytest.raises(ParamError, match=r"key 'lm_head.weight' is torch.float32 \(3, 64\) in model 1"):
+        average_parameters([sa, dict(sb, **{"lm_head.weight": sb["lm_head.weight"][:3]})])
+
+
+def test_merged_model_saves_and_loads_with_plain_transformers(tmp_path, tokenizer):
+    "A merge is an ordinary model: save_checkpoint writes it with checksums, from_pretrained and suites load it."
+    from dyntrack.models.siblings import average_parameters
+    merged = average_parameters(llama_siblings(2))
+    step_dir = save_checkpoint(merged, tokenizer, tmp_path / "merged", 0, 0, meta=dict(merged_from=["seed0", "seed1"]))
+    ids = torch.tensor([[2, 3, 5, 6, 7, 8]])
+    with torch.no_grad():
+        want = merged.eval()(ids).logits
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(step_dir, trust_remote_code=False).eval()(ids).logits, want)
+        torch.testing.assert_close(CheckpointSuite.from_run(tmp_path / "merged").load_model(0)(ids).logits, want)
+    assert read_manifest(tmp_path / "merged")["meta"]["merged_from"] == ["seed0", "seed1"]
+
+
+def test_model_set_of_runs(tmp_path, config, tokenizer):
+    from dyntrack.models.siblings import ModelSet, average_parameters
+    models = {name: build_model(config, seed=s) for s, name in enumerate(["animals", "kitchen"])}
+    for name, model in models.items():
+        for step in (0, 6): save_checkpoint(model if step else build_model(config, seed=9), tokenizer, tmp_path / name, step, step * 10)
+    siblings = ModelSet.from_runs({name: tmp_path / name for name in models})
+    assert siblings.step == 6 and list(siblings) == ["animals", "kitchen"] and siblings["kitchen"].tokens_seen == 60
+    assert same_weights(siblings.load_model("kitchen"), models["kitchen"]) and siblings.config.hidden_size == 64
+    assert same_weights(average_parameters(siblings.models()), average_parameters(list(models.values())))
+    start = ModelSet.from_runs({name: tmp_path / name for name in models}, step=0)
+    assert same_weights(start.load_model("animals"), start.load_model("kitchen"))  # both began from the seed-9 model
+    flip_byte(tmp_path / "kitchen" / "step6" / "model.safetensors")  # members' checksums are checked as in a suite
+    with pytest.raises(CorruptFileError, match=r"kitchen/step6/model.safetensors does not match its SHA-256"):
+        siblings.load_model("kitchen")
+    with pytest.raises(ParamError, match=r"step=3 is not a checkpoint of member\(s\) \['animals', 'kitchen'\]"):
+        ModelSet.from_runs({name: tmp_path / name for name in models}, step=3)
+
+
+def test_model_set_of_hub_repos_offline(tmp_path, monkeypatch, config, tokenizer):
+    "Siblings published as separate Hub repos (e.g. one per seed) at one revision; a different architecture is named."
+    from dyntrack.models.siblings import ModelSet
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fake_hub_cache(tmp_path / "hub", "toy-org/seed1", {8: build_model(config, seed=1)}, tokenizer)
+    fake_hub_cache(tmp_path / "hub", "toy-org/seed2", {8: build_model(config, seed=2)}, tokenizer)
+    llama = model_config("llama", "tiny", vocab_size=len(WORDS), max_seq_len=32)
+    fake_hub_cache(tmp_path / "hub", "toy-org/llama", {8: build_model(llama, seed=1)}, tokenizer)
+    hub = lambda repo: CheckpointSuite.from_hub(repo, [8], cache_dir=tmp_path / "hub", local_files_only=True)
+    seeds = ModelSet({"seed1": hub("toy-org/seed1"), "seed2": hub("toy-org/seed2")})
+    assert [c.revision for c in seeds.members.values()] == ["step8", "step8"]
+    assert same_weights(seeds.load_model("seed2"), build_model(config, seed=2))
+    with pytest.raises(ParamError, match="member 'llama' is no sibling of 'seed1': config fields differ .*model_type: 'gpt_neox' vs 'llama'"):
+        ModelSet({"seed1": hub("toy-org/seed1"), "llama": hub("toy-org/llama")}).load_model("seed1")
