@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import dyntrack.models.suite
 from dyntrack.core import Busy, CorruptFileError, ParamError, file_lock, write_json
 from conftest import fake_hub_cache
-from dyntrack.models.suite import (CheckpointSuite, build_model, checkpoint_schedule, model_config, pythia_steps,
-                             read_manifest, save_checkpoint)
+from dyntrack.models.presets import build_model, checkpoint_schedule, model_config, pythia_steps
+from dyntrack.models.suite import CheckpointSuite, read_manifest, save_checkpoint
 
 WORDS = ["<unk>", "<bos>", "the", "cat", "dog", "sat", "on", "a", "mat", "."]
 
@@ -238,7 +238,8 @@ class XTokenizer(PreTrainedTokenizerFast): pass
 
 LOAD_CUSTOM = '''
 import sys, transformers
-from dyntrack.models.suite import CheckpointSuite, build_model
+from dyntrack.models.presets import build_model
+from dyntrack.models.suite import CheckpointSuite
 suite = CheckpointSuite.from_folders([sys.argv[1]])
 config = transformers.PretrainedConfig(auto_map={{"AutoModelForCausalLM": "modeling_x.XModel"}}, name_or_path=sys.argv[1])
 for name, load in [("config", lambda: suite.config), ("model", lambda: suite.load_model(0)),
@@ -549,3 +550,12 @@ def test_model_set_of_hub_repos_offline(tmp_path, monkeypatch, config, tokenizer
     assert same_weights(seeds.load_model("seed2"), build_model(config, seed=2))
     with pytest.raises(ParamError, match="member 'llama' is no sibling of 'seed1': config fields differ .*model_type: 'gpt_neox' vs 'llama'"):
         ModelSet({"seed1": hub("toy-org/seed1"), "llama": hub("toy-org/llama")}).load_model("seed1")
+
+
+def test_presets_live_in_one_module():
+    "Presets and schedules moved to models.presets; models.suite keeps no copy or re-export of them."
+    import dyntrack.models.presets as presets
+    moved = ["ARCHS", "SIZES", "COUNT_FIELDS", "model_config", "build_model", "checkpoint_schedule", "pythia_steps",
+             "PYTHIA_TOKENS_PER_STEP", "PYTHIA_SIZES"]
+    assert all(hasattr(presets, name) for name in moved)
+    assert [name for name in moved if hasattr(dyntrack.models.suite, name)] == []
