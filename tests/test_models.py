@@ -558,4 +558,6 @@ def test_presets_live_in_one_module():
     moved = ["ARCHS", "SIZES", "COUNT_FIELDS", "model_config", "build_model", "checkpoint_schedule", "pythia_steps",
              "PYTHIA_TOKENS_PER_STEP", "PYTHIA_SIZES"]
     assert all(hasattr(presets, name) for name in moved)
-    assert [name for name in moved if hasattr(dyntrack.models.suite, name)] == []
+    assert not set(moved) & set(dyntrack.models.suite.__all__)  # pythia uses some, imported, not defined
+    assert all(getattr(dyntrack.models.suite, name) is getattr(presets, name) for name in moved
+               if hasattr(dyntrack.models.suite, name))
