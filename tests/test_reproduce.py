@@ -1,14 +1,20 @@
 """dyntrack.reproduce.run end to end on tiny experiment notebooks (one papermill kernel per notebook run)."""
 import json, os, platform, re, shutil, signal, subprocess, sys, time
+from configparser import ConfigParser
+from importlib import metadata
 from pathlib import Path
 
 import nbformat
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import dyntrack.reproduce.run as reproduce_module
+import dyntrack.reproduce.wheelhouse as wheelhouse_module
 from dyntrack.core import PROFILES, ParamError, read_json
-from dyntrack.reproduce.run import (INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, find_experiments, is_complete, main,
-                                parse_value, pip_download_command, plan_overrides, reproduce, source_digest)
+from dyntrack.reproduce.run import (NotebookFailed, find_experiments, is_complete, main, parse_value, plan_overrides,
+                                    reproduce, resolve_profile, source_digest)
+from dyntrack.reproduce.wheelhouse import INSTALL_SH, MANYLINUX_X86_64, OFFLINE_PACKAGES, offline_packages, pip_download_command
 
 REPO = Path(__file__).resolve().parent.parent
 ALPHA_PARAMS = ('profile = "smoke"  # run profile\nout_dir = "../runs/alpha"  # outputs\nx = 1  # a number\n'
@@ -212,8 +218,9 @@ def test_wheelhouse_command_and_installer(tmp_path):
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--implementation") + 1] == "cp"
     assert cmd[cmd.index("-d") + 1] == str(tmp_path)
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"] == list(MANYLINUX_X86_64)
-    assert cmd[-len(OFFLINE_PACKAGES):] == list(OFFLINE_PACKAGES)
-    for pkg in ("papermill", "ipykernel", "pyzmq", "datasets", "dill<0.4.2", "nbdev==2.4.14"): assert pkg in OFFLINE_PACKAGES
+    assert cmd[-len(OFFLINE_PACKAGES):] == offline_packages()
+    assert {"papermill", "ipykernel", "pyzmq", "datasets", "nbdev"} <= {Requirement(p).name for p in offline_packages()}
+    assert "dill<0.4.2" in offline_packages()
     script = tmp_path / "install.sh"
     script.write_text(INSTALL_SH)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -448,3 +455,155 @@ def test_readme_papermill_example_makes_its_folder():
     commands = re.findall(r"^(.*python -m papermill \S+ (\S+)/\S+\.ipynb.*)$", readme, flags=re.M)
     assert commands
     for line, folder in commands: assert f"mkdir -p {folder} &&" in line, line
+
+
+# --- issue #12: reproduce split into run, report and wheelhouse; explicit dependency order ---
+
+def _specs(requirements) -> dict:
+    "Canonical name -> specifier set of each requirement text."
+    return {canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in requirements}
+
+
+def test_wheelhouse_pins_come_from_metadata(tmp_path, monkeypatch):
+    "The download command pins every package dyntrack declares exactly as its metadata (= settings.ini) does."
+    cmd = pip_download_command(tmp_path)
+    pkgs = _specs(cmd[-len(OFFLINE_PACKAGES):])
+    declared = _specs(metadata.requires("dyntrack"))
+    ini = ConfigParser(delimiters=["="])
+    ini.read(REPO / "settings.ini")
+    written = _specs((ini["DEFAULT"]["requirements"] + " " + ini["DEFAULT"]["dev_requirements"]).split())
+    both = pkgs.keys() & declared.keys()
+    assert both == {"papermill", "ipykernel", "nbformat", "datasets", "nbdev", "fastcore", "execnb", "ghapi", "fastgit"}
+    assert all(pkgs[n] == declared[n] == written[n] for n in both), {n: (pkgs[n], declared[n], written[n]) for n in both}
+    assert all(str(pkgs[n]) for n in both) and pkgs["dill"] == Requirement("dill<0.4.2").specifier  # transitive: kept
+    monkeypatch.setattr(metadata, "requires", lambda dist: ['nbdev==9.9; extra == "dev"', "Papermill>=7"])
+    moved = pip_download_command(tmp_path)
+    assert {"nbdev==9.9", "Papermill>=7", "fastcore", "dill<0.4.2"} <= set(moved)  # the pins follow the metadata
+    with pytest.raises(ValueError, match="pins 'nbdev==2.4.14', which dyntrack declares as 'nbdev==9.9'"):
+        offline_packages(["nbdev==2.4.14"])
+
+
+def test_wheelhouse_without_metadata(tmp_path, monkeypatch, capsys):
+    "Without dyntrack's metadata there are no pins: dyntrack-wheelhouse exits 1 saying so, before downloading."
+    def missing(dist): raise metadata.PackageNotFoundError(dist)
+    monkeypatch.setattr(metadata, "requires", missing)
+    assert wheelhouse_module.main(["--out", str(tmp_path / "wh")]) == 1
+    assert "dyntrack is not installed" in capsys.readouterr().err and not list((tmp_path / "wh").glob("*"))
+
+
+def test_console_scripts_point_at_the_modules():
+    "The installed console scripts load dyntrack.reproduce.run:main and dyntrack.reproduce.wheelhouse:main."
+    eps = {ep.name: ep for ep in metadata.distribution("dyntrack").entry_points if ep.group == "console_scripts"}
+    assert eps["dyntrack-reproduce"].load() is main and eps["dyntrack-wheelhouse"].load() is wheelhouse_module.main
+    res = subprocess.run([sys.executable, "-m", "dyntrack.reproduce.wheelhouse", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "dyntrack-wheelhouse" in res.stdout
+
+
+def test_profile_names_come_from_core(nbs, monkeypatch, capsys):
+    "A profile added to core.PROFILES is accepted by resolve_profile and --profile; reproduce names none itself."
+    monkeypatch.setitem(PROFILES, "tiny", {})
+    assert resolve_profile("tiny") == "tiny"
+    assert main(["--list", "--profile", "tiny", "--nbs", str(nbs)]) == 0  # argparse's choices: core.PROFILES too
+    with pytest.raises(ParamError, match="tiny"): resolve_profile("huge")
+    source = "".join(p.read_text() for p in (REPO / "dyntrack" / "reproduce").glob("*.py"))
+    names = r"""["'](?:smoke|paper|auto)["']"""
+    assert not re.search(rf"{names}\s*,\s*{names}", source)
+
+
+NEEDS_BODY = """\
+import json, pathlib
+out = pathlib.Path(out_dir)
+for need in {needs!r}:  # what this notebook reuses: a needed notebook's outputs, beside its own folder in --out
+    json.loads((out.parent / need / "metrics.json").read_text())
+(out / "metrics.json").write_text(json.dumps(dict(notebook="{stem}", profile=profile, device="cpu", wall_s=0.0, metrics={{}})))"""
+
+
+def _needing(nbs, stem, needs=None, needs_src=None):
+    "A tiny experiment notebook that reads the metrics.json of every notebook in `needs`, with a `needs` cell if given."
+    code = nbformat.v4.new_code_cell
+    needs_src = needs_src or (None if needs is None else f"needs = {needs!r}  # run these first")
+    cells = [code(needs_src, metadata={"tags": ["needs"]})] if needs_src else []
+    cells += [code('profile = "smoke"\nout_dir = "x"', metadata={"tags": ["parameters"]}),
+              code(NEEDS_BODY.format(needs=[Path(n).stem for n in needs or []], stem=stem))]
+    _notebook(nbs / f"{stem}.ipynb", cells)
+
+
+def test_needs_order_the_run(tmp_path, caplog, capsys):
+    "A notebook runs after the notebooks its needs cell names, not in file-name order; --only adds none of them."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _needing(nbs, "10_a", needs=["12_c.ipynb"])
+    _needing(nbs, "11_b")
+    _needing(nbs, "12_c", needs=[])
+    assert [(e.stem, e.needs) for e in find_experiments(nbs)] == [("11_b", ()), ("12_c", ()), ("10_a", ("12_c",))]
+    res = reproduce("smoke", tmp_path / "o", nbs_dir=nbs)
+    assert [(r.stem, r.status) for r in res.runs] == [("11_b", "ran"), ("12_c", "ran"), ("10_a", "ran")]
+    assert read_json(tmp_path / "o" / "report.json")["run"]["selected"] == ["11_b", "12_c", "10_a"]
+    other = tmp_path / "p"
+    with caplog.at_level("WARNING", logger="dyntrack.reproduce.run"), pytest.raises(NotebookFailed, match="10_a"):
+        reproduce("smoke", other, only=["10_a"], nbs_dir=nbs)  # 12_c is not pulled in: 10_a finds no outputs of it
+    assert f"10_a needs 12_c, which is not selected and has no complete smoke outputs in {other}" in caplog.text
+    assert not (other / "12_c").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dyntrack.reproduce.run"):
+        res = reproduce("smoke", other, only=["10_a", "12_c"], nbs_dir=nbs)
+    assert [r.stem for r in res.runs] == ["12_c", "10_a"] and "needs" not in caplog.text
+    assert main(["--list", "--nbs", str(nbs)]) == 0
+    listed = capsys.readouterr().out
+    assert "10_a  (needs: 12_c)\n" in listed and listed.index("12_c") < listed.index("10_a")
+
+
+@pytest.mark.parametrize("cells, words", [
+    ({"10_a": ["11_b"], "11_b": ["10_a"], "12_c": []}, "the needs cells form a cycle: 10_a -> 11_b -> 10_a"),
+    ({"10_a": ["10_a"]}, "cycle: 10_a -> 10_a"),
+    ({"10_a": ["10_suite"], "11_b": None}, "10_a.ipynb needs '10_suite': no experiment notebook of"),
+    ({"10_a": 'needs = "11_b"', "11_b": None}, "10_a.ipynb: its needs cell must be one assignment of a list"),
+    ({"10_a": "needs = [f'{1}1_b']", "11_b": None}, "10_a.ipynb: its needs cell must be"),
+], ids=["cycle", "self", "unknown", "not-a-list", "not-literal"])
+def test_needs_errors(cells, words, tmp_path, capsys):
+    "Cycles, unknown names and needs cells that are not a literal list stop reproduce before anything runs (exit 2)."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for stem, needs in cells.items():
+        if isinstance(needs, str): _needing(nbs, stem, needs_src=needs)
+        else: _needing(nbs, stem, needs=needs)
+    with pytest.raises(ParamError, match=re.escape(words)): find_experiments(nbs)
+    assert main(["--profile", "smoke", "--out", str(tmp_path / "o"), "--nbs", str(nbs)]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_two_needs_cells(tmp_path):
+    "A notebook with two needs cells is refused, named: which one would count is not obvious to its reader."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _needing(nbs, "11_b", needs=[])
+    nb = nbformat.read(nbs / "11_b.ipynb", as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell("needs = []", metadata={"tags": ["needs"]}))
+    nbformat.write(nb, nbs / "11_b.ipynb")
+    with pytest.raises(ParamError, match="11_b.ipynb has 2 cells tagged needs"): find_experiments(nbs)
+
+
+def test_needs_survive_nbdev_clean(tmp_path):
+    "nbdev_clean (this repository's settings: cell tags kept, notebook metadata dropped) leaves the needs cell readable."
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _needing(nbs, "10_a", needs=["12_c"])
+    _needing(nbs, "12_c")
+    nb = nbformat.read(nbs / "10_a.ipynb", as_version=4)
+    nb.metadata["needs"] = ["something else"]
+    nb.cells[0].metadata["collapsed"] = True
+    nbformat.write(nb, nbs / "10_a.ipynb")
+    clean = "import sys; from nbdev.clean import nbdev_clean; nbdev_clean.__wrapped__(fname=sys.argv[1])"
+    res = subprocess.run([sys.executable, "-c", clean, str(nbs / "10_a.ipynb")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cleaned = nbformat.read(nbs / "10_a.ipynb", as_version=4)
+    assert "needs" not in cleaned.metadata and cleaned.cells[0].metadata == {"tags": ["needs"]}
+    assert [(e.stem, e.needs) for e in find_experiments(nbs)] == [("12_c", ()), ("10_a", ("12_c",))]
+
+
+def test_repository_needs():
+    "The repository's experiment notebooks run in the order their needs give, whatever those say."
+    exps = find_experiments(REPO / "nbs")
+    order = [e.stem for e in exps]
+    assert {"10_suite", "11_sae_track", "13_topk_lm"} <= set(order)
+    assert all(order.index(n) < order.index(e.stem) for e in exps for n in e.needs)
