@@ -37,7 +37,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 .PHONY: help install figures test lab export clean check wheelhouse
 
 help:
-	@echo "make figures [PROFILE=smoke|paper|auto] [OUT=dir] [ARGS=...]  run all experiment notebooks + report"
+	@echo "make figures [PROFILE=smoke|paper|auto] [OUT=dir] [ARGS=...]  run all experiment notebooks (in the order their needs cells give) + report"
 	@echo "make test                      pytest: unit, integration and library-notebook tests"
 	@echo "make install                   create $(VENV) and install dyntrack with its dev tools"
 	@echo "make lab [LAB_ARGS=...]        JupyterLab on nbs/ (installs jupyterlab on first use; --allow-root as root)"
