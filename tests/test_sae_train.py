@@ -9,11 +9,12 @@ from transformers import PreTrainedTokenizerFast
 
 from dyntrack.acts import residual_at
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.models.suite import build_model, model_config
+from dyntrack.models.presets import build_model, model_config
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
-from dyntrack.sae.train import (_splice, lr_at, max_cosine, planted_sparse_data, splice_eval, delta_ce,
+from dyntrack.sae.train import (_splice, max_cosine, planted_sparse_data, sae_lr, splice_eval, delta_ce,
                                 top_activations, top_activations_by_latent, train_sae)
-from dyntrack.train.trainer import lm_loss, read_log
+from dyntrack.train.state import load_run_state, read_log
+from dyntrack.train.trainer import lm_loss
 
 VOCAB = 61
 
@@ -145,7 +146,8 @@ def test_exhausted_and_bad_batches():
     assert res.exhausted and res.steps == 5 and res.tokens_seen == 320
     with pytest.raises(ParamError, match="batch_size=64"): train_sae(SparseAutoencoder(cfg), [torch.randn(10, 16)], cfg)
     with pytest.raises(ParamError, match="d_sae"): train_sae(SparseAutoencoder(cfg), [], planted_cfg(d_sae=50))
-    assert lr_at(0, cfg) == pytest.approx(cfg.lr / 3) and lr_at(2, cfg) == lr_at(99, cfg) == cfg.lr
+    assert sae_lr(0, cfg) == pytest.approx(cfg.lr / 3) and sae_lr(2, cfg) == sae_lr(99, cfg) == cfg.lr
+    assert [sae_lr(s, cfg) for s in range(3)] == [cfg.lr * (1 / 3), cfg.lr * (2 / 3), cfg.lr]  # the old arithmetic, to the bit
 
 
 # --- ΔCE -----------------------------------------------------------------------------------------------------------
@@ -263,12 +265,12 @@ def test_lost_state_is_refused_not_restarted(tmp_path):
     run = interrupted_run(tmp_path, cfg, batches)
     shutil.rmtree(run / "state")
     log = (run / "log.jsonl").read_bytes()
-    with pytest.raises(FileNotFoundError, match=r"state is missing.*goes past step 4.*delete"):
+    with pytest.raises(FileNotFoundError, match=r"state is missing.*got to step 6, past its state save at step 4.*delete"):
         train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=run, checkpoint_every=4)
     assert (run / "log.jsonl").read_bytes() == log
 
 
-@pytest.mark.parametrize("name", ["state.safetensors", "optimizer.pt", "state.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "state.json"])
 def test_damaged_state_names_the_file(tmp_path, name):
     data = planted_sparse_data(64 * 12, 16, 32, 2)
     cfg, batches = planted_cfg(), data.x.split(64)
@@ -285,3 +287,20 @@ def test_torn_last_log_line_does_not_stop_a_finished_run(tmp_path):
     with open(tmp_path / "run" / "log.jsonl", "a") as f: f.write('{"step": 13, "lo')  # killed mid-append
     again = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "run")
     assert again.history == [] and again.steps == 12 and read_log(tmp_path / "run" / "log.jsonl") == first.history
+
+
+def test_state_is_the_shared_run_state_and_leaves_the_callers_rng_alone(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg, batches = planted_cfg(), data.x.split(64)
+    ref = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=tmp_path / "ref", checkpoint_every=4)
+    run = interrupted_run(tmp_path, cfg, batches)
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["model.safetensors", "optimizer.pt", "state.json"]
+    sae = SparseAutoencoder(cfg)
+    loaded = load_run_state(run / "state", sae, torch.optim.Adam(sae.parameters()), "", restore_rng=False)
+    assert loaded.counters["step"] == 4 and loaded.tensors["since_fired"].shape == (cfg.d_sae,)  # the train.state layout
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    resumed = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=run, checkpoint_every=4)  # resumed from state/
+    assert torch.equal(torch.rand(3), expected)  # training draws nothing and the saved RNG states were not restored
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k

@@ -1,5 +1,6 @@
-"Tests of dyntrack.train.trainer: learning, exact resume, DDP equivalence, checkpoints, accumulation, config checks, callbacks."
-import dataclasses, json, os, shutil, subprocess, sys
+"""Tests of dyntrack.train.trainer: learning, exact resume, DDP equivalence and options, checkpoints, accumulation, config
+checks, callbacks (with state, before checkpoints), growing the model mid-run."""
+import copy, dataclasses, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,11 @@ from safetensors.torch import load_file
 
 import dyntrack.train.trainer as train_mod
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.models.suite import CheckpointSuite, build_model, model_config, read_manifest
+from dyntrack.models.presets import build_model, model_config
+from dyntrack.models.suite import CheckpointSuite, read_manifest
 from dyntrack.data.tokens import TokenShards
-from dyntrack.train.trainer import (Callback, History, TrainConfig, Trainer, flops_per_token, lr_at, block_params, read_log,
-                            truncate_log)
+from dyntrack.train.state import read_log, truncate_log
+from dyntrack.train.trainer import Callback, History, TrainConfig, Trainer, block_params, flops_per_token, lm_loss
 
 os.environ["DYNTRACK_PROGRESS"] = "0"
 
@@ -197,15 +199,17 @@ def test_callback_hooks_in_order(tmp_path):
             calls.append(("batch", step, tuple(batch.shape)))
             return batch
         def on_step_end(self, trainer, step, loss): calls.append(("step_end", step, trainer.step))
+        def on_before_checkpoint(self, trainer, step):
+            calls.append(("before_checkpoint", step, (trainer.run_dir / f"step{step}").exists()))
         def on_checkpoint(self, trainer, step): calls.append(("checkpoint", step))
 
     cfg = make_config(total_steps=2, grad_accum=2, checkpoint_steps=[0, 2])
     Trainer(make_model(), None, make_data(), cfg, tmp_path, callbacks=[Recorder()]).fit()
     micro = ("batch", 0, (4, 17))
-    assert calls == [("fit_start", 0), ("checkpoint", 0),
+    assert calls == [("fit_start", 0), ("before_checkpoint", 0, False), ("checkpoint", 0),
                      ("step_start", 0), micro, micro, ("step_end", 0, 1),
                      ("step_start", 1), ("batch", 1, (4, 17)), ("batch", 1, (4, 17)), ("step_end", 1, 2),
-                     ("checkpoint", 2)]
+                     ("before_checkpoint", 2, False), ("checkpoint", 2)]
 
 
 def test_callback_changes_batch_and_flops(tmp_path):
@@ -233,7 +237,7 @@ def test_flops_count_matches_parameters():
 def test_continued_pretraining_from_a_seed(tmp_path):
     seed_cfg = make_config(total_steps=4, checkpoint_steps=[4], min_lr_ratio=0.1)
     Trainer(make_model(), None, make_data(), seed_cfg, tmp_path / "seed").fit()
-    assert lr_at(3, seed_cfg) == pytest.approx(0.1 * seed_cfg.lr)  # the seed ends at its final LR
+    assert seed_cfg.lr_at(3) == pytest.approx(0.1 * seed_cfg.lr)  # the seed ends at its final LR
     seed = CheckpointSuite.from_run(tmp_path / "seed").load_model(step=4).train()
     unit_cfg = make_config(total_steps=3, warmup_steps=0, schedule="constant", lr=0.1 * seed_cfg.lr, checkpoint_steps=[0, 3])
     Trainer(seed, None, make_data(), unit_cfg, tmp_path / "unit").fit()
@@ -273,6 +277,11 @@ def test_bf16_autocast_on_cpu(tmp_path):
     (dict(data_seed=-1), "data_seed=-1"),
     (dict(betas=(0.9, float("nan"))), "betas"),
     (dict(checkpoint_steps=[0, "4"]), "checkpoint_steps"),
+    (dict(decay_fraction=-0.1), "decay_fraction=-0.1"),
+    (dict(decay_fraction=0.2), "decay_fraction=0.2 is the decay tail of schedule='constant'"),
+    (dict(schedule="constant", decay_fraction=float("nan")), "decay_fraction=nan"),
+    (dict(ddp_find_unused_parameters="yes"), "ddp_find_unused_parameters='yes'"),
+    (dict(ddp_static_graph=1), "ddp_static_graph=1"),
 ])
 def test_bad_config_raises(kw, words):
     with pytest.raises(ParamError, match=f"^{words}"):
@@ -287,11 +296,21 @@ def test_batch_must_divide_over_micro_batches_and_ranks(tmp_path):
 
 def test_lr_schedule_shapes():
     cfg = make_config(total_steps=20, warmup_steps=5, lr=1.0, min_lr_ratio=0.1)
-    lrs = [lr_at(s, cfg) for s in range(20)]
+    lrs = [cfg.lr_at(s) for s in range(20)]
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[5] == 1.0
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] == pytest.approx(0.1)
-    assert lr_at(19, dataclasses.replace(cfg, schedule="linear")) == pytest.approx(0.1)
-    assert {lr_at(s, dataclasses.replace(cfg, schedule="constant")) for s in range(5, 20)} == {1.0}
+    assert dataclasses.replace(cfg, schedule="linear").lr_at(19) == pytest.approx(0.1)
+    assert {dataclasses.replace(cfg, schedule="constant").lr_at(s) for s in range(5, 20)} == {1.0}
+    tail = [dataclasses.replace(cfg, schedule="constant", decay_fraction=0.25, min_lr_ratio=0.0).lr_at(s) for s in range(20)]
+    assert tail[:5] == lrs[:5] and set(tail[5:16]) == {1.0} and tail[-1] == 0.0  # constant, then to 0 over the last 5
+    assert tail[15:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_decay_tail_reaches_the_optimizer(tmp_path):
+    cfg = make_config(total_steps=10, warmup_steps=0, schedule="constant", decay_fraction=0.2, min_lr_ratio=0.0,
+                      checkpoint_steps=[], eval_steps=[])
+    Trainer(make_model(), None, make_data(), cfg, tmp_path).fit()
+    assert [r["lr"] for r in log_records(tmp_path)[1:]] == pytest.approx([3e-3] * 8 + [3e-3, 0.0])
 
 
 def test_truncate_log(tmp_path):
@@ -405,3 +424,163 @@ def test_read_log_drops_only_a_torn_last_line(tmp_path):
     path.write_bytes(b'{"step": 0}\n\xff\xfe\x00\n{"step": 2}\n')
     with pytest.raises(CorruptFileError, match="line 2"):
         read_log(path)
+
+
+# --- seams for the coming methods: callback state, growing the model, a hook before checkpoints, DDP options ------
+
+class Count(Callback):
+    "Counts updates and sums their losses: a state that is not a function of the step."
+    def __init__(self): self.count, self.loss_sum = 0, 0.0
+    def on_step_end(self, trainer, step, loss): self.count, self.loss_sum = self.count + 1, self.loss_sum + float(loss)
+    def state_dict(self): return dict(count=self.count, loss_sum=self.loss_sum)
+    def load_state_dict(self, state): self.count, self.loss_sum = state["count"], state["loss_sum"]
+
+
+def test_callback_state_is_resumed_after_a_kill(tmp_path):
+    cfg, data = make_config(), make_data()
+    full = Count()
+    Trainer(make_model(), None, data, cfg, tmp_path / "full", callbacks=[full]).fit()
+    with pytest.raises(Killed):
+        Trainer(make_model(), None, data, cfg, tmp_path / "cut", callbacks=[Count(), Kill(8)]).fit()
+    saved = json.loads((tmp_path / "cut/trainer_state/state.json").read_text())
+    assert saved["step"] == 5 and saved["callbacks"]["Count"]["count"] == 5 and list(saved["callbacks"]) == ["Count"]
+    resumed = Count()
+    Trainer(make_model(), None, data, cfg, tmp_path / "cut", callbacks=[History(), resumed]).fit()  # stateless: free
+    assert (resumed.count, resumed.loss_sum) == (full.count, full.loss_sum) == (12, full.loss_sum)
+    with pytest.raises(ParamError, match=r"state\.json holds the states of callbacks \['Count'\].*given are \[\]"):
+        Trainer(make_model(), None, data, cfg, tmp_path / "cut").fit()
+
+
+def grown(model, depth: int):
+    "A copy of the GPT-NeoX `model` with `depth` blocks, block i a deep copy of block i × n_layers // depth."
+    n, big = model.config.num_hidden_layers, copy.deepcopy(model)
+    big.gpt_neox.layers = torch.nn.ModuleList(copy.deepcopy(model.gpt_neox.layers[i * n // depth]) for i in range(depth))
+    big.config.num_hidden_layers = depth
+    return big
+
+
+def head_name(model) -> str:
+    "The name of the unembedding's weight among `model`'s parameters."
+    return next(name for name, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+
+
+def sources(model, depth: int, skip=()) -> dict[str, str]:
+    "{parameter of grown(model, depth): the parameter of `model` it copies}, leaving out the names in `skip`."
+    n, out = model.config.num_hidden_layers, {}
+    for name, _ in grown(model, depth).named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["gpt_neox", "layers"]: parts[2] = str(int(parts[2]) * n // depth)
+        if name not in skip: out[name] = ".".join(parts)
+    return out
+
+
+class Grow(Callback):
+    "Grow the model to `depth` blocks before update `at`; on resume past it, rebuild the grown model first."
+    def __init__(self, at: int, depth: int = 4): self.at, self.depth = at, depth
+    def on_fit_start(self, trainer):
+        if trainer.step > self.at: trainer.replace_parameters(grown(trainer.model, self.depth))
+    def on_step_start(self, trainer, step):
+        if step == self.at: trainer.replace_parameters(grown(trainer.model, self.depth), sources(trainer.model, self.depth))
+
+
+def test_replace_parameters_keeps_the_moments_of_copied_parameters(tmp_path):
+    data = make_data()
+    trainer = Trainer(make_model(), None, data, make_config(compile=True), tmp_path)
+    trainer.setup()
+    batch = data.batch(0, 8, 16, seed=0)
+    lm_loss(trainer.model, batch).backward(); trainer.optimizer.step(); trainer.optimizer.zero_grad()
+    old = {name: {k: v.clone() for k, v in trainer.optimizer.state[p].items()} for name, p in trainer.model.named_parameters()}
+    head = head_name(trainer.model)  # embed_out or lm_head, by transformers version
+    copied = sources(trainer.model, 4, skip=[head])
+    big = grown(trainer.model, 4)
+    trainer.replace_parameters(big, copied)
+    assert trainer.model is big and trainer.forward_model._orig_mod is big  # the compile wrapper is rebuilt around it
+    params = dict(big.named_parameters())
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+    assert trainer.flops_per_token == flops_per_token(make_model().config, 16, n_layers=4)  # the grown depth's
+    for name, source in copied.items():
+        state = trainer.optimizer.state[params[name]]
+        for k in ("exp_avg", "exp_avg_sq", "step"): assert torch.equal(state[k], old[source][k]), (name, k)
+    assert {"gpt_neox.layers.2.mlp.dense_h_to_4h.weight": "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"}.items() <= copied.items()
+    assert params[head] not in trainer.optimizer.state  # not copied: starts fresh
+    lm_loss(big, batch).backward(); trainer.optimizer.step()  # a further update runs on the grown model
+    assert trainer.optimizer.state[params["gpt_neox.layers.3.attention.dense.weight"]]["step"].item() == 2
+    assert trainer.optimizer.state[params[head]]["step"].item() == 1
+    assert not torch.equal(old["gpt_neox.layers.1.attention.dense.weight"]["exp_avg"],
+                           trainer.optimizer.state[params["gpt_neox.layers.3.attention.dense.weight"]]["exp_avg"])
+    for bad in ({head: "gpt_neox.embed_in.bias"}, {head: "gpt_neox.final_layer_norm.weight"},
+                {"gpt_neox.embed_in.bias": head}):  # no such source, another shape, no such parameter
+        with pytest.raises(ParamError, match=r"^copied\['[\w.]+'\] = .* not a parameter of the new model"):
+            trainer.replace_parameters(grown(big, 2), bad)
+    assert trainer.model is big  # refused before anything changed
+
+
+def test_a_model_grown_mid_run_resumes_bit_identically(tmp_path):
+    cfg, data = make_config(checkpoint_steps=[0, 4, 12]), make_data()
+    full = Trainer(make_model(dropout=0.1), None, data, cfg, tmp_path / "full", callbacks=[Grow(3)])
+    full.fit()
+    assert full.model.config.num_hidden_layers == 4
+    with pytest.raises(Killed):
+        Trainer(make_model(dropout=0.1), None, data, cfg, tmp_path / "cut", callbacks=[Grow(3), Kill(8)]).fit()
+    resumed = Trainer(make_model(dropout=0.1), None, data, cfg, tmp_path / "cut", callbacks=[Grow(3)])
+    resumed.fit()  # from the state of step 5: the 4-block model and its AdamW state
+    for k, v in full.model.state_dict().items(): assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [r["loss"] for r in log_records(tmp_path / "cut")] == [r["loss"] for r in log_records(tmp_path / "full")]
+    layers = lambda run, s: json.loads((tmp_path / run / f"step{s}" / "config.json").read_text())["num_hidden_layers"]
+    assert [layers("cut", s) for s in (0, 4, 12)] == [2, 4, 4]
+
+
+def test_before_checkpoint_hook_is_seen_in_the_checkpoint(tmp_path):
+    class Materialise(Callback):  # what progressive training does: write the full model, then train on
+        def on_before_checkpoint(self, trainer, step):
+            trainer.model.config.stage = f"full depth at step {step}"
+            with torch.no_grad(): trainer.model.get_output_embeddings().weight[0].fill_(float(step))
+    cfg = make_config(total_steps=4, checkpoint_steps=[0, 4], eval_steps=[])
+    Trainer(make_model(), None, make_data(), cfg, tmp_path, callbacks=[Materialise()]).fit()
+    for step in (0, 4):
+        assert json.loads((tmp_path / f"step{step}" / "config.json").read_text())["stage"] == f"full depth at step {step}"
+        saved = CheckpointSuite.from_run(tmp_path).load_model(step=step)
+        assert torch.equal(saved.get_output_embeddings().weight[0], torch.full((64,), float(step)))
+
+
+GROW_DDP_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import Grow, make_config, make_data, make_model
+from dyntrack.train.trainer import Callback, Trainer
+torch.set_num_threads(1)
+
+class Wrapped(Callback):  # what DDP wraps after each update
+    def __init__(self): self.seen = []
+    def on_step_end(self, trainer, step, loss):
+        ddp = trainer.ddp
+        self.seen.append([step, ddp.module is trainer.model, trainer.model.config.num_hidden_layers,
+                          ddp.find_unused_parameters, ddp.static_graph])
+
+wrapped = Wrapped()
+trainer = Trainer(make_model(), None, make_data(), make_config(**{kw!r}), {run_dir!r}, callbacks=[Grow(2), wrapped])
+trainer.fit()
+with open({out!r} + str(trainer.rank), "w") as f: json.dump(wrapped.seen, f)
+"""
+
+
+def test_ddp_options_reach_ddp_and_a_grown_model_trains_under_it(tmp_path):
+    kw = dict(total_steps=4, checkpoint_steps=[4], eval_steps=[], resume_every=0, ddp_find_unused_parameters=True,
+              ddp_static_graph=True)
+    single = Trainer(make_model(), None, make_data(), make_config(**kw), tmp_path / "single", callbacks=[Grow(2)])
+    single.fit()
+    script = tmp_path / "grow_ddp.py"
+    script.write_text(GROW_DDP_SCRIPT.format(tests=str(Path(__file__).parent), kw=kw, run_dir=str(tmp_path / "ddp"),
+                                             out=str(tmp_path / "seen")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DYNTRACK_PROGRESS="0")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen{rank}").read_text())
+        assert seen == [[s, True, 2 if s < 2 else 4, True, True] for s in range(4)], (rank, seen)
+    ddp_weights = load_file(tmp_path / "ddp/trainer_state/model.safetensors")
+    assert set(ddp_weights) == set(single.model.state_dict())
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_weights[k], v, atol=1e-5, rtol=1e-4, msg=k)

@@ -4,26 +4,27 @@
 
 # %% ../../nbs/05b_sae_train.ipynb #32a9b84b
 from __future__ import annotations
-import contextlib, dataclasses, json, time
+import contextlib, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..acts import blocks, check_layer, residual_at
-from ..core import ParamError, atomic_path, check_range, progress, read_json, settle, write_json
+from ..core import ParamError, check_range, progress, settle
 from .model import (
     SaeConfig, SparseAutoencoder, check_matches, geometric_median, normalize_decoder, remove_parallel_grad, save_sae)
-from ..train.trainer import append_log, lm_loss, read_log, reading, truncate_log
+from ..train.state import (append_log, config_differences, jsonified, load_run_state, logged_steps, lr_at,
+                                  read_counters, reading, refuse_lost_state, save_run_state, truncate_log)
+from ..train.trainer import lm_loss
 
 # %% auto #0
-__all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'lr_at', 'init_b_dec', 'l2_pull_loss',
-           'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state', 'SaeTrainResult',
-           'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation',
+__all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'sae_lr', 'init_b_dec',
+           'l2_pull_loss', 'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state',
+           'SaeTrainResult', 'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation',
            'top_activations_by_latent', 'top_activations']
 
 # %% ../../nbs/05b_sae_train.ipynb #2eaf8a44
@@ -56,9 +57,9 @@ class SaeTrainState:
     tokens_seen: int     # activation vectors trained on
     since_fired: Tensor  # tokens since each latent last fired [d_sae] (int64)
 
-def lr_at(step: int, cfg: SaeConfig) -> float:
+def sae_lr(step: int, cfg: SaeConfig) -> float:
     "Learning rate of optimizer step `step` (0-based): linear warm-up over `cfg.warmup_steps`, then `cfg.lr`."
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    return cfg.lr * lr_at(step, 1.0, cfg.n_steps, cfg.warmup_steps)  # cfg.lr × the shape: these runs' LRs to the bit
 
 @torch.no_grad()
 def init_b_dec(sae: SparseAutoencoder, x: Tensor, how: str) -> None:
@@ -96,7 +97,7 @@ def _to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
 def sae_update(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
                state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> StepRecord:
     "One optimizer step on activations `x` [batch, d_model], queued without waiting for the GPU; updates `state`."
-    lr = lr_at(state.step, cfg)
+    lr = sae_lr(state.step, cfg)
     for group in optimizer.param_groups: group["lr"] = lr
     autocast = torch.autocast("cuda", torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
     # since_fired <= tokens_seen: before dead_tokens have been seen no latent can be dead, so AuxK needs no count
@@ -123,31 +124,22 @@ def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor
 # %% ../../nbs/05b_sae_train.ipynb #3a8002ba
 def save_train_state(state_dir, sae: SparseAutoencoder, optimizer, state: SaeTrainState, cfg: SaeConfig) -> Path:
     "Replace `state_dir` atomically with the weights, the optimizer state, the counters and `cfg`."
-    with atomic_path(state_dir, overwrite=True) as tmp:
-        tmp.mkdir()
-        tensors = {f"sae.{k}": v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-        save_file({**tensors, "since_fired": state.since_fired.cpu()}, tmp / "state.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", dict(step=state.step, tokens_seen=state.tokens_seen, config=cfg))
-    return Path(state_dir)
+    return save_run_state(state_dir, sae, optimizer, dict(step=state.step, tokens_seen=state.tokens_seen), cfg,
+                          tensors=dict(since_fired=state.since_fired))
 
 def load_train_state(state_dir, sae: SparseAutoencoder, optimizer, cfg: SaeConfig) -> SaeTrainState:
     "Load what `save_train_state` wrote into `sae` and `optimizer`; refuse a state saved with another config."
-    state_dir, device = Path(state_dir), sae.W_dec.device
+    state_dir = Path(state_dir)
     remedy = f"delete {state_dir.parent} to train the SAE again"
     with reading(state_dir / "state.json", remedy):
-        saved = read_json(state_dir / "state.json")
+        saved = read_counters(state_dir, remedy)
         step, tokens_seen, saved_cfg = saved["step"], saved["tokens_seen"], saved["config"]
-    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = [f"{k} (saved {saved_cfg.get(k)!r}, given {v!r})" for k, v in mine.items() if saved_cfg.get(k) != v]
+    diff = config_differences(saved_cfg, jsonified(cfg))
     if diff: raise ParamError(f"{state_dir} holds a run with another config; use another out_dir. "
                               f"Differing: {', '.join(diff)}")
-    with reading(state_dir / "state.safetensors", remedy):
-        tensors = load_file(state_dir / "state.safetensors", device=str(device))
-        sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
-        since_fired = tensors["since_fired"]
-    with reading(state_dir / "optimizer.pt", remedy):
-        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device, weights_only=True))
+    # restore_rng=False: training draws no random numbers, and a finished folder must not rewind the caller's RNGs
+    loaded = load_run_state(state_dir, sae, optimizer, remedy, restore_rng=False)
+    with reading(state_dir / "optimizer.pt", remedy): since_fired = loaded.tensors["since_fired"]
     return SaeTrainState(step, tokens_seen, since_fired)
 
 # %% ../../nbs/05b_sae_train.ipynb #72c969fd
@@ -167,12 +159,9 @@ def _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every: int) -> S
         sae.load_state_dict(warm_start.state_dict())
     state = SaeTrainState(0, 0, torch.zeros(cfg.d_sae, dtype=torch.long, device=sae.W_dec.device))
     if out_dir is None: return state
-    log = out_dir / "log.jsonl"
     if settle(out_dir / "state").exists(): state = load_train_state(out_dir / "state", sae, optimizer, cfg)
-    elif log.exists() and max((r["step"] for r in read_log(log)), default=0) > checkpoint_every:
-        raise FileNotFoundError(f"{out_dir / 'state'} is missing, but {log} goes past step {checkpoint_every}, where "
-                                f"a state was saved: starting over would empty the log. Restore state, or delete "
-                                f"{out_dir} to train the SAE again")
+    else: refuse_lost_state(out_dir / "state", logged_steps(out_dir / "log.jsonl"), checkpoint_every,
+                            f"delete {out_dir} to train the SAE again")
     out_dir.mkdir(parents=True, exist_ok=True)
     truncate_log(out_dir / "log.jsonl", state.step)
     return state

@@ -4,28 +4,26 @@
 
 # %% ../../nbs/03_train.ipynb #c6b0051e
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, pickle, random, time
+import collections, contextlib, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 
-from ..core import (CorruptFileError, ParamError, atomic_path, check_fields, check_range, module_digest,
-                           pick_device, progress, read_json, seed_everything, settle, write_json)
+from ..core import (ParamError, check_fields, check_range, module_digest, pick_device, progress,
+                           read_json, seed_everything, settle)
 from ..models.suite import read_manifest, save_checkpoint
 from ..data.tokens import tokenizer_hash
+from .state import (append_log, check_run_dir, load_run_state, logged_steps, lr_at, read_counters,
+                                  read_log, reading, refuse_lost_state, save_run_state, truncate_log)
 
 # %% auto #0
-__all__ = ['GATED_MLP', 'VOLATILE_CONFIG', 'TrainConfig', 'lr_at', 'param_groups', 'block_params', 'flops_per_token', 'mfu',
-           'Callback', 'init_distributed', 'lm_loss', 'validation_losses', 'append_log', 'read_log', 'truncate_log',
-           'run_identity', 'check_run_dir', 'reading', 'save_trainer_state', 'load_trainer_state', 'check_fresh_start',
-           'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
+__all__ = ['GATED_MLP', 'RESUME_FREE', 'VOLATILE_CONFIG', 'TrainConfig', 'param_groups', 'block_params', 'flops_per_token', 'mfu',
+           'Callback', 'callback_states', 'load_callback_states', 'init_distributed', 'lm_loss', 'validation_losses',
+           'run_identity', 'check_fresh_start', 'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
 
 # %% ../../nbs/03_train.ipynb #7cf950ef
 def _positive(name: str, value) -> None:
@@ -43,7 +41,8 @@ class TrainConfig:
     lr: float = 1e-3                    # peak learning rate
     min_lr_ratio: float = 0.1           # final LR / peak LR for the cosine and linear schedules
     warmup_steps: int = 100             # linear warm-up, steps
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"  # LR shape after warm-up
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"  # LR shape after warm-up (train.state.lr_at)
+    decay_fraction: float = 0.0         # "constant" only: last fraction of the steps, decaying linearly to min_lr_ratio × lr
     weight_decay: float = 0.1           # AdamW decoupled decay on matrices (ndim >= 2)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
     eps: float = 1e-8                   # AdamW denominator epsilon
@@ -53,6 +52,8 @@ class TrainConfig:
     data_seed: int = 0                  # data order: batch of step s = f(data_seed, s)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False               # torch.compile the forward pass
+    ddp_find_unused_parameters: bool = False  # DDP: let steps leave parameters without a gradient (costs a graph walk)
+    ddp_static_graph: bool = False      # DDP: the same graph every step, so DDP reuses its bucketing and sync plan
     checkpoint_steps: list[int] = field(default_factory=list)  # suite snapshots; 0 = before any update
     resume_every: int = 500             # steps between trainer-state saves; 0 = only at the end
     eval_steps: list[int] | None = None  # steps with per-domain validation; None = checkpoint_steps
@@ -64,6 +65,10 @@ class TrainConfig:
         for name in ("total_steps", "batch_size", "seq_len", "lr", "eps", "grad_accum", "log_every"):
             _positive(name, getattr(self, name))
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range("decay_fraction", self.decay_fraction, 0, 1)
+        if self.decay_fraction and self.schedule != "constant":
+            raise ParamError(f"decay_fraction={self.decay_fraction} is the decay tail of schedule='constant'; "
+                             f"schedule={self.schedule!r} decays on its own (set decay_fraction=0)")
         check_range("warmup_steps", self.warmup_steps, 0, self.total_steps)
         for name in ("weight_decay", "grad_clip", "resume_every", "eval_tokens", "seed", "data_seed"):
             check_range(name, getattr(self, name), lo=0)
@@ -75,14 +80,10 @@ class TrainConfig:
         eval_steps = self.checkpoint_steps if self.eval_steps is None else self.eval_steps
         self.eval_steps = _steps_ok("eval_steps", eval_steps, self.total_steps)
 
-# %% ../../nbs/03_train.ipynb #0f9de67f
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    "Learning rate of update `step` (0-based): warm-up, then cosine/linear decay to `min_lr_ratio × lr`, or constant."
-    if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant": return cfg.lr
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps - 1))
-    shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.schedule == "cosine" else 1 - p
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+    def lr_at(self, step: int) -> float:
+        "Learning rate of update `step` (0-based) under this recipe (`train.state.lr_at`)."
+        return lr_at(step, self.lr, self.total_steps, self.warmup_steps, self.schedule, self.min_lr_ratio,
+                     self.decay_fraction)
 
 # %% ../../nbs/03_train.ipynb #2d60a1ea
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -123,7 +124,32 @@ class Callback:
     def on_step_start(self, trainer, step: int): pass
     def on_batch(self, trainer, step: int, batch: torch.Tensor) -> torch.Tensor: return batch  # [b, seq_len+1]
     def on_step_end(self, trainer, step: int, loss: torch.Tensor): pass  # 0-dim
+    def on_before_checkpoint(self, trainer, step: int): pass
     def on_checkpoint(self, trainer, step: int): pass
+    def state_dict(self) -> dict | None: return None  # JSON values saved with the trainer state; None: nothing to save
+    def load_state_dict(self, state: dict): pass
+
+def _keyed(callbacks) -> dict[str, Callback]:
+    "`callbacks` by class name, `Name#2`, `Name#3` for repeats."
+    seen, out = collections.Counter(), {}
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] += 1
+        out[name if seen[name] == 1 else f"{name}#{seen[name]}"] = cb
+    return out
+
+def callback_states(callbacks) -> dict[str, dict]:
+    "The states of the `callbacks` that keep one (`state_dict()` not None), by class name."
+    states = {key: cb.state_dict() for key, cb in _keyed(callbacks).items()}
+    return {key: state for key, state in states.items() if state is not None}
+
+def load_callback_states(callbacks, saved: dict, path) -> None:
+    "Hand each stateful callback its `saved` state (read from `path`); refuse other stateful callbacks than saved."
+    keyed, mine = _keyed(callbacks), callback_states(callbacks)
+    if set(mine) != set(saved):
+        raise ParamError(f"{path} holds the states of callbacks {sorted(saved)}, but the callbacks with a state "
+                         f"given are {sorted(mine)}; resume with the callbacks the run was started with")
+    for key, state in saved.items(): keyed[key].load_state_dict(state)
 
 # %% ../../nbs/03_train.ipynb #b44a6f40
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
@@ -157,35 +183,9 @@ def validation_losses(model, data, seq_len: int, batch_size: int, max_tokens: in
     model.train(was_training)
     return out
 
-# %% ../../nbs/03_train.ipynb #8dd06037
-def append_log(path, record: dict) -> None:
-    "Append `record` as one JSON line to `path`."
-    with open(path, "a") as f: f.write(json.dumps(record) + "\n")
-
-def read_log(path) -> list[dict]:
-    "The records of the log.jsonl at `path`, without a torn last line; `CorruptFileError` for a bad line elsewhere."
-    path = Path(path)
-    lines = [(n, l) for n, l in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1) if l.strip()]
-    records = []
-    for i, (n, line) in enumerate(lines):
-        try: record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1: break  # a kill in the middle of an append
-            raise CorruptFileError(f"{path} line {n} is not a JSON record ({e}); repair or delete that line") from e
-        if not isinstance(record, dict):
-            raise CorruptFileError(f"{path} line {n} is {line[:40]!r}, not a JSON record; repair or delete that line")
-        records.append(record)
-    return records
-
-def truncate_log(path, step: int) -> None:
-    "Atomically drop the records of `path` (a log.jsonl) whose step is after `step`, and a torn last line."
-    path = Path(path)
-    if not path.exists(): return
-    keep = [r for r in read_log(path) if r["step"] <= step]
-    with atomic_path(path, overwrite=True) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
 # %% ../../nbs/03_train.ipynb #a02b9830
-_RESUME_FREE = ("compile", "log_every", "resume_every")  # TrainConfig fields that cannot change the weights
+RESUME_FREE = ("compile", "log_every", "resume_every", "ddp_find_unused_parameters",
+               "ddp_static_graph")  # TrainConfig fields that cannot change the weights
 VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash",
                    "_attn_implementation_autoset", "use_cache")  # model-config fields that do not change the weights
 
@@ -194,85 +194,20 @@ def run_identity(model, tokenizer, data) -> dict:
     if not hasattr(data, "fingerprint"):
         raise ParamError(f"data must be a TokenShards (or have fingerprint()); got {type(data).__name__}")
     config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG}
-    modules = ["dyntrack.train.trainer", "dyntrack.models.suite"] + [
+    modules = ["dyntrack.train.trainer", "dyntrack.train.state", "dyntrack.models.suite"] + [
         cls.__module__ for cls in (type(model), type(data)) if cls.__module__.startswith("dyntrack.")]
     identity = dict(data=data.fingerprint(), tokenizer=None if tokenizer is None else tokenizer_hash(tokenizer),
                     model=dict(config, model_class=type(model).__name__), code=module_digest(*dict.fromkeys(modules)))
     return json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
 
-def _differences(saved: dict, mine: dict, prefix: str = "", skip=()) -> list[str]:
-    keys = sorted((set(saved) | set(mine)) - set(skip))
-    return [f"{prefix}{k} (saved {saved.get(k)!r}, given {mine.get(k)!r})" for k in keys if saved.get(k) != mine.get(k)]
-
-def check_run_dir(run_dir, cfg: TrainConfig, identity: dict, write: bool = True) -> None:
-    "Refuse `run_dir` if it holds a run with another config or `identity`; else record both (if `write`)."
-    run_dir = Path(run_dir)
-    cfg_path, id_path = run_dir / "train_config.json", run_dir / "run_identity.json"
-    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if not cfg_path.exists():
-        if write: write_json(id_path, identity), write_json(cfg_path, mine)  # identity first: see above
-        return
-    if not id_path.exists():
-        raise ParamError(f"{run_dir} holds a run that did not record its data, tokenizer, model and code "
-                         f"({id_path.name} is missing: an older dyntrack wrote it), so it cannot be checked; use "
-                         f"another run_dir, or delete {run_dir} to train it again")
-    saved = read_json(id_path)
-    diff = _differences(read_json(cfg_path), mine, skip=_RESUME_FREE) + _differences(saved, identity, skip=["model"])
-    diff += _differences(saved.get("model") or {}, identity["model"], prefix="model.")
-    if diff: raise ParamError(f"{run_dir} holds a run with a different config, data, tokenizer, model or code; use "
-                              f"another run_dir or the same inputs. Differing fields: {', '.join(diff)}")
-
-# %% ../../nbs/03_train.ipynb #d8a732ff
-@contextlib.contextmanager
-def reading(path, remedy: str):
-    "Re-raise what reading the file `path` in the block raises as an error naming it, ending with `remedy`."
-    try: yield
-    except FileNotFoundError as e: raise FileNotFoundError(f"{path} is missing; {remedy}") from e
-    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as e:  # cut short or foreign
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise CorruptFileError(f"{path} cannot be read ({type(e).__name__}: {why}): damaged, half written or not "
-                               f"what it should be; {remedy}") from e
-
-def save_trainer_state(state_dir, model, optimizer, counters: dict, config: TrainConfig) -> Path:
-    "Replace `state_dir` atomically with weights, optimizer state, RNG states, `counters` and `config`."
-    with atomic_path(state_dir, overwrite=True) as tmp:
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        torch.save(dict(optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng),
-                   tmp / "optimizer.pt")
-        write_json(tmp / "state.json", dict(counters, python_rng=random.getstate(),
-                                            numpy_rng=list(np.random.get_state()), config=config))
-    return Path(state_dir)
-
-def load_trainer_state(state_dir, model, optimizer) -> dict:
-    "Load weights and optimizer state from `state_dir` into `model`/`optimizer`, restore RNGs; return state.json."
-    state_dir = Path(state_dir)
-    remedy = f"delete the run folder {state_dir.parent} to train the run again"
-    with reading(state_dir / "model.safetensors", remedy):
-        load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
-    with reading(state_dir / "optimizer.pt", remedy):
-        blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob["cuda_rng"] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state(blob["cuda_rng"])
-    state = read_json(state_dir / "state.json")  # names the file if damaged
-    v, s = state["python_rng"], state["numpy_rng"]
-    random.setstate((v[0], tuple(v[1]), v[2]))
-    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
-    return state
-
 # %% ../../nbs/03_train.ipynb #8499d96c
 def check_fresh_start(run_dir, cfg: TrainConfig) -> None:
     "Refuse to start `run_dir` over from step 0 if its log or checkpoints show it had saved a trainer state."
     run_dir = Path(run_dir)
-    first_save = min(cfg.resume_every or cfg.total_steps, cfg.total_steps)
-    steps = [r["step"] for r in read_log(run_dir / "log.jsonl")] if (run_dir / "log.jsonl").exists() else []
+    steps = logged_steps(run_dir / "log.jsonl")
     if (run_dir / "manifest.json").exists(): steps += [c["step"] for c in read_manifest(run_dir)["checkpoints"]]
-    if max(steps, default=-1) > first_save:  # training went on after a state save
-        raise FileNotFoundError(f"{run_dir / 'trainer_state'} is missing, but {run_dir} holds a run that got to step "
-                                f"{max(steps)}, past its trainer-state save at step {first_save}: starting over would "
-                                f"empty its log. Restore trainer_state, or delete {run_dir} to train the run again")
+    refuse_lost_state(run_dir / "trainer_state", steps, min(cfg.resume_every or cfg.total_steps, cfg.total_steps),
+                      f"delete {run_dir} to train the run again")
 
 # %% ../../nbs/03_train.ipynb #c62809f7
 def checkpoint_meta(run_dir, step: int, record: dict) -> dict:
@@ -304,22 +239,23 @@ class Trainer:
         self.model, self.tokenizer, self.data, self.cfg = model.to(self.device), tokenizer, data, config
         self.run_dir, self.callbacks = Path(run_dir), list(callbacks)
         self.state_dir, self.log_path = self.run_dir / "trainer_state", self.run_dir / "log.jsonl"
+        self.remedy = f"delete the run folder {self.run_dir} to train the run again"
         self.micro_batch = config.batch_size // (config.grad_accum * self.world_size)
         self.tokens_per_step = config.batch_size * config.seq_len
         self.flops_per_token = flops_per_token(model.config, config.seq_len)  # callbacks may change it
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
-        self.step, self.tokens_seen, self.flops, self.loss, self.lr = 0, 0, 0.0, None, lr_at(0, config)
-        self.bar = None
+        self.step, self.tokens_seen, self.flops, self.loss, self.lr = 0, 0, 0.0, None, config.lr_at(0)
+        self.bar = self.optimizer = None
 
     def fit(self) -> TrainResult:
         "Train to `total_steps`, resuming from `run_dir/trainer_state` when it exists."
         state = self.open_run_dir()
-        if state: self.step, self.tokens_seen, self.flops, self.loss, self.lr = (state[k] for k in self.COUNTERS)
+        if state: self.restore(state)
         else: seed_everything(self.cfg.seed)
         for cb in self.callbacks: cb.on_fit_start(self)
         self.setup()
-        if state: load_trainer_state(self.state_dir, self.model, self.optimizer)
+        if state: load_run_state(self.state_dir, self.model, self.optimizer, self.remedy)
         if not self.rank: truncate_log(self.log_path, self.step if state else -1)
         t0, tokens0, self.bar = time.perf_counter(), self.tokens_seen, self.progress_bar()
         self.last_log = (t0, self.tokens_seen)
@@ -336,21 +272,41 @@ class Trainer:
     COUNTERS = ("step", "tokens_seen", "flops", "loss", "lr")
 
     def setup(self):
-        "Build AdamW and the forward wrapper (DDP, torch.compile); call again after replacing parameters."
+        "Build AdamW and the forward wrapper (DDP, torch.compile) for `self.model`'s parameters."
         cfg, cuda = self.cfg, self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            eps=cfg.eps, fused=True if cuda else None)
         self.ddp = None
         if self.world_size > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if cuda else None,
+                find_unused_parameters=cfg.ddp_find_unused_parameters, static_graph=cfg.ddp_static_graph)
         self.forward_model = self.ddp or self.model
         if cfg.compile: self.forward_model = torch.compile(self.forward_model)
+
+    def replace_parameters(self, model, copied: dict[str, str] | None = None):
+        "Train `model` from now on; each `copied` parameter {new name: old name} takes its source's AdamW state."
+        copied, old, new = copied or {}, dict(self.model.named_parameters()), dict(model.named_parameters())
+        for name, source in copied.items():
+            if name not in new or source not in old or new[name].shape != old[source].shape:
+                raise ParamError(f"copied[{name!r}] = {source!r} is not a parameter of the new model taken from one "
+                                 f"of the same shape in the old model")
+        moments = {} if self.optimizer is None else {name: self.optimizer.state.get(old[source], {})
+                                                     for name, source in copied.items()}
+        self.model, had_optimizer = model.to(self.device), self.optimizer is not None
+        self.flops_per_token = flops_per_token(model.config, self.cfg.seq_len)
+        if not had_optimizer: return  # on_fit_start: fit builds the optimizer and loads its saved state next
+        self.setup()
+        params = dict(self.model.named_parameters())
+        for name, state in moments.items():
+            if state: self.optimizer.state[params[name]] = {k: v.clone() if torch.is_tensor(v) else v
+                                                           for k, v in state.items()}
 
     def train_step(self) -> torch.Tensor:
         "One optimizer update over `grad_accum` micro-batches of this rank's rows of the global batch; the mean loss."
         step, cfg = self.step, self.cfg
         for cb in self.callbacks: cb.on_step_start(self, step)
-        self.lr = lr_at(step, cfg)
+        self.lr = cfg.lr_at(step)
         for group in self.optimizer.param_groups: group["lr"] = self.lr
         rows = self.data.batch(step, cfg.batch_size, cfg.seq_len, rank=self.rank, world_size=self.world_size,
                                seed=cfg.data_seed)  # [batch_size / world_size, seq_len + 1]
@@ -399,7 +355,8 @@ class Trainer:
         self.last_log = (now, self.tokens_seen)
 
     def maybe_checkpoint(self, val):
-        "Write suite checkpoint `step{N}` with its losses (rank 0), then run `on_checkpoint` hooks."
+        "Run `on_before_checkpoint` hooks, write suite checkpoint `step{N}` (rank 0), run `on_checkpoint` hooks."
+        for cb in self.callbacks: cb.on_before_checkpoint(self, self.step)
         if not self.rank:  # overwrite: only a killed run of this same config can have left step{N} behind
             record = dict(loss=_float(self.loss), val_loss=val, lr=self.lr, flops=self.flops)
             meta = checkpoint_meta(self.run_dir, self.step, record)
@@ -408,22 +365,28 @@ class Trainer:
         for cb in self.callbacks: cb.on_checkpoint(self, self.step)
 
     def save_state(self):
-        "Save the resumable trainer state (rank 0)."
+        "Save the resumable trainer state with the counters and rank 0's callback states (rank 0)."
         if not self.rank:
-            counters = dict({k: getattr(self, k) for k in self.COUNTERS}, loss=_float(self.loss))
-            save_trainer_state(self.state_dir, self.model, self.optimizer, counters, self.cfg)
+            counters = dict({k: getattr(self, k) for k in self.COUNTERS}, loss=_float(self.loss),
+                            callbacks=callback_states(self.callbacks))
+            save_run_state(self.state_dir, self.model, self.optimizer, counters, self.cfg)
 
     def open_run_dir(self) -> dict | None:
         "Check (rank 0: record) the run's config and identity; return the saved trainer state.json, if any."
-        check_run_dir(self.run_dir, self.cfg, run_identity(self.model, self.tokenizer, self.data), write=not self.rank)
+        identity = run_identity(self.model, self.tokenizer, self.data)
+        check_run_dir(self.run_dir, self.cfg, identity, write=not self.rank, resume_free=RESUME_FREE)
         if not self.rank: settle(self.state_dir)  # a save killed between its two renames left the state aside
         self.barrier()
-        path = self.state_dir / "state.json"
-        if path.exists(): return read_json(path)
-        if self.state_dir.exists():
-            raise FileNotFoundError(f"{path} is missing; delete the run folder {self.run_dir} to train the run again")
+        if (self.state_dir / "state.json").exists(): return read_counters(self.state_dir, self.remedy)
+        if self.state_dir.exists(): raise FileNotFoundError(f"{self.state_dir / 'state.json'} is missing; {self.remedy}")
         check_fresh_start(self.run_dir, self.cfg)
         return None
+
+    def restore(self, state: dict):
+        "Take the counters and the callbacks' states from the saved trainer `state` (its state.json)."
+        with reading(self.state_dir / "state.json", self.remedy):  # a state.json without a counter: named
+            self.step, self.tokens_seen, self.flops, self.loss, self.lr = (state[k] for k in self.COUNTERS)
+        load_callback_states(self.callbacks, state.get("callbacks", {}), self.state_dir / "state.json")
 
     def progress_bar(self):
         if self.rank: return None
