@@ -12,7 +12,7 @@ import torch
 from dyntrack.acts import residual_at
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
 from dyntrack.suite import SuiteParams
-from dyntrack.models.suite import build_model, model_config
+from dyntrack.models.presets import build_model, model_config
 
 
 def timed(fn, repeats, device):

@@ -33,9 +33,13 @@ import torch
 import torch.distributed as dist
 
 from dyntrack.core import device_name, resolve_params, software_versions, write_json
-from dyntrack.models.suite import CheckpointSuite, build_model, model_config
-from dyntrack.suite import SuiteParams, prepare_embedded_data, train_config
-from dyntrack.train.trainer import Callback, Trainer, read_log, validation_losses
+from dyntrack.models.presets import build_model, model_config
+from dyntrack.models.suite import CheckpointSuite
+from dyntrack.data.embedded import prepare_embedded_data
+from dyntrack.suite import SuiteParams
+from dyntrack.train.suite import train_config
+from dyntrack.train.state import read_log
+from dyntrack.train.trainer import Callback, Trainer, validation_losses
 from bench_train import Stopwatch
 
 NO_MULTICAST = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -87,7 +91,7 @@ def bench_params(a) -> SuiteParams:
 def bench_config(p: SuiteParams, a, grad_accum: int = 1):
     "The suite's trainer config for `--steps` updates, with a checkpoint and trainer-state save at the middle step."
     mid = a.steps // 2
-    return dataclasses.replace(train_config(p), total_steps=a.steps, warmup_steps=min(p.warmup_steps, mid // 2),
+    return dataclasses.replace(train_config(p.recipe), total_steps=a.steps, warmup_steps=min(p.warmup_steps, mid // 2),
                                checkpoint_steps=[mid, a.steps], eval_steps=[mid, a.steps], resume_every=mid,
                                grad_accum=grad_accum, log_every=a.steps)
 
@@ -95,7 +99,7 @@ def bench_config(p: SuiteParams, a, grad_accum: int = 1):
 def worker(a):
     "One training run (a torchrun rank or a plain process); rank 0 writes `{run_dir}/bench.json`."
     p = bench_params(a)
-    tokenizer, shards = prepare_embedded_data(p)  # the driver built them: this only opens the cache
+    tokenizer, shards = prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)  # the driver built them: this only opens the cache
     config = model_config(p.arch, p.size, vocab_size=len(tokenizer), max_seq_len=p.seq_len,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     cfg = bench_config(p, a, a.grad_accum)
@@ -146,7 +150,7 @@ def main(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     p = bench_params(a)
-    _, shards = prepare_embedded_data(p)  # once, before any process starts: ranks must not race on the cache
+    _, shards = prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)  # once, before any process starts: ranks must not race on the cache
     cfg, mid, gpus = bench_config(p, a), a.steps // 2, torch.cuda.device_count() if a.device != "cpu" else 0
     print(f"device: {device_name(a.device)} ×{max(gpus, 1)}; {p.arch}-{p.size}, batch {p.batch_size} × {p.seq_len}, "
           f"{a.steps} steps, timed {a.warmup}..{mid}", flush=True)

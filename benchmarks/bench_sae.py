@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
-from dyntrack.models.suite import SIZES
+from dyntrack.models.presets import SIZES
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder
 from dyntrack.sae.train import train_sae
 from dyntrack.suite import SuiteParams

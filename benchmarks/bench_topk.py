@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
-from dyntrack.models.suite import build_model
+from dyntrack.models.presets import build_model
 from dyntrack.suite import SuiteParams
 from dyntrack.data.tokens import TokenShards
 from dyntrack.topk.model import TopKAnnealing, dense_config, layer_sparsity, set_topk_alpha, topk_config

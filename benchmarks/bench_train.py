@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dyntrack.core import resolve_params, device_name, software_versions, write_json
 from dyntrack.suite import SuiteParams
-from dyntrack.models.suite import build_model, model_config
+from dyntrack.models.presets import build_model, model_config
 from dyntrack.data.tokens import TokenShards
 from dyntrack.train.trainer import Callback, Trainer, TrainConfig, flops_per_token, mfu
 

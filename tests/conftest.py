@@ -15,8 +15,8 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) -> None:
-    "Lay out `checkpoints` {step: model} like the Hugging Face hub cache: blobs, refs/step{N}, snapshots/<commit>."
+def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer, revision_format: str = "step{step}") -> None:
+    "Lay out `checkpoints` {step: model} like the Hugging Face hub cache: blobs, refs/<revision of step>, snapshots/<commit>."
     repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     (repo / "blobs").mkdir(parents=True)
     (repo / "refs").mkdir()
@@ -24,23 +24,24 @@ def fake_hub_cache(cache_dir: Path, repo_id: str, checkpoints: dict, tokenizer) 
         staging = cache_dir / f"staging{step}"
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        commit = hashlib.sha1(f"{repo_id}@step{step}".encode()).hexdigest()
+        revision = revision_format.format(step=step)
+        commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
         snapshot = repo / "snapshots" / commit
         snapshot.mkdir(parents=True)
         for f in staging.iterdir():
             blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
             blob.write_bytes(f.read_bytes())
             (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-        (repo / "refs" / f"step{step}").write_text(commit)
+        (repo / "refs" / revision).write_text(commit)
 
 
-def toy_hub(root: Path, repo_id: str, steps) -> Path:
-    "A Hub cache under `root` with revisions step{N} of a tiny GPT-NeoX (seed N) and a BPE tokenizer trained on the corpus."
+def toy_hub(root: Path, repo_id: str, steps, revision_format: str = "step{step}") -> Path:
+    "A Hub cache under `root` with a revision (`revision_format` of its step) per step N of a tiny GPT-NeoX (seed N) and a BPE tokenizer."
     from dyntrack.data.corpus import generate_corpus
-    from dyntrack.models.suite import build_model, model_config
+    from dyntrack.models.presets import build_model, model_config
     from dyntrack.data.tokens import train_tokenizer
     docs = [d for ds in generate_corpus(3000, seed=5).values() for d in ds]
     tok = train_tokenizer(docs, 400, root / "tok")
     config = model_config("gpt_neox", "tiny", vocab_size=len(tok), max_seq_len=64)
-    fake_hub_cache(root / "cache", repo_id, {s: build_model(config, s) for s in steps}, tok)
+    fake_hub_cache(root / "cache", repo_id, {s: build_model(config, s) for s in steps}, tok, revision_format)
     return root / "cache"

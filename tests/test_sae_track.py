@@ -12,7 +12,8 @@ from dyntrack.acts import residual_at
 from dyntrack.core import PROFILES, ParamError, read_json, resolve_params
 from dyntrack.data.corpus import generate_documents
 from dyntrack.data.grammar import WordInfo
-from dyntrack.models.suite import CheckpointSuite, build_model, model_config, save_checkpoint
+from dyntrack.models.presets import build_model, model_config
+from dyntrack.models.suite import CheckpointSuite, save_checkpoint
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track.chain import (
     MEASURES, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, chain_key, check_sae,
@@ -287,7 +288,7 @@ def test_chain_key_covers_the_code(suite, monkeypatch):
     seen = []
     monkeypatch.setattr(sae_track_mod, "module_digest", lambda *names: seen.append(names) or "edited")
     assert chain_key(p, suite, 1) != key
-    assert {"dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts", "dyntrack.suite"} <= set(seen[0])
+    assert {"dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts", "dyntrack.data.embedded"} <= set(seen[0])
 
 
 def test_params_refuse_non_finite_and_unused_values():

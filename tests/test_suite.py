@@ -1,4 +1,4 @@
-"The suite experiment notebook end to end on a Hub-like suite (offline cache), and its parameter errors."
+"The suite experiment notebook end to end on a Hub-like suite (offline cache), opening suites from parameters, and their errors."
 import json, re
 from pathlib import Path
 
@@ -9,10 +9,12 @@ import torch
 
 from conftest import toy_hub
 from dyntrack.core import ParamError, resolve_params
-from dyntrack.suite import SuiteParams, activation_similarity, emergence_tokens, open_suite, resolve_site
+from dyntrack.checkpoints import activation_similarity, emergence_tokens
+from dyntrack.suite import SuiteParams, open_suite, resolve_site
 
 NB = Path(__file__).parent.parent / "nbs" / "10_suite.ipynb"
 REPO = "toy-org/toy-pythia"
+RENAMED, RENAMED_REVISION = "toy-org/toy-staged", "stage1-step{step:06d}"  # a repo whose revisions are not Pythia's step{N}
 # tiny evaluation sizes: the notebook's logic, not its numbers, is under test
 FAST = dict(eval_words_per_domain=300, n_pairs=4, sim_tokens=256, eval_tokens=256, seq_len=32, device="cpu")
 
@@ -23,14 +25,28 @@ def hub(tmp_path_factory):
     return toy_hub(tmp_path_factory.mktemp("hub"), REPO, (0, 16))
 
 
-@pytest.fixture
-def offline(hub, monkeypatch):
+@pytest.fixture(scope="module")
+def renamed_hub(tmp_path_factory):
+    "A Hub cache holding revisions stage1-step000000 and stage1-step000016 of such a model."
+    return toy_hub(tmp_path_factory.mktemp("renamed_hub"), RENAMED, (0, 16), revision_format=RENAMED_REVISION)
+
+
+def go_offline(monkeypatch, cache):
+    "Make `huggingface_hub` read `cache` only (here and in kernels started from here)."
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
-    return hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def offline(hub, monkeypatch): return go_offline(monkeypatch, hub)
+
+
+@pytest.fixture
+def renamed_offline(renamed_hub, monkeypatch): return go_offline(monkeypatch, renamed_hub)
 
 
 def run_notebook(tmp_path, **params):
@@ -40,10 +56,12 @@ def run_notebook(tmp_path, **params):
     return out
 
 
-def test_notebook_runs_on_a_hub_suite(tmp_path, offline):
-    out = run_notebook(tmp_path, suite=f"hub:{REPO}", hub_steps=[16, 0], hub_tokens_per_step=1000, **FAST)
+def test_notebook_runs_on_a_hub_suite(tmp_path, renamed_offline):
+    out = run_notebook(tmp_path, suite=f"hub:{RENAMED}", hub_steps=[16, 0], hub_revision=RENAMED_REVISION,
+                       hub_tokens_per_step=1000, **FAST)
     m = json.loads((out / "metrics.json").read_text())
     assert m["notebook"] == "10_suite" and m["profile"] == "smoke" and m["device"].startswith("cpu")
+    assert m["metrics"]["params"]["hub_revision"] == RENAMED_REVISION
     table = m["metrics"]["table"]
     assert [r["step"] for r in table] == [0, 16] and [r["tokens"] for r in table] == [0, 16000]
     assert m["metrics"]["site_layer"] == 1  # middle of a 2-block model
@@ -71,6 +89,28 @@ def test_missing_hub_revision_fails_clearly(offline):
     suite = open_suite(SuiteParams(suite=f"hub:{REPO}", hub_steps=(0, 3)))
     with pytest.raises(OSError):
         suite.load_model(1)
+
+
+def test_hub_suite_in_another_revision_naming(renamed_offline):
+    from dyntrack.suite import SuitePlan, check_suite_params
+    p = SuiteParams(suite=f"hub:{RENAMED}", hub_steps=(16, 0), hub_revision=RENAMED_REVISION, hub_tokens_per_step=1000)
+    suite = open_suite(p)
+    assert [(c.step, c.revision, c.tokens_seen) for c in suite] == [(0, "stage1-step000000", 0), (16, "stage1-step000016", 16000)]
+    assert check_suite_params(p) == SuitePlan([0, 16], 2, 64)
+    first, last = (suite.load_model(i, device="cpu") for i in (0, 1))
+    assert not torch.equal(first.gpt_neox.embed_in.weight, last.gpt_neox.embed_in.weight)  # two revisions, two models
+    with pytest.raises(ParamError, match=f"suite='hub:{RENAMED}' cannot be opened"):  # Pythia's naming finds nothing here
+        check_suite_params(SuiteParams(suite=f"hub:{RENAMED}", hub_steps=(0, 16)))
+
+
+def test_bad_hub_revisions_are_refused():
+    hub = dict(suite=f"hub:{REPO}")
+    for bad, words in [("ckpt", r"hub_revision='ckpt' must name the step as \{step\}"),
+                       ("step{step}-tokens{tokens}B", r"hub_revision='step\{step\}-tokens\{tokens\}B' does not format with step=0 \(KeyError"),
+                       ("step{}", "IndexError"), ("step{step:q}", "ValueError"), ("step{", "ValueError")]:
+        with pytest.raises(ParamError, match=words): SuiteParams(**hub, hub_revision=bad)
+        with pytest.raises(ParamError, match="^hub_revision="): resolve_params(SuiteParams, "smoke", dict(hub, hub_revision=bad))
+    assert SuiteParams(**hub, hub_revision="ckpt_{step:05d}").hub_revision == "ckpt_{step:05d}"
 
 
 def test_bad_suite_strings():
@@ -111,6 +151,7 @@ def test_unused_parameters_are_refused():
     hub = dict(suite=f"hub:{REPO}")
     for bad, words in [(dict(hub_steps=(0, 16)), r"hub_steps=\(0, 16\) is not used here \(only a hub suite"),
                        (dict(hub_tokens_per_step=1000), "hub_tokens_per_step=1000 is not used here"),
+                       (dict(hub_revision="ckpt_{step}"), r"hub_revision='ckpt_\{step\}' is not used here"),
                        (dict(hub, run_dir="/somewhere"), "run_dir='/somewhere' is not used here"),
                        (dict(hub, size="medium"), "size='medium' is not used here"),
                        (dict(suite="run:/x", lr=0.5), "lr=0.5 is not used here")]:
@@ -153,38 +194,43 @@ TINY_SUITE = dict(words_per_domain=2000, vocab_size=300, size="tiny", seq_len=16
 
 def test_corpus_and_run_keys_cover_data_code_and_configs(tmp_path, monkeypatch):
     import dataclasses, shutil
-    import dyntrack.suite as suite_mod
+    import dyntrack.data.embedded as embedded
+    import dyntrack.train.suite as train_suite
     from dyntrack.data.grammar import find_data_dir
-    from dyntrack.suite import corpus_key, run_key
-    p = SuiteParams(**TINY_SUITE)
-    corpus, run = corpus_key(p), run_key(p)
-    assert corpus == corpus_key(SuiteParams(**TINY_SUITE)) and run == run_key(SuiteParams(**TINY_SUITE))  # stable
+    from dyntrack.data.embedded import corpus_key
+    from dyntrack.train.suite import run_key
+    r = SuiteParams(**TINY_SUITE).recipe
+    corpus_of = lambda r: corpus_key(r.words_per_domain, r.corpus_seed, r.vocab_size)
+    corpus, run = corpus_of(r), run_key(r)
+    assert corpus == corpus_key(2000, 0, 300) and run == run_key(SuiteParams(**TINY_SUITE).recipe)  # stable
     assert re.fullmatch(r"w2000-s0-v300-[0-9a-f]{16}", corpus) and re.fullmatch(r"gpt_neox-tiny-[0-9a-f]{16}", run)
     for change in (dict(lr=1e-2), dict(batch_size=8), dict(warmup_steps=2), dict(seed=1), dict(seq_len=32),
-                   dict(arch="llama"), dict(corpus_seed=1), dict(words_per_domain=2001)):
-        assert run_key(dataclasses.replace(p, **change)) != run, change
-    assert run_key(dataclasses.replace(p, n_pairs=1, sim_tokens=7, site_layer=0, compile=False)) == run
+                   dict(arch="llama"), dict(corpus_seed=1), dict(words_per_domain=2001), dict(eval_tokens=128)):
+        assert run_key(dataclasses.replace(r, **change)) != run, change
+    evaluation_only = dict(n_pairs=1, sim_tokens=7, site_layer=0, eval_words_per_domain=5, device="auto")
+    assert run_key(SuiteParams(**{**TINY_SUITE, **evaluation_only}).recipe) == run
     data = tmp_path / "data"
     shutil.copytree(find_data_dir(), data)
-    monkeypatch.setattr(suite_mod, "find_data_dir", lambda: data)
-    assert corpus_key(p) == corpus
+    monkeypatch.setattr(embedded, "find_data_dir", lambda: data)
+    assert corpus_of(r) == corpus
     with open(data / "grammar.json", "a") as f: f.write(" ")  # an edit of the grammar file
-    assert corpus_key(p) != corpus and run_key(p) != run
+    assert corpus_of(r) != corpus and run_key(r) != run
     monkeypatch.undo()
     seen = []
-    monkeypatch.setattr(suite_mod, "module_digest", lambda *names: seen.append(names) or "edited")  # edited code
-    assert corpus_key(p) != corpus and run_key(p) != run
+    for module in (embedded, train_suite):  # edited code
+        monkeypatch.setattr(module, "module_digest", lambda *names: seen.append(names) or "edited")
+    assert corpus_of(r) != corpus and run_key(r) != run
     assert ("dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens") in seen
     assert ("dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens", "dyntrack.train.trainer", "dyntrack.models.suite") in seen
 
 
 PREPARE = """
 import json
-import dyntrack.suite as suite
+import dyntrack.data.embedded as embedded
 from dyntrack.data.tokens import tokenizer_hash
-generated, generate = [], suite.generate_corpus
-suite.generate_corpus = lambda *args, **kw: generated.append(1) or generate(*args, **kw)
-tok, shards = suite.prepare_embedded_data(suite.SuiteParams(words_per_domain=4000, vocab_size=400))
+generated, generate = [], embedded.generate_corpus
+embedded.generate_corpus = lambda *args, **kw: generated.append(1) or generate(*args, **kw)
+tok, shards = embedded.prepare_embedded_data(words_per_domain=4000, corpus_seed=0, vocab_size=400)
 print(json.dumps(dict(vocab=len(tok), tokenizer=tokenizer_hash(tok), n_tokens=shards.n_tokens("train"),
                       batch=shards.batch(0, 8, 32).tolist(), generated=len(generated))))
 """
@@ -208,14 +254,16 @@ def test_two_processes_share_a_fresh_corpus_cache(tmp_path):
 
 
 def test_embedded_suite_is_trained_under_a_lock_and_reused(tmp_path, monkeypatch, one_torch_thread):
-    from dyntrack.suite import default_run_dir, train_embedded_suite
+    from dyntrack.train.suite import default_run_dir
     monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path))
     monkeypatch.setenv("DYNTRACK_PROGRESS", "0")
     p = SuiteParams(**TINY_SUITE)
-    suite = train_embedded_suite(p)
-    run_dir = default_run_dir(p)
+    suite = open_suite(p)  # trains it: run_dir="" means the cache folder named by the recipe
+    run_dir = default_run_dir(p.recipe)
     assert suite.steps == [0, 1, 2, 4] and Path(suite[-1].source).parent == run_dir
     assert (run_dir.parent / f"{run_dir.name}.lock").exists()
     mtime = (run_dir / "step4" / "model.safetensors").stat().st_mtime_ns
-    assert train_embedded_suite(p).steps == suite.steps
+    assert open_suite(p).steps == suite.steps
     assert (run_dir / "step4" / "model.safetensors").stat().st_mtime_ns == mtime  # reopened, not retrained
+    elsewhere = tmp_path / "elsewhere"
+    assert Path(open_suite(SuiteParams(**TINY_SUITE, run_dir=str(elsewhere)))[-1].source).parent == elsewhere  # run_dir given

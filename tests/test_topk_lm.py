@@ -8,7 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dyntrack.acts import blocks, residual_at
 from dyntrack.core import ParamError
-from dyntrack.models.suite import CheckpointSuite, build_model
+from dyntrack.models.presets import build_model
+from dyntrack.models.suite import CheckpointSuite
 from dyntrack.data.tokens import TokenShards
 from dyntrack.topk.lm import active_tokens, category_purity, mass_entropy, semantic_entropy, token_entropy, token_mass
 from dyntrack.topk.model import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, anneal_alpha, default_k,
@@ -361,7 +362,7 @@ def test_active_tokens():
 
 from dyntrack.core import resolve_params
 from dyntrack.data.corpus import annotate
-from dyntrack.suite import encode_eval, eval_pairs, eval_texts
+from dyntrack.data.embedded import encode_eval, eval_pairs, eval_texts
 from dyntrack.data.tasks import make_lambada, token_logprobs
 from dyntrack.topk.lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
                               continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
@@ -466,7 +467,7 @@ def test_train_pair_is_a_suite_with_exact_topk_and_reuses_runs(pair):
 def test_evaluate_lm(pair):
     p, runs = pair
     model, tok = runs.dense.load_model(), runs.tokenizer
-    streams = encode_eval(tok, eval_texts(p), p.seq_len)
+    streams = encode_eval(tok, eval_texts(p.eval_words_per_domain, p.corpus_seed), p.seq_len)
     val = TokenShards.from_arrays(streams, streams)
     ev = evaluate_lm(model, tok, val, eval_pairs(3, seed=3), make_lambada(4, seed=3), p.seq_len, 256)
     losses = validation_losses(model, val, p.seq_len, batch_size=32, max_tokens=256)
@@ -559,15 +560,15 @@ def test_concept_share_and_prompts(pair):
     p, runs = pair
     assert concept_share(["The dog and the cat ran.", "A red apple."], "noun:animal") == 2 / 9
     assert concept_share(["Anna saw Tom."], "name:name") == 2 / 3 and math.isnan(concept_share([". ,"], "name:name"))
-    prompts = steering_prompts(runs.tokenizer, eval_texts(p), n=5, n_tokens=3)
+    prompts = steering_prompts(runs.tokenizer, eval_texts(p.eval_words_per_domain, p.corpus_seed), n=5, n_tokens=3)
     assert prompts.shape == (5, 4) and (prompts[:, 0] == runs.tokenizer.eos_token_id).all()
-    with pytest.raises(ParamError, match="n_prompts=99999"): steering_prompts(runs.tokenizer, eval_texts(p), 99999, 3)
+    with pytest.raises(ParamError, match="n_prompts=99999"): steering_prompts(runs.tokenizer, eval_texts(p.eval_words_per_domain, p.corpus_seed), 99999, 3)
 
 
 def test_steered_generation_and_dose_response(pair):
     p, runs = pair
     model, judge, tok = runs.topk.load_model(), runs.dense.load_model(), runs.tokenizer
-    prompts = steering_prompts(tok, eval_texts(p), n=3, n_tokens=3)
+    prompts = steering_prompts(tok, eval_texts(p.eval_words_per_domain, p.corpus_seed), n=3, n_tokens=3)
     plain = generate_steered(model, prompts, 1, 5, 0.0, 6, seed=4)
     torch.manual_seed(4)
     ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=50, max_new_tokens=6,

@@ -21,7 +21,8 @@ from ..data.grammar import Lexicon, WordInfo
 from ..models.suite import Checkpoint, CheckpointSuite
 from ..sae.model import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from ..sae.train import splice_eval, train_sae
-from ..suite import SuiteParams, SuitePlan, check_suite_params, encode_eval, labelled_tokens, prepare_embedded_data
+from ..suite import SuiteParams, SuitePlan, check_suite_params
+from ..data.embedded import encode_eval, labelled_tokens, prepare_embedded_data
 from ..data.tokens import TokenShards, load_text_files
 
 # %% auto #0
@@ -117,7 +118,7 @@ CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_siz
                 "words_per_domain", "corpus_seed")  # the last two pick the training text of a non-embedded suite
 
 CHAIN_CODE = ("dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts",
-              "dyntrack.suite", "dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens")  # the last four: the training text
+              "dyntrack.data.embedded", "dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens")  # the last four: the training text
 
 def chain_key(p: SaeTrackParams, suite: CheckpointSuite, layer: int) -> str:
     "Names a chain by what changes its weights: the suite's checkpoints, the site, the SAE and token settings and `CHAIN_CODE`."
@@ -154,7 +155,7 @@ def check_sae_track_params(p: SaeTrackParams) -> SuitePlan:
 # %% ../../nbs/11a_sae_track_chain.ipynb #34e8a142
 def training_shards(p: SaeTrackParams, suite: CheckpointSuite) -> TokenShards:
     "Tokens to train the chain on: the embedded suite's shards, else `p.sae_text` or the generated corpus in the suite's tokenizer."
-    if p.suite == "embedded": return prepare_embedded_data(p)[1]
+    if p.suite == "embedded": return prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)[1]
     texts = load_text_files(p.sae_text) if p.sae_text else generate_corpus(p.words_per_domain, seed=p.corpus_seed)
     return TokenShards.from_arrays(encode_eval(suite.load_tokenizer(), texts, p.sae_context))
 

@@ -21,9 +21,11 @@ from ..acts import blocks
 from ..core import ParamError, atomic_path, cache_dir, check_choice, check_range, digest, file_lock, module_digest
 from ..data.corpus import annotate
 from ..data.grammar import Lexicon, WordInfo, load_lexicon
-from ..models.suite import SIZES, CheckpointSuite, build_model
-from ..suite import (TRAIN_CODE, SuiteParams, config_fields, corpus_key, labelled_tokens, prepare_embedded_data,
-                            train_config as suite_train_config)
+from ..models.presets import SIZES, build_model, config_fields
+from ..models.suite import CheckpointSuite
+from ..suite import SuiteParams
+from ..data.embedded import corpus_key, labelled_tokens, prepare_embedded_data
+from ..train.suite import TRAIN_CODE, train_config as suite_train_config
 from ..data.tasks import lambada_accuracy, minimal_pair_accuracy
 from ..data.tokens import TokenShards
 from .model import (
@@ -183,14 +185,14 @@ def lm_run_dirs(p: TopKParams) -> dict[str, Path]:
     "Run folders of the two models under `p.run_dir` (or the cache), named by a digest of corpus, trainer and model configs, annealing and `TOPK_CODE`."
     base = Path(p.run_dir) if p.run_dir else cache_dir("topk_lm")
     configs, train_cfgs = _lm_configs(p, p.vocab_size), lm_train_configs(p)  # the real vocabulary follows from the corpus key
-    shared = dict(corpus=corpus_key(p), code=module_digest(*TOPK_CODE))
+    shared = dict(corpus=corpus_key(p.words_per_domain, p.corpus_seed, p.vocab_size), code=module_digest(*TOPK_CODE))
     key = lambda name, **extra: digest(dict(shared, train=train_cfgs[name], model=config_fields(configs[name]), **extra))
     return dict(topk=base / f"llama-{p.size}-topk-{key('topk', anneal_fraction=p.anneal_fraction)}",
                 dense=base / f"llama-{p.size}-dense-{key('dense')}")
 
 def lm_train_configs(p: TopKParams) -> dict[str, TrainConfig]:
     "The suite's trainer settings for both; the TopK run keeps the whole checkpoint schedule, the dense twin its last step."
-    cfg = suite_train_config(p)
+    cfg = suite_train_config(p.recipe)
     return dict(topk=cfg, dense=replace(cfg, checkpoint_steps=[p.total_steps], eval_steps=cfg.checkpoint_steps))
 
 class TopKRuns(NamedTuple):
@@ -201,7 +203,7 @@ class TopKRuns(NamedTuple):
 
 def train_topk_and_dense(p: TopKParams) -> TopKRuns:
     "Train (or resume, or reuse) the TopK model and its dense twin: same data, steps and seed; only TopK differs."
-    tokenizer, shards = prepare_embedded_data(p)
+    tokenizer, shards = prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)
     configs, dirs, train_cfgs = lm_configs(p, tokenizer), lm_run_dirs(p), lm_train_configs(p)
     results = {}
     for name in ("topk", "dense"):
