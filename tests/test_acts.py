@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from dyntrack.acts import (ActivationBuffer, blocks, estimate_scale, fold_scale, residual_at, residuals_at)
 from dyntrack.core import ParamError
-from dyntrack.models.suite import build_model, model_config
+from dyntrack.models.presets import build_model, model_config
 
 VOCAB, N_LAYERS = 61, 4
 

@@ -288,7 +288,7 @@ def test_chain_key_covers_the_code(suite, monkeypatch):
     seen = []
     monkeypatch.setattr(sae_track_mod, "module_digest", lambda *names: seen.append(names) or "edited")
     assert chain_key(p, suite, 1) != key
-    assert {"dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts", "dyntrack.data.embedded"} <= set(seen[0])
+    assert {"dyntrack.sae", "dyntrack.train.state", "dyntrack.sae_track.chain", "dyntrack.acts", "dyntrack.data.embedded"} <= set(seen[0])
 
 
 def test_params_refuse_non_finite_and_unused_values():

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..acts import fold_scale
 from ..core import (CorruptFileError, ParamError, atomic_path, check_choice, check_fields, check_params, check_range,
                            read_json, settle, write_json)
-from ..train.trainer import reading
+from ..train.state import reading
 
 # %% auto #0
 __all__ = ['KINDS', 'B_DEC_INITS', 'SPARSE_DECODE', 'SAE_FORMAT', 'ARCH_FIELDS', 'SAELENS_VERSION', 'SAELENS_ARCH', 'SaeConfig',

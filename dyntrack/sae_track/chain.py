@@ -117,7 +117,7 @@ CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_siz
                 "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed",
                 "words_per_domain", "corpus_seed")  # the last two pick the training text of a non-embedded suite
 
-CHAIN_CODE = ("dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.sae_track.chain", "dyntrack.acts",
+CHAIN_CODE = ("dyntrack.sae", "dyntrack.train.state", "dyntrack.sae_track.chain", "dyntrack.acts",
               "dyntrack.data.embedded", "dyntrack.data.corpus", "dyntrack.data.grammar", "dyntrack.data.tokens")  # the last four: the training text
 
 def chain_key(p: SaeTrackParams, suite: CheckpointSuite, layer: int) -> str:

@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from ..acts import blocks, check_layer
 from ..core import ParamError, check_choice, check_range
-from ..models.suite import model_config, unwrap_model
+from ..models.presets import model_config
+from ..models.suite import unwrap_model
 from ..train.trainer import Callback
 
 # %% auto #0

@@ -46,7 +46,7 @@ class EmbeddedRecipe:
         check_range("lr", self.lr, lo=0)
 
 # %% ../../nbs/03b_embedded_suite.ipynb #b47dd433
-TRAIN_CODE = CORPUS_CODE + ("dyntrack.train.trainer", "dyntrack.models.suite")  # the code that makes the embedded suite's weights
+TRAIN_CODE = CORPUS_CODE + ("dyntrack.train", "dyntrack.models")  # the code that makes the embedded suite's weights (whole packages)
 
 def train_config(recipe: EmbeddedRecipe) -> TrainConfig:
     "The trainer configuration of the embedded suite of `recipe`."
