@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 
 # %% auto #0
-__all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'check_fields',
-           'resolve_params', 'notebook_params', 'seed_everything', 'pick_device', 'device_name', 'cache_dir', 'settle',
-           'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError', 'read_json', 'digest', 'file_sha256',
-           'module_digest', 'progress', 'save_figure', 'write_metrics', 'software_versions', 'parse_shard',
-           'shard_items']
+__all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'check_fields', 'Composed',
+           'compose', 'profile_row', 'resolve_params', 'notebook_params', 'seed_everything', 'pick_device',
+           'device_name', 'cache_dir', 'settle', 'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError',
+           'read_json', 'digest', 'file_sha256', 'module_digest', 'progress', 'save_figure', 'write_metrics',
+           'software_versions', 'parse_shard', 'shard_items']
 
 # %% ../nbs/00_core.ipynb #13d78738
 class ParamError(ValueError):
@@ -99,35 +99,52 @@ def check_fields(obj) -> None:
 
 
 # %% ../nbs/00_core.ipynb #a421adf4
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "smoke": {
-        "SuiteParams": dict(words_per_domain=60_000, eval_words_per_domain=3_000, vocab_size=1024, size="tiny",
-                            seq_len=64, batch_size=16, total_steps=60, lr=3e-3, warmup_steps=5, n_linear=4,
-                            n_pairs=40, sim_tokens=2048, eval_tokens=2048),
-        "SaeTrackParams": dict(d_sae=256, sae_batch_size=256, first_tokens=65536, link_tokens=8192, cold_tokens=32768,
-                               sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64,
-                               analysis_tokens=8192, splice_tokens=1024, n_random=50, n_drift_features=12,
-                               n_embed_features=4),
-        "TopKParams": dict(n_layers=4, n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2,
-                           n_prompts=4, gen_tokens=16, n_lambada=40),
-    },
-    "paper": {
-        "SuiteParams": dict(words_per_domain=3_000_000, eval_words_per_domain=30_000, vocab_size=8192, size="base",
-                            seq_len=256, batch_size=128, total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=12,
-                            compile=True, n_pairs=300, sim_tokens=16384, eval_tokens=32768),
-        "SaeTrackParams": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000,
-                               sae_lr=4e-4, link_lr=1e-4, first_warmup_steps=1000, l1_coef=6e-3, sae_context=128,
-                               analysis_tokens=65536, splice_tokens=16384),
-        "TopKParams": dict(n_formation=8, entropy_tokens=16384, n_steer=4, n_prompts=16, gen_tokens=40,
-                           n_lambada=300),
-    },
-}
+PROFILES: dict[str, str] = {"smoke": "CPU, minutes; its numbers are not results", "paper": "one GPU; the committed figures"}
 
-def resolve_params(cls, profile: str, given: dict | None = None):
-    "Build `cls` from its defaults, the `profile` rows of `cls` and its base classes, and the `given` overrides."
+class Composed:
+    "Base of a parameter set made by `compose`: building it builds (and so checks) each of its `PARTS`."
+    PARTS: tuple = ()
+    FIXED: dict = {}  # values of part fields that this set does not take
+
+    def part(self, cls):
+        "Part `cls` built from these flat values (and `FIXED`)."
+        return cls(**{f.name: self.FIXED[f.name] if f.name in self.FIXED else getattr(self, f.name)
+                      for f in dataclasses.fields(cls)})
+
+    def __post_init__(self):
+        check_fields(self)
+        for cls in self.PARTS:
+            built = self.part(cls)
+            for f in dataclasses.fields(cls):  # its conversions and derived values
+                if f.name not in self.FIXED: object.__setattr__(self, f.name, getattr(built, f.name))
+
+def compose(name: str, *parts, base: type = Composed, fixed: dict | None = None, doc: str = "") -> type:
+    "A flat dataclass `name` with every field of the dataclasses `parts` (each name once) but those `fixed`, and the methods of `base`."
+    specs, owner = [], {}
+    for cls in parts:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in owner: raise TypeError(f"{name}: field {f.name!r} is in both {owner[f.name]} and {cls.__name__}")
+            owner[f.name] = cls.__name__
+            if f.name in (fixed or {}): continue
+            specs.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory)))
+    if unknown := sorted(set(fixed or {}) - set(owner)): raise TypeError(f"{name}: fixed {unknown} name no field")
+    namespace = {"PARTS": parts, "FIXED": dict(fixed or {}), "__doc__": doc}
+    cls = dataclasses.make_dataclass(name, specs, bases=(base,), namespace=namespace)
+    cls.__module__ = base.__module__ if base is not Composed else parts[0].__module__
+    return cls
+
+def profile_row(cls, profile: str) -> dict[str, Any]:
+    "The `profile` row of dataclass `cls`: its parts' rows, or those of its base classes then its own."
     check_choice("profile", profile, PROFILES)
     row = {}
-    for base in reversed(cls.__mro__): row.update(PROFILES[profile].get(base.__name__, {}))  # subclass rows win
+    for owner in (*getattr(cls, "PARTS", ()), *reversed(cls.__mro__)):  # later rows win
+        row.update(vars(owner).get("PROFILES", {}).get(profile, {}))
+    return row
+
+def resolve_params(cls, profile: str, given: dict | None = None):
+    "Build `cls` from its defaults, its `profile` row (`profile_row`), and the `given` overrides."
+    row = profile_row(cls, profile)
     given = {k: v for k, v in (given or {}).items() if v is not None}  # None = use the profile's value
     return check_params(cls, {**row, **given})
 

@@ -8,20 +8,21 @@ import dataclasses, string
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from .core import PROFILES, ParamError, check_fields, check_range, pick_device
+from .core import PROFILES, Composed, ParamError, check_fields, check_range, compose, pick_device, profile_row
 from .models.presets import SIZES, pythia_steps
 from .models.suite import CheckpointSuite
 from .train.suite import EmbeddedRecipe, train_config, train_embedded_suite
 
 # %% auto #0
-__all__ = ['TRAINING_FIELDS', 'HUB_FIELDS', 'refuse_unused', 'check_revision_format', 'SuiteParams', 'open_suite', 'resolve_site',
-           'SuitePlan', 'suite_plan', 'check_suite_params']
+__all__ = ['TRAINING_FIELDS', 'HUB_FIELDS', 'SuiteParams', 'refuse_unused', 'check_revision_format', 'SuiteSource', 'Evaluation',
+           'Site', 'MinimalPairs', 'Similarity', 'SuiteRules', 'open_suite', 'resolve_site', 'SuitePlan', 'suite_plan',
+           'check_suite_params']
 
 # %% ../nbs/08_suite.ipynb #7b48bbb9
 def _preset_values(cls, name: str) -> list:
-    "The default of field `name` of dataclass `cls` and every profile's value for it (rows of `cls` and its bases)."
+    "The default of field `name` of dataclass `cls` and every profile's value for it."
     default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
-    rows = [PROFILES[profile].get(base.__name__, {}) for profile in PROFILES for base in cls.__mro__]
+    rows = [profile_row(cls, profile) for profile in PROFILES]
     return [default] + [row[name] for row in rows if name in row]
 
 def refuse_unused(p, unused: dict[str, str]) -> None:
@@ -48,48 +49,71 @@ TRAINING_FIELDS = ("run_dir", "words_per_domain", "vocab_size", "arch", "size", 
 HUB_FIELDS = ("hub_steps", "hub_revision", "hub_tokens_per_step")  # fields that only choose a hub suite's revisions
 
 @dataclass
-class SuiteParams:
-    suite: str = "embedded"              # where checkpoints come from (see table above)
+class SuiteSource:
+    suite: str = "embedded"              # where checkpoints come from: "embedded", "hub:ORG/NAME", "run:PATH" or "folders:A,B,..."
     hub_steps: tuple[int, ...] = ()      # steps of the hub suite to use; () = Pythia's log-spaced steps up to 143000
     hub_revision: str = "step{step}"     # revision of each step: Pythia's "step{step}"; e.g. "ckpt_{step:05d}", "stage1-step{step}"
     hub_tokens_per_step: int = 2_097_152 # tokens per step of the hub suite (Pythia: 1024 × 2048)
     run_dir: str = ""                    # embedded suite folder; "" = a cache folder named by the parameters and code
-    words_per_domain: int = 200_000      # training-corpus words generated per domain
-    eval_words_per_domain: int = 20_000  # held-out evaluation words per domain (own seed)
-    corpus_seed: int = 0                 # seed of the generated corpus
-    vocab_size: int = 4096               # BPE vocabulary size
-    arch: Literal["gpt_neox", "llama"] = "gpt_neox"  # model family of the embedded suite
-    size: str = "small"                  # model preset (dyntrack.models.presets.SIZES)
-    seq_len: int = 256                   # tokens per training sequence
-    batch_size: int = 64                 # sequences per optimizer step
-    total_steps: int = 1000              # optimizer steps
-    lr: float = 1e-3                     # peak learning rate (warm-up then cosine to 10%)
-    warmup_steps: int = 100              # linear warm-up steps
-    n_linear: int = 12                   # evenly spaced checkpoints after the log-spaced ones
-    seed: int = 0                        # model-initialisation and data-order seed
-    compile: bool = False                # torch.compile the training forward pass
-    n_pairs: int = 200                   # minimal pairs per phenomenon
-    site_layer: int = -1                 # residual stream entering this block; -1 = the middle block
-    sim_tokens: int = 4096               # tokens of the activation-similarity sample
-    eval_tokens: int = 65536             # validation tokens per domain per checkpoint
-    device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
 
     def __post_init__(self):
         check_fields(self)
         kinds = ("embedded", "hub:", "run:", "folders:")
         if not self.suite.startswith(kinds) or self.suite in kinds[1:]:
             raise ParamError(f"suite={self.suite!r}; use 'embedded', 'hub:ORG/NAME', 'run:PATH' or 'folders:A,B,...'")
-        self.recipe  # building the recipe checks its fields (EmbeddedRecipe.__post_init__)
-        for name in ("eval_words_per_domain", "n_pairs", "sim_tokens", "hub_tokens_per_step"):
-            check_range(name, getattr(self, name), lo=1)
-        check_range("site_layer", self.site_layer, lo=-1)
+        check_range("hub_tokens_per_step", self.hub_tokens_per_step, lo=1)
         check_revision_format("hub_revision", self.hub_revision)
+
+@dataclass
+class Evaluation:
+    eval_words_per_domain: int = 20_000  # held-out evaluation words per domain (own seed)
+    device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
+
+    PROFILES = {"smoke": dict(eval_words_per_domain=3_000), "paper": dict(eval_words_per_domain=30_000)}
+
+    def __post_init__(self):
+        check_fields(self)
+        check_range("eval_words_per_domain", self.eval_words_per_domain, lo=1)
+
+@dataclass
+class Site:
+    site_layer: int = -1                 # residual stream entering this block; -1 = the middle block
+
+    def __post_init__(self):
+        check_fields(self)
+        check_range("site_layer", self.site_layer, lo=-1)
+
+@dataclass
+class MinimalPairs:
+    n_pairs: int = 200                   # minimal pairs per phenomenon
+
+    PROFILES = {"smoke": dict(n_pairs=40), "paper": dict(n_pairs=300)}
+
+    def __post_init__(self):
+        check_fields(self)
+        check_range("n_pairs", self.n_pairs, lo=1)
+
+@dataclass
+class Similarity:
+    sim_tokens: int = 4096               # tokens of the activation-similarity sample
+
+    PROFILES = {"smoke": dict(sim_tokens=2048), "paper": dict(sim_tokens=16384)}
+
+    def __post_init__(self):
+        check_fields(self)
+        check_range("sim_tokens", self.sim_tokens, lo=1)
+
+class SuiteRules(Composed):
+    "What spans the parts of a parameter set that opens a suite (`SuiteSource`) with the embedded `EmbeddedRecipe`."
+
+    def __post_init__(self):
+        super().__post_init__()
         refuse_unused(self, self.unused_fields())
 
     @property
     def recipe(self) -> EmbeddedRecipe:
         "The embedded suite's recipe: these parameters' values of the `EmbeddedRecipe` fields."
-        return EmbeddedRecipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EmbeddedRecipe)})
+        return self.part(EmbeddedRecipe)
 
     @property
     def depth(self) -> int:
@@ -104,6 +128,10 @@ class SuiteParams:
         if self.suite != "embedded":
             unused |= dict.fromkeys(TRAINING_FIELDS, f"it trains the embedded suite, and suite={self.suite!r}")
         return unused
+
+SuiteParams = compose("SuiteParams", SuiteSource, EmbeddedRecipe, Evaluation, Site, MinimalPairs, Similarity,
+                      base=SuiteRules,
+                      doc="The parameters of the suite experiment (10_suite).")
 
 # %% ../nbs/08_suite.ipynb #d3709f24
 def open_suite(p: SuiteParams) -> CheckpointSuite:

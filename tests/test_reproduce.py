@@ -393,8 +393,9 @@ def test_list_describes_parameters(capsys):
     "--list gives each parameter's type, its value in each profile and the comment of its parameters-cell line."
     assert main(["--list", "--only", "10_suite"]) == 0
     listed = capsys.readouterr().out
-    smoke, paper = PROFILES["smoke"]["SuiteParams"]["lr"], PROFILES["paper"]["SuiteParams"]["lr"]
-    assert f"    lr: float = {smoke!r} | {paper!r}  # peak learning rate\n" in listed
+    from dyntrack.train.suite import EmbeddedRecipe  # lr is a field of the recipe part; its rows sit beside it
+    smoke, paper = EmbeddedRecipe.PROFILES["smoke"]["lr"], EmbeddedRecipe.PROFILES["paper"]["lr"]
+    assert f"    lr: float = {smoke!r} | {paper!r}  # peak learning rate (warm-up then cosine to 10%)\n" in listed
     assert "SuiteParams" in listed and "None" not in listed.split("lr:")[1].split("\n")[0]
     assert '    profile = "smoke"  # smoke' in listed
     assert "11_sae_track" not in listed

@@ -300,11 +300,13 @@ def test_params_refuse_non_finite_and_unused_values():
                        (dict(k=8), "^k=8 is not used here"), (dict(kind="topk", l1_coef=1.0), "^l1_coef=1.0 is not used here"),
                        (dict(d_sae=512, sae_expansion=8), "^sae_expansion=8 is not used here"),
                        (dict(cold_steps=(8,), n_cold=4), "^n_cold=4 is not used here"),
-                       (dict(sim_tokens=100), "^sim_tokens=100 is not used here"),
                        (dict(suite=f"hub:{REPO}", eval_tokens=100), "^eval_tokens=100 is not used here"),
                        (dict(suite=f"hub:{REPO}", vocab_size=500), "^vocab_size=500 is not used here")]:
         with pytest.raises(ParamError, match=words): SaeTrackParams(**bad)
     with pytest.raises(ParamError, match="^sae_lr="): resolve_params(SaeTrackParams, "smoke", dict(sae_lr=float("inf")))
+    for name in ("sim_tokens", "n_pairs"):  # 10_suite's evaluation sizes are not parts of SAE-Track's parameters
+        with pytest.raises(ParamError, match=rf"^unknown parameter\(s\) \['{name}'\]"):
+            resolve_params(SaeTrackParams, "smoke", {name: 100})
     assert SaeTrackParams(suite=f"hub:{REPO}", words_per_domain=5000).words_per_domain == 5000  # sizes the chain's text
 
 

@@ -14,28 +14,29 @@ import torch
 from torch import Tensor
 
 from ..acts import ActivationBuffer, estimate_scale, residual_at
-from ..core import (ParamError, check_choice, check_range, digest, file_lock, module_digest, progress, read_json,
+from ..core import (ParamError, check_choice, check_fields, check_range, compose, digest, file_lock, module_digest, progress, read_json,
                            settle, write_json)
 from ..data.corpus import generate_corpus
 from ..data.grammar import Lexicon, WordInfo
 from ..models.suite import Checkpoint, CheckpointSuite
 from ..sae.model import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from ..sae.train import splice_eval, train_sae
-from ..suite import SuiteParams, SuitePlan, check_suite_params
+from ..suite import Evaluation, Site, SuitePlan, SuiteRules, SuiteSource, check_suite_params
+from ..train.suite import EmbeddedRecipe
 from ..data.embedded import encode_eval, labelled_tokens, prepare_embedded_data
 from ..data.tokens import TokenShards, load_text_files
 
 # %% auto #0
-__all__ = ['MEASURES', 'CHAIN_FIELDS', 'CHAIN_CODE', 'SaeTrackParams', 'sae_configs', 'chain_key', 'resolve_steps',
-           'check_sae_track_params', 'training_shards', 'chain_batches', 'TokenWindow', 'token_window', 'window_acts',
-           'activation_scales', 'train_chain', 'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve',
-           'tokens_to_match', 'warm_cold_curves']
+__all__ = ['MEASURES', 'SaeTrackParams', 'CHAIN_FIELDS', 'CHAIN_CODE', 'SaeTrackMethod', 'SaeTrackRules', 'sae_configs',
+           'chain_key', 'resolve_steps', 'check_sae_track_params', 'training_shards', 'chain_batches', 'TokenWindow',
+           'token_window', 'window_acts', 'activation_scales', 'train_chain', 'SaeCheck', 'check_sae', 'eval_steps',
+           'train_with_curve', 'tokens_to_match', 'warm_cold_curves']
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #045fa231
 MEASURES = ("activation_cosine", "feature_cosine", "feature_jaccard", "feature_weighted_jaccard")
 
 @dataclass
-class SaeTrackParams(SuiteParams):
+class SaeTrackMethod:
     chain_steps: tuple[int, ...] = ()    # checkpoints of the chain (training steps); () = every checkpoint of the suite
     kind: Literal["relu", "topk"] = "relu"  # ReLU + L1 penalty (SAE-Track) or TopK
     d_sae: int = 0                       # SAE latents; 0 = sae_expansion × d_model
@@ -68,8 +69,15 @@ class SaeTrackParams(SuiteParams):
     chain_dir: str = ""                  # folder of the chain's SAEs; "" = a cache folder named by the parameters and code
     sae_seed: int = 0                    # SAE initialisation, activation shuffling and token-window seed
 
+    PROFILES = {"smoke": dict(d_sae=256, sae_batch_size=256, first_tokens=65536, link_tokens=8192, cold_tokens=32768,
+                              sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64,
+                              analysis_tokens=8192, splice_tokens=1024, n_random=50, n_drift_features=12, n_embed_features=4),
+                "paper": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000,
+                              sae_lr=4e-4, link_lr=1e-4, first_warmup_steps=1000, l1_coef=6e-3, sae_context=128,
+                              analysis_tokens=65536, splice_tokens=16384)}
+
     def __post_init__(self):
-        super().__post_init__()
+        check_fields(self)
         check_choice("kind", self.kind, ("relu", "topk"))
         check_choice("formation_measure", self.formation_measure, MEASURES)
         for name in ("sae_expansion", "k", "first_tokens", "n_cold", "analysis_tokens", "splice_tokens",
@@ -90,9 +98,12 @@ class SaeTrackParams(SuiteParams):
             check_range(name, getattr(self, name), lo=self.sae_batch_size)
         check_range("splice_tokens", self.splice_tokens, hi=self.analysis_tokens)
 
+class SaeTrackRules(SuiteRules):
+    "What spans the parts of `SaeTrackParams`: the fields its settings leave unused."
+
     def unused_fields(self) -> dict[str, str]:
-        "The fields these settings leave unused, each with the reason (see `SuiteParams.unused_fields`)."
-        unused = super().unused_fields() | dict.fromkeys(("n_pairs", "sim_tokens"), "it sizes 10_suite's evaluation")
+        "The fields these settings leave unused, each with the reason (see `SuiteRules.unused_fields`)."
+        unused = super().unused_fields()
         if self.suite == "embedded": unused["sae_text"] = "the chain of the embedded suite trains on its own corpus"
         else:
             unused |= dict.fromkeys(("seq_len", "eval_tokens"), f"it trains the embedded suite, and suite={self.suite!r}")
@@ -102,6 +113,10 @@ class SaeTrackParams(SuiteParams):
         if self.d_sae: unused["sae_expansion"] = "d_sae is given"
         if self.cold_steps: unused["n_cold"] = "cold_steps are given"
         return unused
+
+SaeTrackParams = compose("SaeTrackParams", SuiteSource, EmbeddedRecipe, Evaluation, Site, SaeTrackMethod, base=SaeTrackRules,
+                         doc="The parameters of the SAE-Track experiment (11_sae_track).")
+
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #553cd3f5
 def sae_configs(p: SaeTrackParams, d_model: int) -> tuple[SaeConfig, SaeConfig, SaeConfig]:

@@ -18,14 +18,14 @@ from torch import Tensor, nn
 from transformers import LlamaConfig
 
 from ..acts import blocks
-from ..core import ParamError, atomic_path, cache_dir, check_choice, check_range, digest, file_lock, module_digest
+from ..core import Composed, ParamError, atomic_path, cache_dir, check_choice, check_fields, check_range, compose, digest, file_lock, module_digest
 from ..data.corpus import annotate
 from ..data.grammar import Lexicon, WordInfo, load_lexicon
 from ..models.presets import SIZES, build_model, config_fields
 from ..models.suite import CheckpointSuite
-from ..suite import SuiteParams
+from ..suite import Evaluation, MinimalPairs
 from ..data.embedded import corpus_key, labelled_tokens, prepare_embedded_data
-from ..train.suite import TRAIN_CODE, train_config as suite_train_config
+from ..train.suite import TRAIN_CODE, EmbeddedRecipe, train_config as suite_train_config
 from ..data.tasks import lambada_accuracy, minimal_pair_accuracy
 from ..data.tokens import TokenShards
 from .model import (
@@ -33,12 +33,13 @@ from .model import (
 from ..train.trainer import TrainConfig, Trainer, validation_losses
 
 # %% auto #0
-__all__ = ['TOPK_CODE', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'token_mass', 'mass_entropy', 'token_entropy', 'CategoryPurity',
-           'category_purity', 'active_tokens', 'semantic_entropy', 'TopKParams', 'lm_configs', 'lm_run_dirs',
-           'lm_train_configs', 'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm', 'category_names',
-           'word_category', 'TokenWindow', 'token_window', 'vocab_texts', 'vocab_digest', 'embedding_cache_path',
-           'vocab_embeddings', 'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget', 'steering_targets',
-           'steering_prompts', 'generate_steered', 'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response']
+__all__ = ['TopKParams', 'TOPK_CODE', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'token_mass', 'mass_entropy', 'token_entropy',
+           'CategoryPurity', 'category_purity', 'active_tokens', 'semantic_entropy', 'TopKMethod', 'TopKRules',
+           'lm_configs', 'lm_run_dirs', 'lm_train_configs', 'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm',
+           'category_names', 'word_category', 'TokenWindow', 'token_window', 'vocab_texts', 'vocab_digest',
+           'embedding_cache_path', 'vocab_embeddings', 'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget',
+           'steering_targets', 'steering_prompts', 'generate_steered', 'continuation_ppl', 'concept_share',
+           'DoseResponse', 'dose_response']
 
 # %% ../../nbs/13b_topk_lm.ipynb #76424198
 def token_mass(acts: Tensor, token_ids: Tensor, vocab_size: int) -> Tensor:
@@ -109,8 +110,9 @@ def semantic_entropy(embeddings: Tensor, token_sets: Sequence[Tensor], bin_edges
 
 # %% ../../nbs/13b_topk_lm.ipynb #tk21ffce5b8a
 @dataclass
-class TopKParams(SuiteParams):
-    arch: Literal["llama"] = "llama"     # TopK LMs are Llama-style decoders; only "llama" is allowed
+class TopKMethod:
+    run_dir: str = ""                    # parent folder of the two runs; "" = the cache
+    site_layer: int = -1                 # block whose output is steered; -1 = the last TopK block
     k: int = 0                           # entries kept per position; 0 = default_k(d_model) = d_model/16
     n_nontopk: int = 2                   # last blocks left dense (at least one block must stay TopK)
     act: Literal["relu", "identity"] = "relu"  # f applied to the residual stream before TopK
@@ -131,13 +133,14 @@ class TopKParams(SuiteParams):
     n_lambada: int = 200                 # LAMBADA-style items
     embeddings: str = ""                 # vocabulary-embedding cache file; "" = the cache named by the tokenizer
 
+
+    PROFILES = {"smoke": dict(n_layers=4, n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2,
+                              n_prompts=4, gen_tokens=16, n_lambada=40),
+                "paper": dict(n_formation=8, entropy_tokens=16384, n_steer=4, n_prompts=16, gen_tokens=40, n_lambada=300)}
+
     def __post_init__(self):
-        if self.suite != "embedded":
-            raise ParamError(f"suite={self.suite!r}: the TopK experiment trains both of its models on the embedded "
-                             "corpus; use 'embedded'")
-        check_choice("arch", self.arch, ["llama"])  # before the type checks: this message lists the choices
-        check_choice("act", self.act, TOPK_ACTS)
-        super().__post_init__()
+        check_choice("act", self.act, TOPK_ACTS)  # before the type checks: this message lists the choices
+        check_fields(self)
         check_range("anneal_fraction", self.anneal_fraction, 0, 1)
         for name in ("n_formation", "entropy_tokens", "max_active", "sim_bins", "n_steer", "n_prompts",
                      "prompt_tokens", "gen_tokens", "n_lambada"):
@@ -147,26 +150,38 @@ class TopKParams(SuiteParams):
         check_range("steer_min_purity", self.steer_min_purity, 0, 1)
         check_range("act_threshold", self.act_threshold)  # any finite number
         for delta in self.steer_deltas: check_range("steer_deltas entry", delta)
-        check_range("n_layers", self.n_layers, lo=0)
+        if not self.steer_deltas: raise ParamError("steer_deltas must hold at least one δ")
+        for name in ("n_layers", "k", "n_nontopk"): check_range(name, getattr(self, name), lo=0)
+        check_range("site_layer", self.site_layer, lo=-1)
+
+class TopKRules(Composed):
+    "What spans the parts of `TopKParams`: the checks that need the model's depth or width, and views of the flat values."
+
+    def __post_init__(self):
+        check_choice("act", self.act, TOPK_ACTS)  # before the type checks of the flat set: this message lists the choices
+        super().__post_init__()
         depth, width = self.depth, SIZES[self.size]["d_model"]
         check_range("k", self.k, 0, width)
         check_range("n_nontopk", self.n_nontopk, 0, depth - 1)  # at least one TopK block
         check_range("site_layer", self.site_layer, -1, depth - 1)
-        if not self.steer_deltas: raise ParamError("steer_deltas must hold at least one δ")
+
+    @property
+    def recipe(self) -> EmbeddedRecipe:
+        "The training recipe both models share: these parameters' values of the `EmbeddedRecipe` fields."
+        return self.part(EmbeddedRecipe)
 
     @property
     def depth(self) -> int:
         "Blocks of both models."
         return self.n_layers or SIZES[self.size]["n_layers"]
 
-    def unused_fields(self) -> dict[str, str]:
-        "The fields these settings leave unused, each with the reason (see `SuiteParams.unused_fields`)."
-        return super().unused_fields() | {"sim_tokens": "the TopK experiment measures no activation similarity"}
-
     @property
     def steer_layer(self) -> int:
         "Block whose output is steered: `site_layer`, or the last TopK block for -1."
         return self.depth - self.n_nontopk - 1 if self.site_layer == -1 else self.site_layer
+
+TopKParams = compose("TopKParams", EmbeddedRecipe, Evaluation, MinimalPairs, TopKMethod, base=TopKRules,
+                     fixed=dict(arch="llama"), doc="The parameters of the TopK experiment (13_topk_lm).")
 
 # %% ../../nbs/13b_topk_lm.ipynb #tk61b3a8faa9
 TOPK_CODE = TRAIN_CODE + ("dyntrack.topk.model",)  # the code that makes the two models' weights

@@ -35,6 +35,11 @@ class EmbeddedRecipe:
     compile: bool = False                # torch.compile the training forward pass
     eval_tokens: int = 65536             # validation tokens per domain; the trainer logs a quarter of them per checkpoint
 
+    PROFILES = {"smoke": dict(words_per_domain=60_000, vocab_size=1024, size="tiny", seq_len=64, batch_size=16, total_steps=60,
+                              lr=3e-3, warmup_steps=5, n_linear=4, eval_tokens=2048),
+                "paper": dict(words_per_domain=3_000_000, vocab_size=8192, size="base", seq_len=256, batch_size=128,
+                              total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=12, compile=True, eval_tokens=32768)}
+
     def __post_init__(self):
         check_fields(self)
         check_corpus(self.words_per_domain, self.corpus_seed, self.vocab_size)
