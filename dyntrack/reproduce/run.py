@@ -292,6 +292,9 @@ QUIET_ENV = dict(DYNTRACK_PROGRESS="0", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRES
 # The kernel's own log holds only its transport warning and the interrupt jupyter_client sends before every
 # shutdown; a cell's errors reach us through papermill, a kernel that dies through nbclient.
 KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+# papermill parses the parameters cell only to warn about names it does not know (our notebooks refuse those
+# themselves) and warns "Unable to parse line" for every comment with an `=` in it ("0 = derive it").
+logging.getLogger("papermill.translators").setLevel(logging.ERROR)
 
 @contextlib.contextmanager
 def environ(**values: str):
