@@ -11,12 +11,12 @@ from typing import Iterable, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .core import ParamError, check_range
+from .core import ParamError, autocast, check_choice, check_range
 from .models.suite import unwrap_model
 
 # %% auto #0
-__all__ = ['BLOCK_PATHS', 'blocks', 'check_layer', 'residuals_at', 'residual_at', 'ActivationBuffer', 'estimate_scale',
-           'FoldedSAE', 'fold_scale']
+__all__ = ['BLOCK_PATHS', 'SITES', 'blocks', 'block_hidden', 'check_layer', 'residuals_at', 'residual_at', 'window_acts',
+           'ActivationBuffer', 'estimate_scale', 'FoldedSAE', 'fold_scale']
 
 # %% ../nbs/04_acts.ipynb #36aec1b0
 BLOCK_PATHS = {"GPT-NeoX": ("gpt_neox", "layers"), "Llama": ("model", "layers"), "GPT-2": ("transformer", "h")}
@@ -31,39 +31,51 @@ def blocks(model: nn.Module) -> nn.ModuleList:
                      f"{', '.join(f'{k} (model.{a}.{b})' for k, (a, b) in BLOCK_PATHS.items())}")
 
 # %% ../nbs/04_acts.ipynb #571439f0
-class _StopForward(Exception):
-    "Raised by the capture hook of the deepest requested block to end the forward pass."
+SITES = ("resid_pre", "resid_post")  # the residual stream entering / leaving block L
 
-def _capture(store: dict, layer: int, stop: bool, module, args, kwargs):
+class _StopForward(Exception):
+    "Raised by the capture hook of the deepest requested site to end the forward pass."
+
+def block_hidden(output) -> Tensor:
+    "The hidden states [batch, seq, d_model] in a block's output (a tensor, or a tuple whose first element they are)."
+    return output[0] if isinstance(output, tuple) else output
+
+def _capture_input(store: dict, layer: int, stop: bool, module, args, kwargs):
     "Forward pre-hook: store block `layer`'s input hidden states [batch, seq, d_model]; stop if `stop`."
     store[layer] = args[0] if args else kwargs["hidden_states"]
     if stop: raise _StopForward
 
+def _capture_output(store: dict, layer: int, stop: bool, module, args, output):
+    "Forward hook: store block `layer`'s output hidden states [batch, seq, d_model]; stop if `stop`."
+    store[layer] = block_hidden(output)
+    if stop: raise _StopForward
+
 def check_layer(model: nn.Module, layer: int) -> None:
-    "Raise `ParamError` unless `layer` is a residual site of `model` (0..n_layers-1)."
+    "Raise `ParamError` unless `layer` is a block of `model` (0..n_layers-1)."
     n = len(blocks(model))
     if not (isinstance(layer, int) and 0 <= layer < n):
         raise ParamError(f"layer must be in [0, n_layers-1] = [0, {n - 1}] for this {n}-block model; got layer={layer!r}")
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    "bf16/fp16 autocast on CUDA when asked; otherwise nothing."
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16): return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 # %% ../nbs/04_acts.ipynb #67a4e1c8
+def _hook(block: nn.Module, site: str, store: dict, layer: int, stop: bool):
+    "Register the capture hook of `site` at `block`; return its handle."
+    if site == "resid_pre": return block.register_forward_pre_hook(partial(_capture_input, store, layer, stop), with_kwargs=True)
+    return block.register_forward_hook(partial(_capture_output, store, layer, stop))
+
 def residuals_at(model: nn.Module, input_ids: Tensor, layers: Iterable[int], attention_mask: Tensor | None = None,
-                 autocast_dtype: torch.dtype | None = None) -> dict[int, Tensor]:
-    "Residual stream entering each block in `layers`: {layer: [batch, seq, d_model]}, from one pass stopped early."
+                 autocast_dtype: torch.dtype | None = None, site: str = "resid_pre") -> dict[int, Tensor]:
+    "Residual stream at `site` of each block in `layers`: {layer: [batch, seq, d_model]}, from one pass stopped early."
+    check_choice("site", site, SITES)
     layers = sorted(set(layers))
     if not layers: raise ParamError("layers must name at least one block")
     for layer in layers: check_layer(model, layer)
     device = next(model.parameters()).device
     store: dict[int, Tensor] = {}
-    handles = [blocks(model)[layer].register_forward_pre_hook(partial(_capture, store, layer, layer == layers[-1]),
-                                                              with_kwargs=True) for layer in layers]
+    handles = [_hook(blocks(model)[layer], site, store, layer, layer == layers[-1]) for layer in layers]
     mask = None if attention_mask is None else attention_mask.to(device)
     try:
-        with torch.no_grad(), _autocast(device, autocast_dtype):
+        with torch.no_grad(), autocast(device, autocast_dtype):
             model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     except _StopForward: pass
     finally:
@@ -71,9 +83,23 @@ def residuals_at(model: nn.Module, input_ids: Tensor, layers: Iterable[int], att
     return {layer: store[layer] for layer in layers}
 
 def residual_at(model: nn.Module, input_ids: Tensor, layer: int, attention_mask: Tensor | None = None,
-                autocast_dtype: torch.dtype | None = None) -> Tensor:
-    "Residual stream entering block `layer` (= HF `hidden_states[layer]`): [batch, seq, d_model]."
-    return residuals_at(model, input_ids, [layer], attention_mask, autocast_dtype)[layer]
+                autocast_dtype: torch.dtype | None = None, site: str = "resid_pre") -> Tensor:
+    "Residual stream at `site` of block `layer` (resid_pre = HF `hidden_states[layer]`): [batch, seq, d_model]."
+    return residuals_at(model, input_ids, [layer], attention_mask, autocast_dtype, site)[layer]
+
+
+# %% ../nbs/04_acts.ipynb #c9ec2256
+@torch.no_grad()
+def window_acts(model: nn.Module, ids: Tensor, layer: int, scale: float = 1.0, batch_seqs: int = 64, drop_first: int = 1,
+                site: str = "resid_pre", autocast_dtype: torch.dtype | None = None, device=None) -> Tensor:
+    "Activations at `site` of block `layer` at positions ≥ `drop_first` of `ids` [n_seq, context], × `scale`: [n, d_model]."
+    check_range("drop_first", drop_first, lo=0, hi=ids.shape[1] - 1)
+    model_device = next(model.parameters()).device
+    device = model_device if device is None else torch.device(device)
+    acts = [residual_at(model, b.to(model_device), layer, autocast_dtype=autocast_dtype, site=site)[:, drop_first:]
+            .flatten(0, 1).float().to(device) for b in ids.split(batch_seqs)]
+    return torch.cat(acts) * scale
+
 
 # %% ../nbs/04_acts.ipynb #9b80c79f
 class ActivationBuffer:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_range', 'check_params', 'check_fields', 'Composed',
-           'compose', 'profile_row', 'resolve_params', 'notebook_params', 'seed_everything', 'pick_device',
+           'compose', 'profile_row', 'resolve_params', 'notebook_params', 'seed_everything', 'pick_device', 'autocast',
            'device_name', 'cache_dir', 'settle', 'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError',
            'read_json', 'digest', 'file_sha256', 'module_digest', 'progress', 'save_figure', 'write_metrics',
            'software_versions', 'parse_shard', 'shard_items']
@@ -179,6 +179,12 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ParamError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None = torch.bfloat16):
+    "Mixed precision for a forward pass: `torch.autocast` to `dtype` (bf16/fp16) on CUDA; nothing on CPU or for fp32/None."
+    if torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
 
 def device_name(device: str | torch.device = "auto") -> str:
     "Human-readable name of `device` for reports, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu (2 cores, x86_64)'."
