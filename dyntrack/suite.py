@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 
 from .core import PROFILES, Composed, ParamError, check_fields, check_range, compose, pick_device, profile_row
 from .models.presets import SIZES, pythia_steps
-from .models.suite import CheckpointSuite
+from .models.suite import REVISION_FIELDS, CheckpointSuite
 from .train.suite import EmbeddedRecipe, train_config, train_embedded_suite
 
 # %% auto #0
@@ -34,14 +34,16 @@ def refuse_unused(p, unused: dict[str, str]) -> None:
 
 # %% ../nbs/08_suite.ipynb #3d51e6f0
 def check_revision_format(name: str, fmt: str) -> None:
-    "Raise `ParamError` naming `name` unless `fmt` is a `str.format` template of `{step}` alone that formats `step=0`."
-    hint = "a format of the step alone, e.g. 'step{step}' (Pythia) or 'ckpt_{step:05d}'"
+    "Raise `ParamError` naming `name` unless `fmt` is a `str.format` template of `{step}` (and the `REVISION_FIELDS`) that formats."
+    hint = "e.g. 'step{step}' (Pythia), 'ckpt_{step:05d}' or 'step{step}-tokens{tokens_b}B' (OLMo)"
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(fmt) if field is not None}
-        fmt.format(step=0)
+        fmt.format(step=0, tokens=0, tokens_b=0)
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ParamError(f"{name}={fmt!r} does not format with step=0 ({type(e).__name__}: {e}); use {hint}") from None
-    if fields != {"step"}: raise ParamError(f"{name}={fmt!r} must name the step as {{step}} and nothing else; use {hint}")
+    if "step" not in fields or not fields <= set(REVISION_FIELDS):
+        raise ParamError(f"{name}={fmt!r} must name the step as {{step}} and nothing but {', '.join(REVISION_FIELDS)}; use {hint}")
+
 
 # %% ../nbs/08_suite.ipynb #8f9cc215
 TRAINING_FIELDS = ("run_dir", "words_per_domain", "vocab_size", "arch", "size", "batch_size", "total_steps", "lr",
@@ -52,7 +54,7 @@ HUB_FIELDS = ("hub_steps", "hub_revision", "hub_tokens_per_step")  # fields that
 class SuiteSource:
     suite: str = "embedded"              # where checkpoints come from: "embedded", "hub:ORG/NAME", "run:PATH" or "folders:A,B,..."
     hub_steps: tuple[int, ...] = ()      # steps of the hub suite to use; () = Pythia's log-spaced steps up to 143000
-    hub_revision: str = "step{step}"     # revision of each step: Pythia's "step{step}"; e.g. "ckpt_{step:05d}", "stage1-step{step}"
+    hub_revision: str = "step{step}"     # revision of each step: Pythia's "step{step}"; e.g. "ckpt_{step:05d}", OLMo's "step{step}-tokens{tokens_b}B"
     hub_tokens_per_step: int = 2_097_152 # tokens per step of the hub suite (Pythia: 1024 × 2048)
     run_dir: str = ""                    # embedded suite folder; "" = a cache folder named by the parameters and code
 

@@ -405,6 +405,7 @@ def test_topk_run_loads_in_a_fresh_interpreter(tmp_path):
     from dyntrack.topk.model import topk_config
     model = build_model(topk_config("tiny", 50, 16, k=3, num_hidden_layers=3), seed=1).eval()
     save_checkpoint(model, None, tmp_path / "run", 4, 40)
+    assert json.loads((tmp_path / "run" / "step4" / "config.json").read_text())["dyntrack_module"] == "dyntrack.topk.model"
     ids = torch.arange(12).view(2, 6)
     with torch.no_grad(): torch.save(model(ids).logits, tmp_path / "want.pt")
     script = textwrap.dedent(f"""

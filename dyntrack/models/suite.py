@@ -22,9 +22,9 @@ from ..core import (CorruptFileError, ParamError, atomic_path, check_choice, fil
 from .presets import PYTHIA_SIZES, PYTHIA_TOKENS_PER_STEP, check_int, pythia_steps
 
 # %% auto #0
-__all__ = ['SUITE_FORMAT', 'OWN_MODEL_MODULES', 'unwrap_model', 'read_manifest', 'save_checkpoint', 'Checkpoint',
-           'run_checkpoints', 'folder_checkpoints', 'hub_checkpoints', 'verify_checkpoint', 'load_error',
-           'register_own_models', 'CheckpointSuite']
+__all__ = ['SUITE_FORMAT', 'MODULE_KEY', 'REVISION_FIELDS', 'unwrap_model', 'read_manifest', 'save_checkpoint', 'Checkpoint',
+           'run_checkpoints', 'folder_checkpoints', 'revision_name', 'hub_checkpoints', 'verify_checkpoint',
+           'load_error', 'import_model_module', 'CheckpointSuite']
 
 # %% ../../nbs/02b_suite.ipynb #c0650673
 SUITE_FORMAT = "dyntrack-suite-v1"
@@ -75,6 +75,15 @@ def _file_records(folder: Path) -> dict[str, dict]:
     "Size (bytes) and SHA-256 of every file in `folder`, by name."
     return {p.name: dict(size=p.stat().st_size, sha256=file_sha256(p)) for p in sorted(folder.iterdir()) if p.is_file()}
 
+MODULE_KEY = "dyntrack_module"  # config.json key: the dyntrack module defining a model class transformers does not ship
+
+def _record_module(model: torch.nn.Module, folder: Path) -> None:
+    "Name in `folder/config.json` the dyntrack module that defines `model`'s class (nothing for transformers' own)."
+    module = type(model).__module__
+    if module.split(".")[0] != "dyntrack": return
+    path = folder / "config.json"
+    write_json(path, read_json(path) | {MODULE_KEY: module})
+
 def save_checkpoint(model, tokenizer, run_dir, step: int, tokens_seen: int, meta: dict | None = None,
                     overwrite: bool = False) -> Path:
     "Save `model` and `tokenizer` atomically to `run_dir/step{step}` and add it, with file checksums, to the manifest."
@@ -89,6 +98,7 @@ def save_checkpoint(model, tokenizer, run_dir, step: int, tokens_seen: int, meta
             raise FileExistsError(f"{step_dir} exists; pass overwrite=True to replace checkpoint step {step}")
         with atomic_path(step_dir, overwrite=step_dir.exists()) as tmp:  # an unlisted folder is an interrupted save
             unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            _record_module(unwrap_model(model), tmp)
             if tokenizer is not None: tokenizer.save_pretrained(tmp)
             files = _file_records(tmp)
         entries = [c for c in manifest["checkpoints"] if c["step"] != step]
@@ -128,11 +138,20 @@ def folder_checkpoints(paths, steps=None, tokens=None) -> list[Checkpoint]:
     if not len(steps) == len(tokens) == len(paths): raise ParamError("steps and tokens need one entry per path")
     return [Checkpoint(s, t, str(p)) for p, s, t in zip(paths, steps, tokens)]
 
+REVISION_FIELDS = ("step", "tokens", "tokens_b")  # what a revision format may name: step, tokens seen, billions of them
+
+def revision_name(revision_format: str, step: int, tokens_per_step: int | None = None) -> str:
+    "The Hub revision of `step`: `revision_format` filled with step, tokens (= step × tokens_per_step) and tokens_b (rounded billions)."
+    tokens = None if tokens_per_step is None else step * tokens_per_step
+    if tokens is None and re.search(r"\{tokens", revision_format):
+        raise ParamError(f"revision format {revision_format!r} names the tokens seen; give tokens_per_step")
+    return revision_format.format(step=step, tokens=tokens, tokens_b=None if tokens is None else round(tokens / 1e9))
+
 def hub_checkpoints(repo_id: str, steps: Iterable[int], revision_format: str = "step{step}",
                     tokens_per_step: int | None = None) -> list[Checkpoint]:
-    "Revisions `revision_format.format(step=s)` of Hub repo `repo_id`, one per step."
-    return [Checkpoint(s, s * tokens_per_step if tokens_per_step else None, repo_id, revision_format.format(step=s))
-            for s in steps]
+    "Revisions `revision_name(revision_format, s, tokens_per_step)` of Hub repo `repo_id`, one per step."
+    return [Checkpoint(s, s * tokens_per_step if tokens_per_step else None, repo_id,
+                       revision_name(revision_format, s, tokens_per_step)) for s in steps]
 
 # %% ../../nbs/02b_suite.ipynb #e33f3e16
 _VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, sha256) checked in this process
@@ -184,11 +203,18 @@ def load_error(ckpt: Checkpoint, what: str, error: Exception, hub_kwargs: dict |
     return None
 
 # %% ../../nbs/02b_suite.ipynb #3e8f2ebb
-OWN_MODEL_MODULES = ("dyntrack.topk.model",)  # modules that register our model types with transformers' Auto classes
-
-def register_own_models() -> None:
-    "Import every module of `OWN_MODEL_MODULES`, so `AutoConfig`/`AutoModelForCausalLM` know our model types."
-    for name in OWN_MODEL_MODULES: importlib.import_module(name)
+def import_model_module(ckpt: Checkpoint, hub_kwargs: dict | None = None) -> None:
+    "Import the dyntrack module that `ckpt`'s config.json names as defining its model class, if it names one."
+    path = _cached_file(ckpt, "config.json", hub_kwargs or {})
+    if path is None or not path.is_file(): return
+    module = read_json(path).get(MODULE_KEY)
+    if module is None: return
+    if not (isinstance(module, str) and module.split(".")[0] == "dyntrack"):
+        raise CorruptFileError(f"{path}: {MODULE_KEY}={module!r} is not a dyntrack module; refusing to import it")
+    try: importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise CorruptFileError(f"{path}: the model class comes from {MODULE_KEY}={module!r}, which this installation of "
+                               f"dyntrack lacks ({e}); install the dyntrack version that saved it") from None
 
 def _dtype_kwarg(dtype) -> dict:
     "`dtype=` (transformers >= 4.56) or `torch_dtype=` (older)."
@@ -241,8 +267,8 @@ class CheckpointSuite:
 
     def _load(self, auto_cls, ckpt: Checkpoint, **kwargs):
         "`auto_cls.from_pretrained` of `ckpt` after checking its files; never runs code shipped with a checkpoint."
-        register_own_models()
         verify_checkpoint(ckpt)
+        import_model_module(ckpt, self.hub_kwargs)
         if ckpt.revision is not None: kwargs["revision"] = ckpt.revision
         try: return auto_cls.from_pretrained(ckpt.source, **self.hub_kwargs, **kwargs, trust_remote_code=False)
         except (SafetensorError, OSError, ValueError) as e:
