@@ -1,10 +1,11 @@
-"Residual-stream harvesting: equality with output_hidden_states, early stop, the shuffled buffer, normalisation."
+"Residual-stream harvesting: equality with output_hidden_states, early stop, the shuffled buffers over one and several checkpoints, normalisation."
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from dyntrack.acts import (ActivationBuffer, blocks, estimate_scale, fold_scale, residual_at, residuals_at)
+from dyntrack.acts import (SITES, ActivationBuffer, MultiCheckpointBuffer, blocks, checkpoint_scales, estimate_scale,
+                           estimate_scales, fold_scale, residual_at, residuals_at, window_acts)
 from dyntrack.core import ParamError
 from dyntrack.models.presets import build_model, model_config
 
@@ -185,6 +186,21 @@ def test_buffer_empty_source_yields_nothing(neox):
     assert few and all(b.shape[0] == 4 for b in few)  # a source shorter than the buffer: full batches only
 
 
+def test_buffer_reads_its_site(neox):
+    batches = token_batches(3)
+    post = list(ActivationBuffer(neox, 1, batches, buffer_tokens=16, batch_size=4, seed=2, site="resid_post"))
+    pre = list(ActivationBuffer(neox, 2, batches, buffer_tokens=16, batch_size=4, seed=2))
+    assert len(post) == len(pre) == 12 and all(torch.equal(a, b) for a, b in zip(post, pre))  # leaving 1 = entering 2
+    last = torch.cat(list(ActivationBuffer(neox, 3, batches, buffer_tokens=100, batch_size=48, site="resid_post")))
+    ref = torch.cat([hidden_states(neox, b)[4][:, 1:].reshape(-1, 64) for b in batches])  # after the final norm
+    with torch.no_grad(): normed = neox.gpt_neox.final_layer_norm(last)
+    match = torch.cdist(normed, ref).argmin(1)
+    assert sorted(match.tolist()) == list(range(48))
+    torch.testing.assert_close(normed, ref[match])
+    with pytest.raises(ParamError, match=r"site='mlp_out' is not allowed.*resid_pre.*resid_post"):
+        ActivationBuffer(neox, 1, batches, site="mlp_out")
+
+
 def test_buffer_parameter_errors(neox):
     with pytest.raises(ParamError, match="buffer_tokens"):
         ActivationBuffer(neox, 0, [], buffer_tokens=4, batch_size=8)
@@ -204,6 +220,128 @@ def test_scale_gives_mean_norm_sqrt_d(neox):
     assert estimate_scale(acts.split(4), max_batches=2) == pytest.approx(estimate_scale(acts[:8]), rel=1e-12)
     with pytest.raises(ParamError, match="non-zero"):
         estimate_scale(torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_estimate_scales_equal_estimate_scale_per_layer(model, site):
+    batches = token_batches(4, batch=3, seq=10, seed=5)
+    for drop, max_batches in [(0, None), (1, None), (2, 3)]:
+        got = estimate_scales(model, [3, 0, 2, 0], batches, site=site, drop_first=drop, max_batches=max_batches)
+        assert list(got) == [0, 2, 3]
+        for layer, scale in got.items():
+            rows = (window_acts(model, b, layer, drop_first=drop, site=site) for b in batches)
+            assert scale == estimate_scale(rows, max_batches=max_batches)  # the same rows, the same float64 sums
+    scale = estimate_scales(model, [1], batches, site)[1]
+    scaled = window_acts(model, torch.cat(batches), 1, scale=scale, site=site)
+    assert scaled.norm(dim=-1).mean().item() == pytest.approx(model.config.hidden_size**0.5, rel=1e-5)
+
+
+def test_estimate_scales_one_stopped_pass_per_batch(neox):
+    calls, handles = count_block_calls(neox)
+    try:
+        estimate_scales(neox, [0, 2], token_batches(3))
+        assert calls == [3, 3, 0, 0]  # block 2's input is the deepest site: it never runs
+        estimate_scales(neox, [0, 2], token_batches(2), site="resid_post")
+        assert calls == [5, 5, 2, 0]
+    finally:
+        for h in handles: h.remove()
+
+
+def test_estimate_scales_errors(neox):
+    batches = token_batches(2, seq=5)
+    for kw, words in [(dict(layers=[]), "layers must name at least one block"),
+                      (dict(layers=[0, 4]), r"layer must be in \[0, n_layers-1\] = \[0, 3\]"),
+                      (dict(site="resid_mid"), "site='resid_mid'"), (dict(drop_first=5), r"drop_first=5 .*\[0, 4\]"),
+                      (dict(drop_first=-1), "drop_first=-1"), (dict(token_batches=[]), "at least one non-zero"),
+                      (dict(max_batches=0), "at least one non-zero")]:
+        with pytest.raises(ParamError, match=words):
+            estimate_scales(**{**dict(model=neox, layers=[1], token_batches=batches), **kw})
+
+
+def test_checkpoint_scales_read_one_iterator_for_every_model(neox):
+    models = [neox, tiny_model("llama")]
+    batches = token_batches(4)
+    got = checkpoint_scales(models, 2, iter(batches), site="resid_post", max_batches=3)
+    assert got == [estimate_scales(m, [2], batches[:3], site="resid_post")[2] for m in models]
+    assert got[0] != got[1]
+
+
+# --- the buffer over several checkpoints -------------------------------------------------------------------
+
+def tiny_llama(seed: int, **overrides) -> nn.Module:
+    cfg = model_config("llama", "tiny", vocab_size=VOCAB, max_seq_len=32, **{"num_hidden_layers": N_LAYERS, **overrides})
+    return build_model(cfg, seed=seed).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return [tiny_llama(0), tiny_llama(1)]
+
+
+def test_multi_rows_are_one_position_in_every_checkpoint(pair):
+    batches, scales = token_batches(5, batch=2, seq=9), [0.5, 3.0]  # 5 × 2 × 8 = 80 positions
+    buf = MultiCheckpointBuffer(pair, 2, batches, scales, buffer_tokens=24, batch_size=8, seed=1)
+    out = list(buf)
+    assert [o.shape for o in out] == [(8, 2, 64)] * 10 and buf.n_tokens == 80 and buf.n_sequences == 10
+    per_model = [torch.cat([residual_at(m, b, 2)[:, 1:].reshape(-1, 64) for b in batches]) for m in pair]  # [80, 64] each
+    for m, ref in zip(pair, per_model):
+        torch.testing.assert_close(ref, torch.cat([hidden_states(m, b)[2][:, 1:].reshape(-1, 64) for b in batches]))
+    expected = torch.stack([ref * s for ref, s in zip(per_model, scales)], dim=1)  # [80, 2, 64]: row p = position p
+    got = torch.cat(out)
+    match = torch.cdist(got.flatten(1), expected.flatten(1)).argmin(1)
+    assert sorted(match.tolist()) == list(range(80))  # every position exactly once
+    assert torch.equal(got, expected[match])  # both checkpoints of a row: the same position, each × its own scale
+    assert match.tolist() != sorted(match.tolist())
+
+
+def test_multi_order_fixed_by_seed_and_shared_with_the_single_buffer(pair):
+    batches = token_batches(4)
+    run = lambda seed: torch.cat(list(MultiCheckpointBuffer(pair, 1, batches, [2.0, 0.25], 20, 4, seed=seed)))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    sort_rows = lambda t: t[torch.argsort(t[:, 0, 0])]
+    assert torch.equal(sort_rows(a), sort_rows(c))  # the same rows in another order
+    single = [torch.cat(list(ActivationBuffer(m, 1, batches, 20, 4, seed=0))) for m in pair]
+    assert torch.equal(a[:, 0], single[0] * 2.0) and torch.equal(a[:, 1], single[1] * 0.25)
+    one = torch.cat(list(MultiCheckpointBuffer(pair[:1], 1, batches, [1.0], 20, 4, seed=0)))
+    assert one.shape == (single[0].shape[0], 1, 64) and torch.equal(one[:, 0], single[0])
+
+
+def test_multi_site_dtype_device_and_drop_first(pair):
+    batches = token_batches(3, seq=7)
+    post = torch.cat(list(MultiCheckpointBuffer(pair, 0, batches, [1.0, 1.0], 100, 42, site="resid_post", drop_first=0)))
+    pre = torch.cat(list(MultiCheckpointBuffer(pair, 1, batches, [1.0, 1.0], 100, 42, drop_first=0)))
+    assert post.shape == (3 * 2 * 7, 2, 64) and torch.equal(post, pre)
+    buf = MultiCheckpointBuffer(pair, 1, iter(batches), [1.0, 1.0], 12, 4, dtype=torch.bfloat16, device="cpu")
+    first = next(iter(buf))
+    assert first.dtype == torch.bfloat16 and first.device.type == "cpu" and (buf.n_tokens, buf.n_sequences) == (12, 2)
+    with pytest.raises(ParamError, match="drop_first=7"):
+        list(MultiCheckpointBuffer(pair, 1, batches, [1.0, 1.0], 12, 4, drop_first=7))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(models=[]), "models must hold at least one model"),
+    (dict(scales=[1.0]), "scales must hold one scale per model: got 1 scales for 2 models"),
+    (dict(scales=[1.0, 1.0, 1.0]), "got 3 scales for 2 models"),
+    (dict(scales=[1.0, 0.0]), r"scales must be finite and > 0; got scales\[1\]=0.0"),
+    (dict(scales=[-2.0, 1.0]), r"scales\[0\]=-2.0"),
+    (dict(scales=[1.0, float("inf")]), r"scales\[1\]=inf"),
+    (dict(layer=N_LAYERS), "layer must be in"),
+    (dict(site="resid_mid"), "site='resid_mid'"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_multi_parameter_errors(pair, kw, words):
+    with pytest.raises(ParamError, match=words):
+        MultiCheckpointBuffer(**{**dict(models=pair, layer=1, source=[], scales=[1.0, 1.0]), **kw})
+
+
+def test_multi_refuses_models_of_other_widths(pair):
+    narrow = tiny_llama(0, hidden_size=32)
+    with pytest.raises(ParamError, match=r"models must share d_model; got d_model=\[64, 64, 32\]"):
+        MultiCheckpointBuffer(pair + [narrow], 1, [], [1.0] * 3)
+    shallow = tiny_llama(0, num_hidden_layers=2)
+    with pytest.raises(ParamError, match=r"layer must be in \[0, n_layers-1\] = \[0, 1\]"):
+        MultiCheckpointBuffer(pair + [shallow], 3, [], [1.0] * 3)
 
 
 def test_fold_scale_round_trip():
