@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import pick_device, progress
+from .core import autocast, pick_device, progress
 from .data.embedded import encode_eval
 from .data.tasks import minimal_pair_accuracy
 from .data.tokens import TokenShards
 from .models.suite import CheckpointSuite
 from .train.trainer import validation_losses
-from .acts import residual_at
+from .acts import window_acts
 
 # %% auto #0
 __all__ = ['CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription', 'describe_suite',
@@ -32,12 +32,10 @@ def evaluate_checkpoint(model, tokenizer, val: TokenShards, pairs: dict, sim_ids
                         seq_len: int, eval_tokens: int) -> CheckpointEval:
     "Loss per domain, minimal-pair accuracy and site activations (entering block `layer`, at `sim_ids` [n_seq, seq]) of one loaded checkpoint."
     device = next(model.parameters()).device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), autocast(device, torch.bfloat16):  # bf16 on CUDA, float32 on CPU
         losses = validation_losses(model, val, seq_len, batch_size=32, max_tokens=eval_tokens)
         acc = minimal_pair_accuracy(model, tokenizer, pairs, device=device)
-        acts = torch.cat([residual_at(model, ids.to(device), layer)[:, 1:].flatten(0, 1).float().cpu()
-                          for ids in sim_ids.split(16)])  # [n, d_model]
+        acts = window_acts(model, sim_ids, layer, batch_seqs=16, device="cpu")  # [n_seq·(seq-1), d_model]
     return CheckpointEval(losses, acc, acts)
 
 # %% ../nbs/07_checkpoints.ipynb #b26a6d57
