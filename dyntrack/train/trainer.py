@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..core import (ParamError, check_fields, check_range, module_digest, pick_device, progress,
+from ..core import (ParamError, autocast, check_fields, check_range, module_digest, pick_device, progress,
                            read_json, seed_everything, settle)
 from ..models.suite import read_manifest, save_checkpoint
 from ..data.tokens import tokenizer_hash
@@ -394,8 +394,10 @@ class Trainer:
                         unit="tok", unit_scale=True)
 
     def autocast(self):
-        if self.amp_dtype is None: return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        "Mixed precision of the training and evaluation forward passes: `amp_dtype` (None: float32)."
+        if self.amp_dtype is not None and self.device.type != "cuda":  # precision="bf16" off CUDA, which core.autocast leaves alone
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def barrier(self):
         if self.world_size > 1: dist.barrier()
