@@ -180,10 +180,11 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ParamError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
-def autocast(device: str | torch.device, dtype: torch.dtype | None = torch.bfloat16):
-    "Mixed precision for a forward pass: `torch.autocast` to `dtype` (bf16/fp16) on CUDA; nothing on CPU or for fp32/None."
-    if torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+def autocast(device: str | torch.device, dtype: torch.dtype | None = torch.bfloat16, cuda_only: bool = True):
+    "Mixed precision: `torch.autocast` to `dtype` (bf16/fp16) on CUDA, or on any device unless `cuda_only`; nothing for fp32/None."
+    device = torch.device(device)
+    if dtype in (torch.bfloat16, torch.float16) and (device.type == "cuda" or not cuda_only):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 def device_name(device: str | torch.device = "auto") -> str:

@@ -395,9 +395,7 @@ class Trainer:
 
     def autocast(self):
         "Mixed precision of the training and evaluation forward passes: `amp_dtype` (None: float32)."
-        if self.amp_dtype is not None and self.device.type != "cuda":  # precision="bf16" off CUDA, which core.autocast leaves alone
-            return torch.autocast(self.device.type, dtype=self.amp_dtype)
-        return autocast(self.device, self.amp_dtype)
+        return autocast(self.device, self.amp_dtype, cuda_only=False)  # amp_dtype is set off CUDA only by precision="bf16"
 
     def barrier(self):
         if self.world_size > 1: dist.barrier()
