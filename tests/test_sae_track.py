@@ -1,4 +1,4 @@
-"SAE-Track (dyntrack.sae_track.chain and dyntrack.sae_track.analysis): parameters, tokens, the warm-started chain, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, labels, patterns, the analysis pass and the embedding view."
+"SAE-Track (dyntrack.sae_track.chain and dyntrack.sae_track.analysis): parameters, the warm-started chain, activation scales, link checks, warm vs cold, decoder drift, progress measure, formation steps, phases, patterns, the analysis pass and the embedding view."
 import json, math
 from collections import Counter
 from pathlib import Path
@@ -8,23 +8,21 @@ import pytest
 import torch
 
 from conftest import toy_hub
-from dyntrack.acts import residual_at
+from dyntrack.acts import residual_at, window_acts
 from dyntrack.core import PROFILES, ParamError, read_json, resolve_params
-from dyntrack.data.corpus import generate_documents
 from dyntrack.data.grammar import WordInfo
+from dyntrack.features import FeatureLabel, TokenWindow
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.models.suite import CheckpointSuite, save_checkpoint
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
 from dyntrack.sae_track.chain import (
-    MEASURES, SaeCheck, SaeTrackParams, TokenWindow, _link_acts, activation_scales, chain_key, check_sae,
-    eval_steps, resolve_steps, sae_configs, token_window, tokens_to_match, train_chain, warm_cold_curves,
-    window_acts)
+    MEASURES, SaeCheck, SaeTrackParams, _link_acts, activation_scales, chain_key, check_sae, eval_steps, resolve_steps,
+    sae_configs, tokens_to_match, train_chain, warm_cold_curves)
 from dyntrack.sae_track.analysis import (
-    PATTERNS, FeatureLabel, analyse_chain, analyse_checkpoint, decoder_cosines, decoder_pca, distinct_features,
-    embed_2d, feature_patterns, formation_step, label_feature, label_share, labels_at, mean_pairwise,
+    PATTERNS, analyse_chain, analyse_checkpoint, decoder_cosines, decoder_pca, distinct_features,
+    embed_2d, feature_patterns, formation_step, mean_pairwise,
     pairwise_similarity, pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions,
     progress_measure, progress_measures, random_positions, separation, top_positions)
-from dyntrack.data.tokens import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 61
@@ -116,20 +114,7 @@ def test_decoder_bad_inputs():
     with pytest.raises(ParamError, match="latent"): decoder_pca([torch.randn(4, 3)] * 2, 4)
 
 
-# --- positions and the progress measure ---------------------------------------------------------------------
-
-def test_top_and_random_positions():
-    lat = torch.zeros(20, 4)
-    lat[torch.tensor([3, 9, 15]), 2] = torch.tensor([1.0, 3.0, 2.0])
-    top = top_positions(lat, k=3)
-    assert top.shape == (4, 3) and top[2].tolist() == [9, 15, 3]
-    r = random_positions(20, 8, seed=3)
-    assert r.shape == (8,) and len(set(r.tolist())) == 8 and r.max() < 20
-    assert torch.equal(r, random_positions(20, 8, seed=3)) and not torch.equal(r, random_positions(20, 8, seed=4))
-    with pytest.raises(ParamError, match="k="): top_positions(lat, k=21)
-    with pytest.raises(ParamError, match="latents"): top_positions(torch.zeros(5), k=2)
-    with pytest.raises(ParamError, match="k="): random_positions(5, 6)
-
+# --- the progress measure ---------------------------------------------------------------------------------
 
 def test_progress_measure_known_answers():
     same, ortho = torch.ones(5, 8), torch.eye(8)[:5]
@@ -183,26 +168,10 @@ def test_phase_boundaries_known_answers():
     with pytest.raises(ParamError, match="quantiles"): phase_boundaries([1, 2], quantiles=(0.9, 0.1))
 
 
-# --- labels and patterns ------------------------------------------------------------------------------------
+# --- patterns -------------------------------------------------------------------------------------------
 
 def info(lemma, pos="noun", category="animal", number="sg", word=None):
     return WordInfo(word or lemma, lemma, pos, category, number, None, 1, None, ())
-
-
-def test_label_feature_known_answers():
-    assert label_feature([info("dog")] * 3 + [info("cat"), None]) == FeatureLabel("token", "dog", 0.6)
-    animals = [info("dog"), info("cat"), info("cow"), info("hen"), info("red", "adj", "colour", None)]
-    assert label_feature(animals) == FeatureLabel("concept", "category=animal", 0.8)
-    plural = [info("dog", number="pl"), info("hat", category="clothing", number="pl"),
-              info("cup", category="kitchen", number="pl"), info("ran", "verb", "motion", None)]
-    assert label_feature(plural) == FeatureLabel("concept", "number=pl", 0.75)
-    verbs = [info("run", "verb", "motion", None), info("eat", "verb", "ingest", None), info("see", "verb", "percept", None)]
-    assert label_feature(verbs) == FeatureLabel("concept", "pos=verb", 1.0)
-    scattered = [info("dog"), info("red", "adj", "colour", None), info("run", "verb", "motion", None), None]
-    assert label_feature(scattered).kind == "unlabelled"
-    assert label_feature(animals, threshold=0.9).kind == "unlabelled"  # 4 of 5 nouns: pos=noun is only 0.8
-    with pytest.raises(ParamError, match="token_infos_top"): label_feature([])
-    with pytest.raises(ParamError, match="threshold"): label_feature(animals, threshold=2)
 
 
 def test_pattern_known_answers():
@@ -217,20 +186,6 @@ def test_pattern_known_answers():
     assert pattern(U, animal, 0.2) == "grouping"
     assert pattern(U, dog, 0.2) == "other" and pattern(dog, U, 0.0) == "other"
     with pytest.raises(ParamError, match="threshold"): pattern(dog, dog, 1.0, threshold=1.5)
-
-
-def test_label_share_and_labels_at():
-    infos = [info("dog"), info("dog", number="pl", word="dogs"), info("cat"), None]
-    assert label_share(infos, FeatureLabel("token", "dog", 0.5)) == 0.5
-    assert label_share(infos, FeatureLabel("concept", "category=animal", 0.75)) == 0.75
-    assert label_share(infos, FeatureLabel("concept", "number=pl", 0.25)) == 0.25
-    assert label_share(infos, FeatureLabel("unlabelled", "", 0.0)) == 0.0 and label_share([], FeatureLabel("token", "dog", 1)) == 0.0
-    values = torch.tensor([[5.0, 4.0, 3.0], [5.0, 4.0, 0.0]])
-    pos = torch.tensor([[0, 1, 2], [0, 1, 2]])
-    assert labels_at(values, pos, infos) == [FeatureLabel("token", "dog", 2 / 3), FeatureLabel("token", "dog", 2 / 3)]
-    assert labels_at(values, pos, infos, threshold=0.7)[0] == FeatureLabel("concept", "category=animal", 1.0)
-    assert labels_at(values, pos, infos, threshold=0.7)[1].kind == "unlabelled"  # its third position is silent
-    with pytest.raises(ParamError, match="top_values"): labels_at(values, pos[:, :2], infos)
 
 
 def test_pattern_counts_examples_distinct():
@@ -345,34 +300,15 @@ def test_chain_waits_for_a_concurrent_run_and_reuses_its_links(suite, tmp_path, 
     for a, b in zip(paths, done): assert torch.equal(load_sae(a).W_dec, load_sae(b).W_dec)
 
 
-# --- tokens and activations ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    texts = [doc for d in ("farm", "school") for doc in generate_documents(d, 30, seed=3)]
-    return train_tokenizer(texts, 500, tmp_path_factory.mktemp("tok") / "tok")
-
-
-def test_token_window_aligns_tokens_and_words(tokenizer):
-    texts = {"farm": generate_documents("farm", 10, seed=9), "school": generate_documents("school", 10, seed=9)}
-    window = token_window(tokenizer, texts, context=12, n_tokens=150)
-    assert window.ids.shape == (14, 12) and len(window.infos) == 14 * 11 == len(window.token_ids)
-    assert torch.equal(window.token_ids, window.ids[:, 1:].flatten())
-    first_doc = tokenizer(texts["farm"][0], add_special_tokens=False)["input_ids"]
-    assert window.ids.flatten()[: len(first_doc)].tolist() == first_doc  # the first document opens the window
-    eos = tokenizer.eos_token_id
-    assert window.ids.flatten()[len(first_doc)] == eos                  # then EOS, then the first school document
-    for t, w in zip(window.token_ids.tolist(), window.infos):
-        if t == eos: assert w is None
-        else: assert w is not None and tokenizer.decode([t]).strip().lower() in w.word.lower()
-    with pytest.raises(ParamError, match="analysis_tokens"): token_window(tokenizer, texts, 12, 10**6)
-
+# --- activations ----------------------------------------------------------------------------------------
 
 def test_window_acts_scales_and_link_acts(suite):
     model = suite.load_model(suite[1])
     ids = tokens(suite[1])[0]                                    # [4, 9]
     acts = window_acts(model, ids, 1, scale=2.0, batch_seqs=3)
     torch.testing.assert_close(acts, 2 * residual_at(model, ids, 1)[:, 1:].reshape(-1, 16))
+    before = torch.cat([residual_at(model, b, 1)[:, 1:].flatten(0, 1).float() for b in ids.split(64)]) * 2.0
+    assert torch.equal(window_acts(model, ids, 1, 2.0), before)  # acts' harvest is the chain's former one, to the bit
     scales = activation_scales(suite, 1, tokens, n_batches=2)
     assert sorted(scales) == [0, 10, 20]
     x = torch.cat([window_acts(model, b, 1, scales[10]) for b in tokens(suite[1])[:2]])
@@ -441,7 +377,7 @@ def test_warm_cold_curves_repeat_the_link(suite, tmp_path):
     first, link, cold = chain_cfg(kind="relu", l1_coef=1e-3), chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=64, lr=1e-3), \
         chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=128)
     paths = train_chain(suite, 1, tokens, first, link, tmp_path / "chain", steps=[0, 10])
-    window = TokenWindow(torch.cat(tokens(suite[1])), [None] * 16 * 8)
+    window = TokenWindow(torch.cat(tokens(suite[1])), [None] * 16 * 9, [])
     curves = warm_cold_curves(suite, 10, paths[0], 1, tokens, link, cold, 1.0, window, window.ids[:4])
     assert [pt["tokens"] for pt in curves["warm"]] == [0, 32, 64] and [pt["tokens"] for pt in curves["cold"]] == [32, 64, 128]
     model = suite.load_model(suite[1])
@@ -491,8 +427,8 @@ def trained_chain(suite, tmp_path_factory):
 
 def test_analyse_chain_invariants(suite, trained_chain, monkeypatch):
     ids = torch.randint(0, VOCAB, (12, 9), generator=torch.Generator().manual_seed(7))
-    infos = [info(f"w{t}") for t in ids[:, 1:].flatten().tolist()]         # ground truth: the token itself
-    window = TokenWindow(ids, infos)
+    window = TokenWindow(ids, [info(f"w{t}") for t in ids.flatten().tolist()], [])  # ground truth: the token itself
+    infos = window.infos                                                      # of the analysed positions
     loaded, load = [], suite.load_model
     monkeypatch.setattr(suite, "load_model", lambda ckpt, **kw: loaded.append(ckpt.step) or load(ckpt, **kw))
     an = analyse_chain(suite, trained_chain, 1, window, {0: 1.0, 10: 2.0, 20: 0.5}, ids[:4], n_top=5, n_random=20)
