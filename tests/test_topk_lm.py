@@ -1,15 +1,16 @@
 "Tests of dyntrack.topk.model and dyntrack.topk.lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
 import copy, json, math, os, re, subprocess, sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dyntrack.acts import blocks, residual_at
+from dyntrack.acts import block_hidden, blocks, residual_at
 from dyntrack.core import ParamError
 from dyntrack.models.presets import build_model
-from dyntrack.models.suite import CheckpointSuite
+from dyntrack.models.suite import CheckpointSuite, save_checkpoint
 from dyntrack.data.tokens import TokenShards
 from dyntrack.topk.lm import active_tokens, category_purity, mass_entropy, semantic_entropy, token_entropy, token_mass
 from dyntrack.topk.model import (TopKAnnealing, TopKLlamaConfig, TopKLlamaForCausalLM, anneal_alpha, default_k,
@@ -170,9 +171,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_suite_of_topk_checkpoints_loads_without_importing_the_module(tmp_path):
-    "A fresh process that imports only dyntrack.models.suite loads TopK checkpoints: the suite registers the model type."
+    "A fresh process that imports only dyntrack.models.suite loads TopK checkpoints: the checkpoint names its module."
     model, ids = make_model(seed=5, k=3), make_ids()
-    model.save_pretrained(tmp_path / "step7")
+    save_checkpoint(model, None, tmp_path, 7, tokens_seen=0)  # records dyntrack.topk.model in config.json
     torch.save(ids, tmp_path / "ids.pt")
     script = (f"import sys, torch; from dyntrack.models.suite import CheckpointSuite\n"
               f"assert 'dyntrack.topk.model' not in sys.modules\n"
@@ -361,12 +362,11 @@ def test_active_tokens():
 # --- the experiment's helpers ---------------------------------------------------------------------------------------
 
 from dyntrack.core import resolve_params
-from dyntrack.data.corpus import annotate
 from dyntrack.data.embedded import encode_eval, eval_pairs, eval_texts
 from dyntrack.data.tasks import make_lambada, token_logprobs
 from dyntrack.topk.lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
                               continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
-                              lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets, token_window,
+                              lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets,
                               train_topk_and_dense, vocab_embeddings)
 
 TINY = dict(words_per_domain=3000, eval_words_per_domain=1500, vocab_size=400, size="tiny", n_layers=4, seq_len=32,
@@ -477,23 +477,27 @@ def test_evaluate_lm(pair):
     assert ev.lambada_acc in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def test_token_window_labels(pair):
-    tok = pair[1].tokenizer
-    w = token_window(tok, {"a": ["The dog saw a red apple."], "b": ["Anna ran."]}, n_tokens=16, seq_len=4)
-    assert w.ids.shape == w.category.shape == (4, 4)
-    text = "The dog saw a red apple."
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    words = {(x.start, x.end): f"{x.info.pos}:{x.info.category}" for x in annotate(text)}
-    whole = 0  # tokens that are a whole word carry that word's category
-    for (start, end), c in zip(enc["offset_mapping"], w.category.flatten().tolist()):
-        start += len(text[start:end]) - len(text[start:end].lstrip())
-        if (start, end) in words:
-            whole += 1
-            assert w.names[c] == words[start, end], (text[start:end], w.names[c])
-    assert whole >= 3 and words[(4, 7)] == "noun:animal" and words[(23, 24)] == "punct:punct"
-    assert w.ids.flatten()[len(enc["input_ids"])] == tok.eos_token_id and w.category.flatten()[len(enc["input_ids"])] == -1
-    with pytest.raises(ParamError, match="entropy_tokens=1000"): token_window(tok, {"a": ["A dog ran."]}, 1000, 4)
+def hooked_block_outputs(model, input_ids, batch_size):
+    "Every block's output the way `block_outputs` gathered it before `acts.residuals_at`: hooks on every block, whole passes."
+    store = {}
+    def keep(layer, module, args, output): store.setdefault(layer, []).append(block_hidden(output).float())
+    handles = [b.register_forward_hook(partial(keep, layer)) for layer, b in enumerate(blocks(model))]
+    try:
+        with torch.no_grad():
+            for chunk in input_ids.split(batch_size): model(input_ids=chunk, use_cache=False)
+    finally:
+        for h in handles: h.remove()
+    return torch.stack([torch.cat(store[layer]).flatten(0, 1) for layer in range(len(store))])
 
+
+@pytest.mark.parametrize("batch_size", [16, 3])
+def test_block_outputs_equal_hooks_on_every_block(batch_size):
+    dense = build_model(dense_config("tiny", VOCAB, 32, num_hidden_layers=N_LAYERS), seed=0).eval()
+    ids = make_ids(batch=20, seq=9)
+    for model in (make_model(), make_model(alpha=0.5, act="identity"), dense):
+        out = block_outputs(model, ids, batch_size)
+        assert out.shape == (N_LAYERS, 20 * 9, D_MODEL) and out.dtype == torch.float32
+        assert torch.equal(out, hooked_block_outputs(model, ids, batch_size))  # the same numbers, to the bit
 
 def test_active_tokens_random_sample_is_unbiased():
     acts = torch.tensor([[9.0], [8.0], [7.0], [1.0], [1.0], [1.0], [0.0], [-1.0]])
