@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyntrack.core import resolve_params, device_name, software_versions, write_json
+from dyntrack.core import autocast, resolve_params, device_name, software_versions, write_json
 from dyntrack.models.presets import SIZES
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder
 from dyntrack.sae.train import train_sae
@@ -59,11 +59,6 @@ class PlainTopKSAE(nn.Module):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)  # [batch, k]
         z = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))  # [batch, d_sae]
         return z @ self.W_dec + self.b_dec
-
-
-def autocast(device):
-    "The library's forward precision: bf16 autocast on CUDA, nothing on the CPU (sae_train.sae_step)."
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
 def run_plain(model, pool, steps, warmup, device, lr):

@@ -1,4 +1,4 @@
-"Sparse autoencoders: config checks, invariants of the recipe, fast vs reference decoding, AuxK, files and SAELens interop."
+"Sparse autoencoders: config checks, invariants of the recipe, the model contract, fast vs reference decoding, AuxK, files by format and SAELens interop."
 import dataclasses, json
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 import dyntrack.sae.model as sae_mod
 from dyntrack.core import CorruptFileError, ParamError
-from dyntrack.sae.model import (SaeConfig, SparseAutoencoder, decode_dense, decode_latents, decode_sparse, evaluate_sae,
-                          explained_variance, from_saelens, geometric_median, l0, load_sae, normalize_decoder,
-                          remove_parallel_grad, save_sae, to_saelens, topk_code)
+from dyntrack.sae.model import (FORMATS, DictionaryModel, SaeConfig, SparseAutoencoder, decode_dense, decode_latents,
+                                decode_sparse, evaluate_sae, explained_variance, from_saelens, geometric_median, l0,
+                                load_sae, normalize_decoder, remove_parallel_grad, save_sae, to_saelens, topk_code)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,8 @@ def randomised(sae: SparseAutoencoder, seed: int = 0) -> SparseAutoencoder:
     (dict(l1_coef=float("nan")), "l1_coef"), (dict(lr=float("inf")), "lr"), (dict(aux_coef=float("inf")), "aux_coef"),
     (dict(d_model="12"), "d_model"), (dict(d_sae=40.0), "d_sae"), (dict(kind="topk", k=2.5), "k"), (dict(k=0), "k"),
     (dict(seed=-1), "seed"), (dict(unit_norm_decoder="yes"), "unit_norm_decoder"), (dict(n_tokens=None), "n_tokens"),
+    (dict(lr_decay_fraction=-0.1), "lr_decay_fraction"), (dict(lr_decay_fraction=1.01), "lr_decay_fraction"),
+    (dict(l1_warmup_steps=-1), "l1_warmup_steps"), (dict(l1_warmup_steps=1.5), "l1_warmup_steps"),
 ])
 def test_bad_config_rejected(kw, field):
     with pytest.raises(ParamError, match=f"^{field}="):
@@ -138,9 +140,61 @@ def test_relu_loss_terms():
     sae = randomised(SparseAutoencoder(small_cfg(kind="relu", l1_coef=0.3)))
     x = torch.randn(16, 12)
     out = sae(x)
-    torch.testing.assert_close(out.nmse, ((x - out.recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    torch.testing.assert_close(out.recon_loss, ((x - out.recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
     torch.testing.assert_close(out.sparsity_loss, 0.3 * out.latents.sum(1).mean())
-    assert out.aux_loss == 0 and abs(explained_variance(x, out.recon) - (1 - out.nmse.item())) < 1e-6
+    assert out.aux_loss == 0 and abs(explained_variance(x, out.recon) - (1 - out.recon_loss.item())) < 1e-6
+
+
+# --- the contract the trainer uses ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_constraint_hooks_follow_the_config(unit):
+    "With unit_norm_decoder the hooks are remove_parallel_grad and normalize_decoder; without, they change nothing."
+    sae = randomised(SparseAutoencoder(small_cfg(kind="relu", l1_coef=0.01, unit_norm_decoder=unit)))
+    twin = randomised(SparseAutoencoder(sae.cfg))
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(4))
+    for m in (sae, twin): m(x).loss.backward()
+    sae.after_backward()
+    if unit: remove_parallel_grad(twin)
+    assert torch.equal(sae.W_dec.grad, twin.W_dec.grad)
+    with torch.no_grad():
+        for m in (sae, twin): m.W_dec.mul_(torch.linspace(0.5, 2.0, 40)[:, None])
+    sae.after_step()
+    if unit: normalize_decoder(twin)
+    assert torch.equal(sae.W_dec, twin.W_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40) if unit else torch.linspace(0.5, 2.0, 40))
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_sparsity_scale_scales_only_the_penalty(kind):
+    sae = randomised(SparseAutoencoder(small_cfg(kind=kind, l1_coef=0.3)))
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    full, part, off = sae(x), sae(x, sparsity_scale=0.4), sae(x, sparsity_scale=0.0)
+    torch.testing.assert_close(full.sparsity_loss, sae.sparsity_penalty(full.code))
+    torch.testing.assert_close(part.sparsity_loss, 0.4 * full.sparsity_loss)
+    assert off.sparsity_loss == 0 and torch.equal(off.loss, off.recon_loss + off.aux_loss)
+    assert torch.equal(part.recon, full.recon) and torch.equal(part.recon_loss, full.recon_loss)
+    assert (full.sparsity_loss > 0) == (kind == "relu")  # TopK has no penalty: its k is its sparsity
+
+
+def test_model_facts_for_the_trainer():
+    sae = SparseAutoencoder(small_cfg(kind="relu", d_sae=40))
+    assert sae.n_latents == 40 and sae.device == torch.device("cpu") and isinstance(sae, DictionaryModel)
+    assert sae.format == "dyntrack-sae-v1" and FORMATS["dyntrack-sae-v1"] is SparseAutoencoder
+    out = sae(torch.randn(16, 12))
+    assert out.code.fired().shape == (40,) and out.code.active().shape == (16,)
+    with pytest.raises(ParamError, match=r"d_sae \(SAE 40, config 41\)"): sae.check_config(small_cfg(kind="relu", d_sae=41))
+    with pytest.raises(ParamError, match="kind"): sae.check_config(small_cfg(kind="topk"))
+    sae.check_config(dataclasses.replace(sae.cfg, lr=1.0))  # training fields may differ
+
+
+@pytest.mark.parametrize("how", ["geometric_median", "mean", "zeros"])
+def test_init_from_batch_sets_b_dec(how):
+    sae = SparseAutoencoder(small_cfg(b_dec_init=how))
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(6)) + 3.0
+    sae.init_from_batch(x)
+    expected = {"geometric_median": geometric_median(x), "mean": x.mean(0), "zeros": torch.zeros(12)}[how]
+    assert torch.equal(sae.b_dec.detach(), expected)
 
 
 # --- TopK and AuxK --------------------------------------------------------------------------------------------
@@ -218,6 +272,50 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(CorruptFileError, match="cfg.json.*colour"): load_sae(tmp_path / "sae")
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**saved, "format": "other"}))
     with pytest.raises(ValueError, match="dyntrack-sae-v1"): load_sae(tmp_path / "sae")
+
+
+def tiny_registry(monkeypatch):
+    "A copy of the format registry for one test, so the classes a test defines do not stay registered."
+    monkeypatch.setattr(sae_mod, "FORMATS", dict(sae_mod.FORMATS))
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    width: int = 3
+    gain: float = 1.0
+
+
+def test_load_builds_the_class_registered_for_the_saved_format(tmp_path, monkeypatch):
+    "A model class defined outside sae (as a crosscoder's package would) registers its format and loads back as itself."
+    tiny_registry(monkeypatch)
+
+    class Tiny(DictionaryModel, format="test-tiny-v1", config=TinyConfig):
+        def __init__(self, cfg, device=None):
+            super().__init__()
+            self.cfg, self.w = cfg, torch.nn.Parameter(torch.arange(float(cfg.width), device=device))
+        def check_config(self, cfg):
+            if cfg.width != self.cfg.width: raise ParamError(f"width={cfg.width} is not this model's {self.cfg.width}")
+
+    model = Tiny(TinyConfig(width=4, gain=2.5))
+    save_sae(model, model.cfg, tmp_path / "tiny")
+    assert json.loads((tmp_path / "tiny" / "cfg.json").read_text()) == dict(format="test-tiny-v1", width=4, gain=2.5)
+    back = load_sae(tmp_path / "tiny")
+    assert type(back) is Tiny and back.cfg == TinyConfig(4, 2.5) and torch.equal(back.w, model.w)
+    assert type(load_sae(save_sae(randomised(SparseAutoencoder(small_cfg())), small_cfg(), tmp_path / "sae"))) is SparseAutoencoder
+    with pytest.raises(ParamError, match="width=5"): save_sae(model, TinyConfig(width=5), tmp_path / "other")
+    with pytest.raises(ParamError, match="test-tiny-v1.*taken"):
+        class Impostor(DictionaryModel, format="test-tiny-v1", config=TinyConfig): pass
+
+
+@pytest.mark.parametrize("saved_format", ["dyntrack-crosscoder-v0", None])
+def test_unknown_format_names_the_file_and_the_known_formats(tmp_path, saved_format):
+    save_sae(SparseAutoencoder(small_cfg()), small_cfg(), tmp_path / "sae")
+    path = tmp_path / "sae" / "cfg.json"
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k != "format"}
+    path.write_text(json.dumps(saved if saved_format is None else {"format": saved_format, **saved}))
+    with pytest.raises(CorruptFileError) as e: load_sae(tmp_path / "sae")
+    message = str(e.value)
+    assert message.startswith(f"{path} has format {saved_format!r}") and "known format (dyntrack-sae-v1" in message, message
 
 
 # --- SAELens ----------------------------------------------------------------------------------------------------

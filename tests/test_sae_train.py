@@ -1,17 +1,18 @@
-"SAE training and evaluation: warm starts, exact resume, planted-feature recovery, spliced ΔCE, top activations."
+"SAE training and evaluation: warm starts, schedules, exact resume (skipping without recomputing), any DictionaryModel, planted-feature recovery, spliced ΔCE, top activations."
 import dataclasses, json, shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from dyntrack.acts import residual_at
+from dyntrack.acts import ActivationBuffer, residual_at
 from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.models.presets import build_model, model_config
-from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
-from dyntrack.sae.train import (_splice, max_cosine, planted_sparse_data, sae_lr, splice_eval, delta_ce,
+from dyntrack.sae.model import DictionaryModel, EncoderOutput, ForwardOutput, SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae.train import (_splice, max_cosine, planted_sparse_data, sae_lr, skip_batches, sparsity_scale, splice_eval, delta_ce,
                                 top_activations, top_activations_by_latent, train_sae)
 from dyntrack.train.state import load_run_state, read_log
 from dyntrack.train.trainer import lm_loss
@@ -48,7 +49,7 @@ def test_recovers_planted_features(kind, extra):
     res = train_sae(SparseAutoencoder(cfg), data.x.split(256), cfg)
     cos = max_cosine(data.features, res.sae.W_dec)
     assert res.steps == steps and cos.mean() > 0.97 and (cos > 0.9).float().mean() > 0.95, cos
-    assert set(res.history[-1]) >= {"loss", "nmse", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"}
+    assert set(res.history[-1]) >= {"loss", "recon_loss", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"}
 
 
 def test_b_dec_initialisation():
@@ -304,3 +305,179 @@ def test_state_is_the_shared_run_state_and_leaves_the_callers_rng_alone(tmp_path
     resumed = train_sae(SparseAutoencoder(cfg), batches, cfg, out_dir=run, checkpoint_every=4)  # resumed from state/
     assert torch.equal(torch.rand(3), expected)  # training draws nothing and the saved RNG states were not restored
     for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+
+
+# --- schedules -------------------------------------------------------------------------------------------------
+
+def test_schedule_known_values():
+    cfg = planted_cfg(lr=1e-3, warmup_steps=2, lr_decay_fraction=0.3, l1_warmup_steps=4, n_tokens=64 * 10)
+    # lr_at's tail: from step 10 − round(0.3 · 10) = 7 the lr falls linearly to 0 at the last step
+    assert [sae_lr(step, cfg) for step in range(10)] == pytest.approx([5e-4] + [1e-3] * 7 + [5e-4, 0.0], abs=1e-15)
+    assert [sparsity_scale(step, cfg) for step in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    plain = planted_cfg()  # the defaults leave today's runs alone: no decay, no λ warm-up
+    assert [sae_lr(step, plain) for step in range(12)] == [plain.lr * (1 / 3), plain.lr * (2 / 3)] + [plain.lr] * 10
+    assert {sparsity_scale(step, plain) for step in range(12)} == {1.0}
+
+
+def test_schedules_reach_the_run():
+    data = planted_sparse_data(64 * 10, 16, 32, 2)
+    cfg = planted_cfg(kind="relu", l1_coef=0.1, lr_decay_fraction=0.5, l1_warmup_steps=4, n_tokens=64 * 10)
+    batches, penalty = data.x.split(64), {}
+    def next_penalty(step, record, sae):  # the unscaled penalty the next step will see: its batch, these weights
+        if step < len(batches):
+            with torch.no_grad(): penalty[step] = sae.sparsity_penalty(sae.encode(batches[step])).item()
+    res = train_sae(SparseAutoencoder(cfg), batches, cfg, callbacks=[next_penalty])
+    assert [r["lr"] for r in res.history] == [sae_lr(step, cfg) for step in range(10)] and res.history[-1]["lr"] == 0
+    assert res.history[0]["sparsity_loss"] == 0 and res.history[0]["loss"] == res.history[0]["recon_loss"]
+    for step in range(1, 10):
+        assert res.history[step]["sparsity_loss"] == pytest.approx(sparsity_scale(step, cfg) * penalty[step], rel=1e-5)
+    full = train_sae(SparseAutoencoder(cfg), batches, dataclasses.replace(cfg, l1_warmup_steps=0)).history
+    assert full[0]["sparsity_loss"] > 0 and full[0]["recon_loss"] == res.history[0]["recon_loss"]
+
+
+# --- resuming without recomputing skipped batches ---------------------------------------------------------------
+
+class Replayable:
+    "Batches of `x`; `skip(n)` gives those after the first n without making the skipped ones, as a buffer would."
+    def __init__(self, x: torch.Tensor, batch_size: int):
+        self.x, self.batch_size, self.made, self.skips = x, batch_size, 0, []
+
+    def _from(self, first: int):
+        for b in range(first, len(self.x) // self.batch_size):
+            self.made += 1
+            yield self.x[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __iter__(self): return self._from(0)
+
+    def skip(self, n_batches: int):
+        self.skips.append(n_batches)
+        return self._from(n_batches)
+
+
+def test_skip_batches_uses_skip_where_the_source_has_it():
+    x = torch.arange(40.0).reshape(10, 4)
+    source = Replayable(x, 2)
+    assert [b[0, 0].item() for b in skip_batches(source, 3)] == [24.0, 32.0]
+    assert source.skips == [3] and source.made == 2
+    assert [b[0, 0].item() for b in skip_batches(x.split(2), 3)] == [24.0, 32.0]  # no skip: read and dropped
+    assert list(skip_batches(x.split(2), 7)) == [] and len(list(skip_batches(Replayable(x, 2), 0))) == 5
+
+
+def test_resume_calls_skip_and_equals_uninterrupted(tmp_path):
+    data = planted_sparse_data(64 * 12, 16, 32, 2)
+    cfg = planted_cfg()
+    ref = train_sae(SparseAutoencoder(cfg), Replayable(data.x, 64), cfg, out_dir=tmp_path / "ref", checkpoint_every=4)
+    with pytest.raises(Interrupt):
+        train_sae(SparseAutoencoder(cfg), Replayable(data.x, 64), cfg, out_dir=tmp_path / "run", checkpoint_every=4,
+                  callbacks=[stop_at(6)])
+    source = Replayable(data.x, 64)
+    resumed = train_sae(SparseAutoencoder(cfg), source, cfg, out_dir=tmp_path / "run", checkpoint_every=4)
+    assert source.skips == [4] and source.made == 8  # the 4 batches before the saved state were never made
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+    assert read_log(tmp_path / "run" / "log.jsonl") == read_log(tmp_path / "ref" / "log.jsonl")
+
+
+def buffer_run(model, out_dir, stop: int | None = None):
+    "A TopK SAE trained on an ActivationBuffer over the counting model, state saved at step 30; (result or None, buffer)."
+    cfg = SaeConfig(d_model=64, d_sae=96, kind="topk", k=4, lr=3e-3, warmup_steps=3, batch_size=32,
+                    n_tokens=32 * 40, dead_tokens=32 * 4)
+    buffer = ActivationBuffer(model, layer=1, source=[counting(4, 400 + i) for i in range(32)], buffer_tokens=64,
+                              batch_size=32, seed=3)  # token batches of 4 × 12 rows
+    callbacks = [stop_at(stop)] if stop is not None else []
+    try: return train_sae(SparseAutoencoder(cfg), buffer, cfg, out_dir=out_dir, checkpoint_every=30, callbacks=callbacks), buffer
+    except Interrupt: return None, buffer
+
+
+def test_resume_from_an_activation_buffer_equals_uninterrupted(counting_model, tmp_path):
+    ref, _ = buffer_run(counting_model, tmp_path / "ref")
+    buffer_run(counting_model, tmp_path / "run", stop=33)
+    resumed, _ = buffer_run(counting_model, tmp_path / "run")
+    assert [r["step"] for r in resumed.history] == list(range(31, 41))
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+    assert read_log(tmp_path / "run" / "log.jsonl") == read_log(tmp_path / "ref" / "log.jsonl")
+
+
+@pytest.mark.skipif(not hasattr(ActivationBuffer, "skip"), reason="ActivationBuffer has no skip() yet")
+def test_resumed_buffer_does_not_harvest_what_was_skipped(counting_model, tmp_path):
+    _, whole = buffer_run(counting_model, tmp_path / "ref")
+    buffer_run(counting_model, tmp_path / "run", stop=33)
+    _, resumed = buffer_run(counting_model, tmp_path / "run")
+    # 30 batches skipped = 960 rows handed out, of the 1300-odd the whole run harvests; the resumed buffer harvests
+    # the 10 batches' worth it still hands out and the token batches with rows still held (a few buffer_tokens)
+    assert resumed.n_tokens < whole.n_tokens - 480, (resumed.n_tokens, whole.n_tokens)
+
+
+# --- any DictionaryModel: a crosscoder-shaped model [batch, n_checkpoints, d_model] ----------------------------
+
+@dataclasses.dataclass
+class ToyCrosscoderConfig:
+    "A crosscoder's config as the trainer sees it: its own architecture fields plus the training fields."
+    n_checkpoints: int = 2
+    d_model: int = 8
+    d_sae: int = 24
+    l1_coef: float = 0.05
+    lr: float = 5e-3
+    warmup_steps: int = 2
+    lr_decay_fraction: float = 0.25
+    l1_warmup_steps: int = 3
+    batch_size: int = 32
+    n_tokens: int = 32 * 12
+    dead_tokens: int = 32 * 100
+    seed: int = 0
+
+    @property
+    def n_steps(self) -> int: return self.n_tokens // self.batch_size
+
+
+class ToyCrosscoder(DictionaryModel, format="test-crosscoder-v1", config=ToyCrosscoderConfig):
+    "f = ReLU(Σ_m x_m W_enc^m + b_enc), x̂_m = f W_dec^m + b_dec^m, penalty λ Σ_i f_i Σ_m ‖W_dec,i^m‖ (METHODS.md §2)."
+    def __init__(self, cfg: ToyCrosscoderConfig, device=None):
+        super().__init__()
+        self.cfg, gen = cfg, torch.Generator().manual_seed(cfg.seed)
+        m, d, h = cfg.n_checkpoints, cfg.d_model, cfg.d_sae
+        self.W_enc = nn.Parameter(0.1 * torch.randn(m, d, h, generator=gen).to(device))
+        self.b_enc = nn.Parameter(torch.zeros(h, device=device))
+        self.W_dec = nn.Parameter(0.1 * torch.randn(h, m, d, generator=gen).to(device))
+        self.b_dec = nn.Parameter(torch.zeros(m, d, device=device))
+
+    @property
+    def n_latents(self) -> int: return self.cfg.d_sae
+
+    def check_config(self, cfg) -> None:
+        if (cfg.n_checkpoints, cfg.d_model, cfg.d_sae) != (self.cfg.n_checkpoints, self.cfg.d_model, self.cfg.d_sae):
+            raise ParamError("config does not describe this crosscoder")
+
+    def sparsity_penalty(self, code: EncoderOutput) -> torch.Tensor:
+        return self.cfg.l1_coef * (code.latents * self.W_dec.norm(dim=-1).sum(-1)).sum(-1).mean()
+
+    def forward(self, x, dead_mask=None, sparsity_scale: float = 1.0) -> ForwardOutput:
+        pre = torch.einsum("bmd,mdh->bh", x, self.W_enc) + self.b_enc  # [batch, d_sae]
+        code = EncoderOutput(pre, F.relu(pre), None, None)
+        recon = torch.einsum("bh,hmd->bmd", code.latents, self.W_dec) + self.b_dec  # [batch, n_checkpoints, d_model]
+        recon_loss = (recon - x).pow(2).sum((1, 2)).mean()
+        sparsity = sparsity_scale * self.sparsity_penalty(code)
+        return ForwardOutput(recon, code, recon_loss, sparsity, recon_loss.new_zeros(()), recon_loss + sparsity)
+
+
+def two_checkpoints(n: int) -> torch.Tensor:
+    "Activations [n, 2, 8]: the same planted features, the second checkpoint's rotated a little."
+    data = planted_sparse_data(n, 8, 12, 2, seed=5)
+    rotation = torch.linalg.matrix_exp(0.1 * (lambda a: a - a.T)(torch.randn(8, 8, generator=torch.Generator().manual_seed(7))))
+    return torch.stack([data.x, data.x @ rotation], dim=1)
+
+
+def test_a_crosscoder_trains_saves_and_resumes_through_the_same_trainer(tmp_path):
+    cfg = ToyCrosscoderConfig()
+    x = two_checkpoints(32 * 12)
+    ref = train_sae(ToyCrosscoder(cfg), x.split(32), cfg, out_dir=tmp_path / "ref", checkpoint_every=4)
+    assert ref.steps == 12 and ref.history[-1]["recon_loss"] < 0.8 * ref.history[0]["recon_loss"]  # it learns
+    assert ref.history[0]["sparsity_loss"] == 0 and ref.history[-1]["sparsity_loss"] > 0 and ref.history[-1]["lr"] == 0
+    assert ref.tokens_seen == 32 * 12  # rows are token positions, dim 0
+    back = load_sae(tmp_path / "ref" / "sae")
+    assert type(back) is ToyCrosscoder and back.cfg == cfg and torch.equal(back.W_dec, ref.sae.W_dec)
+    with pytest.raises(Interrupt):
+        train_sae(ToyCrosscoder(cfg), x.split(32), cfg, out_dir=tmp_path / "run", checkpoint_every=4, callbacks=[stop_at(6)])
+    resumed = train_sae(ToyCrosscoder(cfg), x.split(32), cfg, out_dir=tmp_path / "run", checkpoint_every=4)
+    for k, v in params(ref.sae).items(): assert torch.equal(params(resumed.sae)[k], v), k
+    with pytest.raises(ParamError, match="crosscoder"):
+        train_sae(ToyCrosscoder(cfg), x.split(32), dataclasses.replace(cfg, d_sae=25))

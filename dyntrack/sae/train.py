@@ -4,28 +4,27 @@
 
 # %% ../../nbs/05b_sae_train.ipynb #32a9b84b
 from __future__ import annotations
-import contextlib, time
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..acts import blocks, check_layer, residual_at
-from ..core import ParamError, check_range, progress, settle
-from .model import (
-    SaeConfig, SparseAutoencoder, check_matches, geometric_median, normalize_decoder, remove_parallel_grad, save_sae)
+from ..core import ParamError, autocast, check_range, progress, settle
+from .model import DictionaryModel, SaeConfig, SparseAutoencoder, TrainingConfig, save_sae
 from ..train.state import (append_log, config_differences, jsonified, load_run_state, logged_steps, lr_at,
                                   read_counters, reading, refuse_lost_state, save_run_state, truncate_log)
 from ..train.trainer import lm_loss
 
 # %% auto #0
-__all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'sae_lr', 'init_b_dec',
+__all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'sae_lr', 'sparsity_scale',
            'l2_pull_loss', 'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state',
-           'SaeTrainResult', 'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce', 'TopActivation',
-           'top_activations_by_latent', 'top_activations']
+           'SaeTrainResult', 'skip_batches', 'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce',
+           'TopActivation', 'top_activations_by_latent', 'top_activations']
 
 # %% ../../nbs/05b_sae_train.ipynb #2eaf8a44
 class PlantedData(NamedTuple):
@@ -54,25 +53,24 @@ def max_cosine(features: Tensor, W_dec: Tensor) -> Tensor:
 class SaeTrainState:
     "Counters that, with the weights and the optimizer, let a run resume exactly."
     step: int            # optimizer steps done
-    tokens_seen: int     # activation vectors trained on
-    since_fired: Tensor  # tokens since each latent last fired [d_sae] (int64)
+    tokens_seen: int     # activation rows (token positions) trained on
+    since_fired: Tensor  # tokens since each latent last fired [n_latents] (int64)
 
-def sae_lr(step: int, cfg: SaeConfig) -> float:
-    "Learning rate of optimizer step `step` (0-based): linear warm-up over `cfg.warmup_steps`, then `cfg.lr`."
-    return cfg.lr * lr_at(step, 1.0, cfg.n_steps, cfg.warmup_steps)  # cfg.lr × the shape: these runs' LRs to the bit
+def sae_lr(step: int, cfg: TrainingConfig) -> float:
+    "LR of optimizer step `step` (0-based): warm-up over `warmup_steps`, `lr`, decay to 0 over the last `lr_decay_fraction`."
+    shape = lr_at(step, 1.0, cfg.n_steps, cfg.warmup_steps, decay_fraction=cfg.lr_decay_fraction)
+    return cfg.lr * shape  # cfg.lr × the shape: these runs' LRs to the bit
 
-@torch.no_grad()
-def init_b_dec(sae: SparseAutoencoder, x: Tensor, how: str) -> None:
-    "Set the decoder bias from a batch `x` [batch, d_model]: its geometric median, its mean, or zeros."
-    sae.b_dec.copy_({"geometric_median": geometric_median, "mean": lambda x: x.mean(0),
-                     "zeros": lambda x: torch.zeros_like(x[0])}[how](x.float()))
+def sparsity_scale(step: int, cfg: TrainingConfig) -> float:
+    "Share of the sparsity penalty at optimizer step `step` (0-based): linear from 0 over `cfg.l1_warmup_steps`, then 1."
+    return min(1.0, step / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
 
-def l2_pull_loss(sae: SparseAutoencoder, anchor: dict[str, Tensor]) -> Tensor:
-    "Σ over W_enc, b_enc, W_dec, b_dec of ‖θ − θ_anchor‖²."
+def l2_pull_loss(sae: DictionaryModel, anchor: dict[str, Tensor]) -> Tensor:
+    "Σ over the model's parameters of ‖θ − θ_anchor‖²."
     return sum((p - anchor[name]).pow(2).sum() for name, p in sae.named_parameters())
 
 # %% ../../nbs/05b_sae_train.ipynb #1815f8ec
-LOG_KEYS = ("loss", "nmse", "sparsity_loss", "aux_loss", "l2_pull", "l0", "dead_fraction")
+LOG_KEYS = ("loss", "recon_loss", "sparsity_loss", "aux_loss", "l2_pull", "l0", "dead_fraction")
 
 class StepRecord(NamedTuple):
     "A step's log record whose numbers may still be on their way from the GPU; `finish()` gives the dict."
@@ -94,40 +92,39 @@ def _to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
     ready.record()
     return host, ready
 
-def sae_update(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
+def sae_update(sae: DictionaryModel, optimizer: torch.optim.Optimizer, x: Tensor, cfg: TrainingConfig,
                state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> StepRecord:
-    "One optimizer step on activations `x` [batch, d_model], queued without waiting for the GPU; updates `state`."
+    "One optimizer step on a batch `x` [batch, ...], queued without waiting for the GPU; updates `state`."
     lr = sae_lr(state.step, cfg)
     for group in optimizer.param_groups: group["lr"] = lr
-    autocast = torch.autocast("cuda", torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
     # since_fired <= tokens_seen: before dead_tokens have been seen no latent can be dead, so AuxK needs no count
-    dead = state.since_fired >= cfg.dead_tokens if state.tokens_seen >= cfg.dead_tokens else None  # [d_sae]
-    with autocast: out = sae(x, dead)
+    dead = state.since_fired >= cfg.dead_tokens if state.tokens_seen >= cfg.dead_tokens else None  # [n_latents]
+    with autocast(x.device): out = sae(x, dead, sparsity_scale(state.step, cfg))
     pull = l2_pull * l2_pull_loss(sae, anchor) if l2_pull else out.loss.new_zeros(())
     optimizer.zero_grad(set_to_none=True)
     (out.loss + pull).backward()
-    if cfg.unit_norm_decoder: remove_parallel_grad(sae)
+    sae.after_backward()
     optimizer.step()
-    if cfg.unit_norm_decoder: normalize_decoder(sae)
+    sae.after_step()
     with torch.no_grad():
         state.since_fired = torch.where(out.code.fired(), 0, state.since_fired + x.shape[0])
-        values = torch.stack([out.loss + pull, out.nmse, out.sparsity_loss, out.aux_loss, pull,
+        values = torch.stack([out.loss + pull, out.recon_loss, out.sparsity_loss, out.aux_loss, pull,
                               out.code.active().float().mean(), (state.since_fired >= cfg.dead_tokens).float().mean()])
     state.step, state.tokens_seen = state.step + 1, state.tokens_seen + x.shape[0]
     return StepRecord(dict(step=state.step, tokens_seen=state.tokens_seen, lr=lr), *_to_host(values))
 
-def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, cfg: SaeConfig,
+def sae_step(sae: DictionaryModel, optimizer: torch.optim.Optimizer, x: Tensor, cfg: TrainingConfig,
              state: SaeTrainState, anchor: dict[str, Tensor] | None = None, l2_pull: float = 0.0) -> dict:
-    "One optimizer step on activations `x` [batch, d_model]; updates `state`; returns the step's log record."
+    "One optimizer step on a batch `x` [batch, ...]; updates `state`; returns the step's log record."
     return sae_update(sae, optimizer, x, cfg, state, anchor, l2_pull).finish()
 
 # %% ../../nbs/05b_sae_train.ipynb #3a8002ba
-def save_train_state(state_dir, sae: SparseAutoencoder, optimizer, state: SaeTrainState, cfg: SaeConfig) -> Path:
+def save_train_state(state_dir, sae: DictionaryModel, optimizer, state: SaeTrainState, cfg: TrainingConfig) -> Path:
     "Replace `state_dir` atomically with the weights, the optimizer state, the counters and `cfg`."
     return save_run_state(state_dir, sae, optimizer, dict(step=state.step, tokens_seen=state.tokens_seen), cfg,
                           tensors=dict(since_fired=state.since_fired))
 
-def load_train_state(state_dir, sae: SparseAutoencoder, optimizer, cfg: SaeConfig) -> SaeTrainState:
+def load_train_state(state_dir, sae: DictionaryModel, optimizer, cfg: TrainingConfig) -> SaeTrainState:
     "Load what `save_train_state` wrote into `sae` and `optimizer`; refuse a state saved with another config."
     state_dir = Path(state_dir)
     remedy = f"delete {state_dir.parent} to train the SAE again"
@@ -145,9 +142,9 @@ def load_train_state(state_dir, sae: SparseAutoencoder, optimizer, cfg: SaeConfi
 # %% ../../nbs/05b_sae_train.ipynb #72c969fd
 class SaeTrainResult(NamedTuple):
     "What a `train_sae` call did."
-    sae: SparseAutoencoder  # the trained SAE (the object passed in)
+    sae: DictionaryModel    # the trained model (the object passed in)
     steps: int              # optimizer steps done, resumed ones included
-    tokens_seen: int        # activation vectors trained on, resumed ones included
+    tokens_seen: int        # activation rows trained on, resumed ones included
     history: list[dict]     # log records of the steps run in this call (out_dir/log.jsonl holds all of them)
     exhausted: bool         # the activation batches ran out before cfg.n_steps
     wall_s: float           # wall time of this call, seconds
@@ -155,9 +152,9 @@ class SaeTrainResult(NamedTuple):
 def _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every: int) -> SaeTrainState:
     "Fresh counters, with warm-start weights copied in; or the state saved in `out_dir`."
     if warm_start is not None:
-        check_matches(warm_start, cfg)
+        warm_start.check_config(cfg)
         sae.load_state_dict(warm_start.state_dict())
-    state = SaeTrainState(0, 0, torch.zeros(cfg.d_sae, dtype=torch.long, device=sae.W_dec.device))
+    state = SaeTrainState(0, 0, torch.zeros(sae.n_latents, dtype=torch.long, device=sae.device))
     if out_dir is None: return state
     if settle(out_dir / "state").exists(): state = load_train_state(out_dir / "state", sae, optimizer, cfg)
     else: refuse_lost_state(out_dir / "state", logged_steps(out_dir / "log.jsonl"), checkpoint_every,
@@ -165,30 +162,36 @@ def _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every: int) -> S
     out_dir.mkdir(parents=True, exist_ok=True)
     truncate_log(out_dir / "log.jsonl", state.step)
     return state
+def skip_batches(acts: Iterable[Tensor], n_batches: int) -> Iterator[Tensor]:
+    "The batches of `acts` after its first `n_batches`: `acts.skip(n_batches)` if the source has it, else read and dropped."
+    if n_batches and hasattr(acts, "skip"): return iter(acts.skip(n_batches))
+    batches = iter(acts)
+    for _ in range(n_batches): next(batches, None)
+    return batches
 
 # %% ../../nbs/05b_sae_train.ipynb #633ec21b
-def train_sae(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeConfig, out_dir=None,
-              warm_start: SparseAutoencoder | None = None, l2_pull: float = 0.0,
-              callbacks: Sequence[Callable[[int, dict, SparseAutoencoder], None]] = (),
+def train_sae(sae: DictionaryModel, acts: Iterable[Tensor], cfg: TrainingConfig, out_dir=None,
+              warm_start: DictionaryModel | None = None, l2_pull: float = 0.0,
+              callbacks: Sequence[Callable[[int, dict, DictionaryModel], None]] = (),
               checkpoint_every: int = 1000) -> SaeTrainResult:
-    "Train `sae` in place with Adam on activation batches `acts` [batch_size, d_model] per `cfg`; see above."
-    check_matches(sae, cfg)
+    "Train `sae` in place with Adam on activation batches `acts` [batch_size, ...] per `cfg`; see above."
+    sae.check_config(cfg)
     check_range("l2_pull", l2_pull, lo=0)
     check_range("checkpoint_every", checkpoint_every, lo=1)
     if l2_pull and warm_start is None: raise ParamError("l2_pull > 0 needs warm_start (the weights to pull towards)")
-    t0, out_dir, device = time.time(), (Path(out_dir) if out_dir is not None else None), sae.W_dec.device
+    t0, out_dir, device = time.time(), (Path(out_dir) if out_dir is not None else None), sae.device
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
     state = _start(sae, cfg, out_dir, warm_start, optimizer, checkpoint_every)
     anchor = {k: v.detach().to(device).clone() for k, v in warm_start.state_dict().items()} if l2_pull else None
-    history, pending, batches = [], None, iter(acts) if state.step < cfg.n_steps else iter(())
-    for _ in range(state.step): next(batches, None)  # resumed: skip what was trained on
+    history, pending = [], None
+    batches = skip_batches(acts, state.step) if state.step < cfg.n_steps else iter(())  # resumed: not what it trained on
     bar = progress(total=cfg.n_steps, initial=state.step, desc="train SAE", unit="step")
     try:
         for x in batches:
             if x.shape[0] != cfg.batch_size:
                 raise ParamError(f"an activation batch has {x.shape[0]} rows; cfg.batch_size={cfg.batch_size}")
             x = x.to(device, torch.float32)
-            if state.step == 0 and warm_start is None: init_b_dec(sae, x, cfg.b_dec_init)
+            if state.step == 0 and warm_start is None: sae.init_from_batch(x)
             record = sae_update(sae, optimizer, x, cfg, state, anchor, l2_pull)  # queued on the GPU
             if pending is not None: _log(history, out_dir, pending)  # the step before: done without waiting for this one
             pending = record
@@ -213,7 +216,7 @@ def _log(history: list[dict], out_dir: Path | None, record: StepRecord) -> None:
 # %% ../../nbs/05b_sae_train.ipynb #31a5ddd5
 def _sae_recon(sae: SparseAutoencoder, scale: float, h: Tensor) -> Tensor:
     "The SAE's reconstruction of residual activations `h` [b, seq, d_model], in their own scale."
-    x = h.to(sae.W_dec.device, torch.float32) * scale
+    x = h.to(sae.device, torch.float32) * scale
     return (sae.reconstruct(sae.encode(x)) / scale).to(h.device)
 
 def _splice(replace: Callable[[Tensor], Tensor], drop_first: int, module, args, kwargs):
