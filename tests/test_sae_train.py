@@ -1,19 +1,17 @@
-"SAE training and evaluation: warm starts, schedules, exact resume (skipping without recomputing), any DictionaryModel, planted-feature recovery, spliced ΔCE, top activations."
+"SAE training and evaluation: warm starts, schedules, exact resume (skipping without recomputing), any DictionaryModel, planted-feature recovery, spliced ΔCE."
 import dataclasses, json, shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models
 from torch import nn
-from transformers import PreTrainedTokenizerFast
 
-from dyntrack.acts import ActivationBuffer, residual_at
+from dyntrack.acts import ActivationBuffer
 from dyntrack.core import CorruptFileError, ParamError
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.sae.model import DictionaryModel, EncoderOutput, ForwardOutput, SaeConfig, SparseAutoencoder, load_sae
-from dyntrack.sae.train import (_splice, max_cosine, planted_sparse_data, sae_lr, skip_batches, sparsity_scale, splice_eval, delta_ce,
-                                top_activations, top_activations_by_latent, train_sae)
+from dyntrack.sae.train import (_splice, delta_ce, max_cosine, planted_sparse_data, sae_lr, skip_batches, sparsity_scale,
+                                splice_eval, train_sae)
 from dyntrack.train.state import load_run_state, read_log
 from dyntrack.train.trainer import lm_loss
 
@@ -197,41 +195,6 @@ def test_splice_hook_handles_keyword_hidden_states():
     h = torch.ones(2, 3, 4)
     for out in (block(h, scale=2.0), block(hidden_states=h, scale=2.0)):
         assert (out[:, 0] == 2).all() and (out[:, 1:] == 0).all()
-
-
-# --- top activations -------------------------------------------------------------------------------------------------
-
-def test_top_activations_with_a_real_tokenizer(counting_model):
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")))
-    ids = [counting(4, 200 + i)[:, :-1] for i in range(3)]
-    sae = identity_sae(64)
-    hits = top_activations(sae, counting_model, tokenizer, ids, layer=1, latent=3, k=5, context=2)
-    assert len(hits) == 5 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    for h in hits:
-        token_id = int(ids[h.batch][h.row, h.pos])
-        assert h.token == f"w{token_id}" and h.context.endswith(f"[[w{token_id}]]") and h.pos >= 1
-        with torch.no_grad(): direct = sae.encode(residual_at(counting_model, ids[h.batch], 1)).latents[h.row, h.pos, 3]
-        assert abs(direct.item() - h.score) < 1e-5
-
-
-def test_top_activations_by_latent_topk_sae_matches_dense_latents(counting_model):
-    "One pass for many latents of a TopK SAE gives each latent's top positions of the dense latents, none invented."
-    sae = SparseAutoencoder(SaeConfig(d_model=64, d_sae=256, kind="topk", k=8, n_tokens=4096, seed=1))
-    ids = [counting(4, 300 + i)[:, :-1] for i in range(3)]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")))
-    with torch.no_grad(): z = torch.cat([sae.encode(residual_at(counting_model, i, 1)).latents[:, 1:] for i in ids])  # [12, seq', 256]
-    fires = (z > 0).flatten(0, 1).sum(0)
-    latents = [int(fires.argmax()), int(fires.argmin()), 17, int(fires.argmax())]  # busiest, quietest, any, a repeat
-    out = top_activations_by_latent(sae, counting_model, tokenizer, ids, layer=1, latents=latents, k=6)
-    assert list(out) == list(dict.fromkeys(latents))
-    for latent, hits in out.items():
-        column = z[..., latent].flatten()
-        expected = column[column > 0].sort(descending=True).values[:6]
-        torch.testing.assert_close(torch.tensor([h.score for h in hits]), expected)
-        for h in hits: assert abs(z[4 * h.batch + h.row, h.pos - 1, latent].item() - h.score) < 1e-6
-    with pytest.raises(ParamError, match="latent=256"):
-        top_activations_by_latent(sae, counting_model, tokenizer, ids, layer=1, latents=[3, 256])
 
 
 # --- the run folder under faults ------------------------------------------------------------------------------
