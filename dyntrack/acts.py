@@ -139,17 +139,75 @@ class ActivationBuffer:
             n, self.n_tokens, self.n_sequences = n + len(parts[-1]), self.n_tokens + len(parts[-1]), self.n_sequences + len(token_ids)
         return torch.cat(parts), False
 
+    def _n_rows(self, token_ids: Tensor) -> int:
+        "Rows `harvest` makes of a token batch [b, seq], counted without running a model."
+        if token_ids.shape[1] <= self.drop_first:
+            raise ParamError(f"sequences of length {token_ids.shape[1]} leave nothing after drop_first={self.drop_first}")
+        return token_ids.shape[0] * (token_ids.shape[1] - self.drop_first)
+
+    def _n_out(self, n_held: int, done: bool) -> int:
+        "Rows handed out after a refill: half the buffer (at least a batch), all once the source is done; whole batches."
+        n_out = n_held if done else max(n_held // 2, self.batch_size)
+        return n_out - n_out % self.batch_size
+
     def __iter__(self) -> Iterator[Tensor]:
+        return self._batches(0)
+
+    def skip(self, n_batches: int) -> Iterator[Tensor]:
+        "The batches `iter(self)` yields after its first `n_batches`, the same tensors; rows only those held are never harvested."
+        check_range("n_batches", n_batches, lo=0)
+        return self._batches(n_batches)
+
+    def _batches(self, n_skip: int) -> Iterator[Tensor]:
+        "Refill, shuffle, hand out half: the loop of `__iter__`, entered after the first `n_skip` batches (`_replay`)."
         gen, source = torch.Generator().manual_seed(self.seed), iter(self.source)
         self.n_tokens = self.n_sequences = 0
-        buffer, done = torch.empty(0, device=self.device, dtype=self.dtype), False  # a 1-d empty tensor joins rows of any shape
+        pending, buffer, done = self._replay(n_skip * self.batch_size, gen, source)
+        if len(pending): yield from pending.split(self.batch_size)
         while not done:
             buffer, done = self._fill(buffer, source)
             buffer = buffer[torch.randperm(buffer.shape[0], generator=gen).to(self.device)]
-            n_out = buffer.shape[0] if done else max(buffer.shape[0] // 2, self.batch_size)
-            n_out -= n_out % self.batch_size
+            n_out = self._n_out(buffer.shape[0], done)
             if n_out: yield from buffer[:n_out].split(self.batch_size)  # split() of an empty tensor yields one empty batch
             buffer = buffer[n_out:]
+
+    def _replay(self, n_skip: int, gen: torch.Generator, source: Iterator[Tensor]) -> tuple[Tensor, Tensor, bool]:
+        "The loop on row numbers until `n_skip` rows are handed out: (that refill's rows still to hand out, the rows held, done)."
+        rows = torch.empty(0, dtype=torch.long)  # the buffer as numbers of harvested rows, in the real buffer's order
+        kept, n_rows, n_out, done = [], 0, 0, False  # kept: (first row number, token ids) of batches with rows held
+        while n_skip and not done:
+            while len(rows) < self.buffer_tokens:  # as _fill, without harvesting
+                token_ids = next(source, None)
+                if token_ids is None: done = True; break
+                n = self._n_rows(token_ids)
+                kept.append((n_rows, token_ids))
+                rows, n_rows = torch.cat([rows, torch.arange(n_rows, n_rows + n)]), n_rows + n
+            rows = rows[torch.randperm(len(rows), generator=gen)]
+            n_out = self._n_out(len(rows), done)
+            cut = min(n_skip, n_out)
+            rows, n_skip, n_out = rows[cut:], n_skip - cut, n_out - cut
+            kept = [kept[b] for b in self._holding(kept, rows).tolist()]
+        if not len(rows) or (done and not n_out):  # nothing held (also: no skip), or skipped past the end
+            return rows[:0], torch.empty(0, device=self.device, dtype=self.dtype), done
+        held = self._harvest_rows(kept, rows)
+        return held[:n_out], held[n_out:], done
+
+    @staticmethod
+    def _holding(kept: list[tuple[int, Tensor]], rows: Tensor) -> Tensor:
+        "Indices into `kept` of the token batches that `rows` [n] (row numbers) come from, ascending."
+        starts = torch.tensor([start for start, _ in kept], dtype=torch.long)
+        return (torch.searchsorted(starts, rows, right=True) - 1).unique()
+
+    def _harvest_rows(self, kept: list[tuple[int, Tensor]], rows: Tensor) -> Tensor:
+        "The activations of row numbers `rows` [n], harvesting each token batch of `kept` (all hold some of them) once."
+        parts = []
+        for _, token_ids in kept:
+            parts.append(self.harvest(token_ids))
+            self.n_tokens, self.n_sequences = self.n_tokens + parts[-1].shape[0], self.n_sequences + token_ids.shape[0]
+        starts = torch.tensor([start for start, _ in kept], dtype=torch.long)
+        offsets = torch.tensor([0] + [len(p) for p in parts[:-1]], dtype=torch.long).cumsum(0)  # in torch.cat(parts)
+        batch = torch.searchsorted(starts, rows, right=True) - 1
+        return torch.cat(parts)[(offsets[batch] + rows - starts[batch]).to(self.device)]
 
 # %% ../nbs/04_acts.ipynb #36ec2978
 def _norm_total(x: Tensor) -> float:

@@ -360,7 +360,6 @@ def test_resume_from_an_activation_buffer_equals_uninterrupted(counting_model, t
     assert read_log(tmp_path / "run" / "log.jsonl") == read_log(tmp_path / "ref" / "log.jsonl")
 
 
-@pytest.mark.skipif(not hasattr(ActivationBuffer, "skip"), reason="ActivationBuffer has no skip() yet")
 def test_resumed_buffer_does_not_harvest_what_was_skipped(counting_model, tmp_path):
     _, whole = buffer_run(counting_model, tmp_path / "ref")
     buffer_run(counting_model, tmp_path / "run", stop=33)
