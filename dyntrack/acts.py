@@ -107,16 +107,18 @@ class ActivationBuffer:
     "Shuffled batches [batch_size, d_model] of the activations at `site` of block `layer`, from token id batches."
     def __init__(self, model: nn.Module, layer: int, source: Iterable[Tensor], buffer_tokens: int = 2**16,
                  batch_size: int = 4096, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
-                 drop_first: int = 1, site: str = "resid_pre"):
+                 drop_first: int = 1, site: str = "resid_pre", scale: float = 1.0):
         check_layer(model, layer)
         check_choice("site", site, SITES)
         check_range("batch_size", batch_size, lo=1)
         check_range("buffer_tokens", buffer_tokens, lo=batch_size)
         check_range("drop_first", drop_first, lo=0)
+        if not (math.isfinite(scale) and scale > 0): raise ParamError(f"scale={scale!r} must be finite and > 0")
         self.model, self.layer, self.site, self.source, self.seed, self.dtype = model, layer, site, source, seed, dtype
         self.buffer_tokens, self.batch_size, self.drop_first = buffer_tokens, batch_size, drop_first
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.n_tokens = self.n_sequences = 0
+        self.scale = float(scale)  # every row × scale (e.g. the sqrt(d)/mean‖x‖ normalisation below)
 
     def rows(self, model: nn.Module, token_ids: Tensor, scale: float = 1.0) -> Tensor:
         "`model`'s activations of one token batch [b, seq] at positions ≥ `drop_first`, × `scale`: [b·(seq-drop_first), d_model]."
@@ -126,8 +128,8 @@ class ActivationBuffer:
                            site=self.site, autocast_dtype=self.dtype, device=self.device).to(self.dtype)
 
     def harvest(self, token_ids: Tensor) -> Tensor:
-        "The rows of one token batch [b, seq]: [b·(seq-drop_first), d_model]."
-        return self.rows(self.model, token_ids)
+        "The rows of one token batch [b, seq], × `scale`: [b·(seq-drop_first), d_model]."
+        return self.rows(self.model, token_ids, self.scale)
 
     def _fill(self, buffer: Tensor, source: Iterator[Tensor]) -> tuple[Tensor, bool]:
         "Append harvested rows until `buffer_tokens` are held; also say whether the source ran out."

@@ -209,9 +209,8 @@ def _buffer_tokens(cfg: SaeConfig) -> int:
 def _link_acts(model, layer: int, tokens: Iterable[Tensor], cfg: SaeConfig, scale: float = 1.0,
                buffer_tokens: int | None = None):
     "Shuffled activation batches [cfg.batch_size, d_model] at `layer` of `model`, times `scale`."
-    buffer = ActivationBuffer(model, layer, tokens, buffer_tokens=buffer_tokens or _buffer_tokens(cfg),
-                              batch_size=cfg.batch_size, seed=cfg.seed)
-    return (x * scale for x in buffer if x.shape[0] == cfg.batch_size)  # an exhausted buffer can yield an empty batch
+    return ActivationBuffer(model, layer, tokens, buffer_tokens=buffer_tokens or _buffer_tokens(cfg),
+                            batch_size=cfg.batch_size, seed=cfg.seed, scale=scale)  # has skip(): a resumed link harvests no skipped batch
 
 def train_chain(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
                 first_cfg: SaeConfig, link_cfg: SaeConfig, out_dir, steps: Sequence[int] | None = None,
