@@ -23,12 +23,11 @@ from ..sae.train import SaeTrainResult, _mean_lm_loss, ce_recovered, train_sae
 from ..train.state import reading
 
 # %% auto #0
-__all__ = ['KINDS', 'DECODER_INIT_NORMS', 'L1_WARMUP_FRACTION', 'CROSSCODER_FORMAT', 'CrosscoderConfig', 'CrosscoderCode',
-           'batch_topk', 'k_at', 'threshold_update', 'squared_error', 'Crosscoder', 'fold_scales', 'PlantedCheckpoints',
+__all__ = ['DECODER_INIT_NORMS', 'L1_WARMUP_FRACTION', 'CROSSCODER_FORMAT', 'CrosscoderConfig', 'CrosscoderCode', 'batch_topk',
+           'k_at', 'threshold_update', 'squared_error', 'Crosscoder', 'fold_scales', 'PlantedCheckpoints',
            'planted_checkpoints', 'train_crosscoder', 'crosscoder_stats']
 
-# %% ../../nbs/12a_crosscoder.ipynb #9b1e2695
-KINDS = ("l1", "batchtopk")
+# %% ../../nbs/12a_crosscoder.ipynb #eee9876d
 DECODER_INIT_NORMS = {"l1": 0.08, "batchtopk": 1.0}  # norm of each decoder row at init (METHODS.md §2)
 L1_WARMUP_FRACTION = 0.05  # λ ramps linearly from 0 over this share of the steps (the original)
 
@@ -81,7 +80,7 @@ class CrosscoderConfig:
     @property
     def n_steps(self) -> int: return self.n_tokens // self.batch_size
 
-# %% ../../nbs/12a_crosscoder.ipynb #d13d255b
+# %% ../../nbs/12a_crosscoder.ipynb #ebfc92a0
 class CrosscoderCode(NamedTuple):
     "The shared code of a batch of activations [batch, n_checkpoints, d_model]; the trainer reads `fired`/`active`."
     pre_acts: Tensor  # Σ_m x_m W_enc^m + b_enc  [batch, d_latents]
@@ -107,11 +106,11 @@ def k_at(step: int, cfg: CrosscoderConfig) -> int:
     return round(cfg.k_start + (cfg.k - cfg.k_start) * step / cfg.k_anneal_steps)
 
 def threshold_update(threshold: Tensor, kept_min: Tensor, ema: float) -> Tensor:
-    "The next threshold: `kept_min` if unset (< 0), else ema·threshold + (1 − ema)·kept_min; a batch keeping nothing (inf) changes nothing."
+    "The next threshold: `kept_min` while unset (< 0), then ema·threshold + (1 − ema)·kept_min; an inf `kept_min` changes nothing."
     new = torch.where(threshold < 0, kept_min, ema * threshold + (1 - ema) * kept_min)
     return torch.where(torch.isfinite(kept_min), new, threshold)
 
-# %% ../../nbs/12a_crosscoder.ipynb #e616f758
+# %% ../../nbs/12a_crosscoder.ipynb #04b6cdbd
 CROSSCODER_FORMAT = "dyntrack-crosscoder-v1"
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
@@ -173,7 +172,7 @@ class Crosscoder(DictionaryModel, format=CROSSCODER_FORMAT, config=CrosscoderCon
         return CrosscoderCode(pre, self._select(f) if self.cfg.kind == "batchtopk" else f)
 
     def _select(self, f: Tensor) -> Tensor:
-        "BatchTopK on ReLU'd `f` [batch, h]: the batch's top k·batch scores while training (or with no threshold yet), else score > threshold."
+        "BatchTopK of ReLU'd `f` [batch, h]: the top k·batch scores in training or without a threshold, else score > threshold."
         weights = self.decoder_norms().sum(-1).detach()  # [h]: Σ_m ‖W_dec,i^m‖
         if not self.training and self.threshold >= 0: return f * (f * weights > self.threshold)
         kept = batch_topk(f, weights, k_at(self._step, self.cfg))
@@ -266,7 +265,7 @@ def planted_checkpoints(n_tokens: int, d_model: int, n_shared: int, n_emerging: 
     codes = torch.zeros(n_tokens, len(kinds)).scatter(1, chosen, 0.5 + torch.rand(n_tokens, k, generator=gen))
     return PlantedCheckpoints(torch.einsum("nf,fmd->nmd", codes, features), features, kinds)
 
-# %% ../../nbs/12a_crosscoder.ipynb #b6445771
+# %% ../../nbs/12a_crosscoder.ipynb #b8359f17
 def _check_saved_scales(out_dir: Path, scales: Tensor) -> None:
     "Refuse to resume the run in `out_dir` if its saved crosscoder was trained with other activation scales."
     path = settle(out_dir / "state") / "model.safetensors"
@@ -282,7 +281,7 @@ def train_crosscoder(models: Sequence[nn.Module], layer: int, token_batches: Ite
                      scales: Sequence[float] | None = None, drop_first: int = 1, buffer_tokens: int = 2**16,
                      dtype: torch.dtype = torch.float32, device=None, checkpoint_every: int = 1000,
                      callbacks: Sequence[Callable] = ()) -> SaeTrainResult:
-    "Train a crosscoder on `site` of block `layer` of `models` (one per checkpoint, in order) through `train_sae`."
+    "Train a crosscoder on `site` of block `layer` of `models` (one per checkpoint) through `train_sae`; see above."
     models = list(models)
     if len(models) != cfg.n_checkpoints:
         raise ParamError(f"models must hold cfg.n_checkpoints={cfg.n_checkpoints} models; got {len(models)}")
@@ -298,7 +297,7 @@ def train_crosscoder(models: Sequence[nn.Module], layer: int, token_batches: Ite
     if out_dir is not None: _check_saved_scales(Path(out_dir), cc.scales)
     return train_sae(cc, buffer, cfg, out_dir, callbacks=callbacks, checkpoint_every=checkpoint_every)
 
-# %% ../../nbs/12a_crosscoder.ipynb #815593bd
+# %% ../../nbs/12a_crosscoder.ipynb #2a84988f
 def _splice_block(model: nn.Module, layer: int, site: str) -> int:
     "The block whose input is `site` of block `layer`: `layer` for resid_pre, `layer + 1` for resid_post."
     check_choice("site", site, SITES)
@@ -314,7 +313,7 @@ def _this_batch(recon: Tensor, h: Tensor) -> Tensor:
     return recon.to(h.device, h.dtype)
 
 def _batch_sums(folded: Crosscoder, models: list, ids: Tensor, layer: int, site: str, block: int, drop_first: int) -> dict:
-    "The window sums of one token batch `ids` [b, seq+1]: squared errors and moments per checkpoint, activity, spliced loss."
+    "Sums over one token batch `ids` [b, seq+1]: squared errors and moments per checkpoint, activity, spliced losses."
     x = torch.stack([residual_at(model, ids[:, :-1], layer, site=site)[:, drop_first:].float().to(folded.device)
                      for model in models], dim=2)  # [b, seq', n_ckpt, d_model], raw
     f = folded.encode(x.flatten(0, 1))  # [n, d_latents]
@@ -329,7 +328,7 @@ def _batch_sums(folded: Crosscoder, models: list, ids: Tensor, layer: int, site:
 @torch.no_grad()
 def crosscoder_stats(cc: Crosscoder, models: Sequence[nn.Module], layer: int, token_batches: Iterable[Tensor],
                      site: str = "resid_pre", drop_first: int = 1) -> dict:
-    "L0, dead fraction and, per checkpoint, ΔCE, CE recovered and explained variance of `cc` on windows `token_batches` [b, seq+1]."
+    "L0, dead fraction and per checkpoint ΔCE, CE recovered, explained variance of `cc` on windows `token_batches` [b, seq+1]."
     models, batches = list(models), list(token_batches)
     if len(models) != cc.cfg.n_checkpoints:
         raise ParamError(f"models must hold the crosscoder's n_checkpoints={cc.cfg.n_checkpoints} models; got {len(models)}")
