@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    rel_dec)
+    _splice, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, site_codes, spliced_logit_diff)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
 from dyntrack.data.grammar import load_lexicon
 from dyntrack.data.tasks import MinimalPair, encode, make_minimal_pairs
@@ -97,3 +97,159 @@ def test_rel_dec_known_shares_and_errors():
     for bad, words in ((torch.ones(3), "shape"), (torch.ones(3, 1), "shape"), (-torch.ones(2, 2), "≥ 0"),
                        (torch.tensor([[math.inf, 1.0]]), "finite")):
         with pytest.raises(ParamError, match=words): rel_dec(bad)
+
+
+# --- metric and splice ---------------------------------------------------------------------------------------
+
+def test_pair_tokens_prefix_and_first_difference(pairs):
+    for pair in pairs:
+        t = pair_tokens(TOK, pair)
+        good, bad = encode(TOK, [pair.good, pair.bad])
+        n = len(t.prefix)
+        assert t.prefix == good[:n] == bad[:n] and good[n] == t.good != t.bad == bad[n] and t.prefix[0] == 0
+        assert n == pair.word + 1  # word-level tokens: the prefix token, then the words before the differing one
+
+
+def test_pair_tokens_refuses_pairs_without_a_position():
+    bare = word_tokenizer(eos=None)  # no prefix token: a pair differing in its first word has nothing to condition on
+    with pytest.raises(ParamError, match="share a token prefix"): pair_tokens(bare, MinimalPair("dogs run", "cats run", "x"))
+    assert pair_tokens(TOK, MinimalPair("dogs run", "cats run", "x")).prefix == [0]
+    for good, bad in (("the dog", "the dog runs"), ("the dog", "the dog")):
+        with pytest.raises(ParamError, match=good): pair_tokens(TOK, MinimalPair(good, bad, "x"))
+
+
+def test_logit_diff_by_hand(pairs):
+    model = ToyLM(6, RunningMean())
+    t = pair_tokens(TOK, pairs[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([t.prefix])).logits[0, -1]
+        assert float(logit_diff(model, t)) == pytest.approx(float(logits[t.bad] - logits[t.good]), abs=1e-6)
+        assert logit_diff(model, t, batch=3).shape == (3,)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_splice_clean_activation_gives_the_clean_metric(pairs, arch):
+    model, t = tiny_lm(arch, 0), pair_tokens(TOK, pairs[0])
+    cc = random_crosscoder(2, 16, 8)
+    x = site_codes([model, model], cc, 1, t)[0][:, 0]  # [n_pos, d_model]
+    with torch.no_grad():
+        torch.testing.assert_close(spliced_logit_diff(model, 1, t, x[None]), logit_diff(model, t))
+        assert not torch.allclose(spliced_logit_diff(model, 1, t, x[None] * 0), logit_diff(model, t))
+        # drop_first=0 replaces the prefix token's activation too
+        full = site_codes([model, model], cc, 1, t, drop_first=0)[0][:, 0]
+        torch.testing.assert_close(spliced_logit_diff(model, 1, t, full[None], drop_first=0), logit_diff(model, t))
+    assert not blocks(model)[1]._forward_pre_hooks
+
+
+def test_splice_hook_reads_and_writes_the_keyword_form():
+    hidden, x_site = torch.zeros(2, 4, 3), torch.ones(2, 3, 3)
+    args, kwargs = _splice(x_site, 1, None, (), {"hidden_states": hidden, "other": 5})
+    assert args == () and kwargs["other"] == 5 and kwargs["hidden_states"][:, 0].eq(0).all() and kwargs["hidden_states"][:, 1:].eq(1).all()
+    args, kwargs = _splice(x_site, 1, None, (hidden, "mask"), {"k": 1})
+    assert args[1] == "mask" and kwargs == {"k": 1} and args[0].shape == (2, 4, 3) and args[0][:, 1:].eq(1).all()
+
+
+# --- integrated gradients against exact toys -----------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_linear_toy_ie_is_exact_for_any_steps(pairs, steps):
+    lms, cc = [ToyLM(8, RunningMean(), seed=1), ToyLM(8, RunningMean(), seed=2)], random_crosscoder(2, 8, 12, seed=2)
+    t = pair_tokens(TOK, pairs[0])
+    x, f = site_codes(lms, cc, 1, t)
+    assert (f > 0).any()
+    for c, model in enumerate(lms):
+        e = pair_effects(model, cc, c, 1, t, x[:, c], f, steps=steps)
+        u, n_seq = u_of(model, t), len(t.prefix)
+        with torch.no_grad():
+            torch.testing.assert_close(e.ie, f * (cc.W_dec[:, c] @ u) / n_seq)  # IE_i = f_i · ∂m/∂f_i
+            torch.testing.assert_close(e.ie_err, (x[:, c] - cc.decode_at(f, c)) @ u / n_seq)
+            at_b_dec = spliced_logit_diff(model, 1, t, cc.b_dec[c].expand(1, n_seq - 1, -1))
+        assert e.m_zero == pytest.approx(float(at_b_dec), abs=1e-5)
+        assert float(e.ie.sum() + e.ie_err.sum()) == pytest.approx(e.m_clean - e.m_zero, abs=1e-4)
+
+
+def test_quadratic_toy_follows_the_left_riemann_rule(pairs):
+    "m = u·(x_last²) + const: the N-step left sum evaluates the gradient at mean α = (N−1)/(2N), not ½."
+    model, cc = ToyLM(8, Square(), seed=3), random_crosscoder(2, 8, 12, seed=4)
+    t = pair_tokens(TOK, pairs[1])
+    x, f = site_codes([model, ToyLM(8, Square(), seed=5)], cc, 1, t)
+    with torch.no_grad():
+        u, b = u_of(model, t), cc.b_dec[0]
+        v = x[-1, 0] - b  # f W_dec + err at the metric's position
+        err = x[-1, 0] - cc.decode_at(f, 0)[-1]
+    for steps in (4, 10):
+        e = pair_effects(model, cc, 0, 1, t, x[:, 0], f, steps=steps)
+        mean_alpha = (steps - 1) / (2 * steps)
+        with torch.no_grad():
+            grad_site = 2 * u * (b + mean_alpha * v)  # [d]: the left sum's mean gradient wrt the site
+            torch.testing.assert_close(e.ie[-1], f[-1] * (cc.W_dec[:, 0] @ grad_site), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(e.ie_err[-1], err @ grad_site, rtol=1e-4, atol=1e-5)
+            assert e.ie[:-1].abs().max() == 0 and e.ie_err[:-1].abs().max() == 0  # only the last position matters
+            gap = float(e.ie.sum() + e.ie_err.sum()) - (e.m_clean - e.m_zero)
+            assert gap == pytest.approx(float(-(u * v * v).sum() / steps), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_completeness_on_tiny_real_models_converges(pairs, arch):
+    lms, cc = [tiny_lm(arch, 0), tiny_lm(arch, 1)], random_crosscoder(2, 16, 24, seed=5)
+    gaps = {}
+    for steps in (10, 80):
+        task = indirect_effects(lms, cc, 1, pairs, TOK, steps=steps)
+        gaps[steps] = (task.total - (task.m_clean - task.m_zero)).abs()
+        scale = (task.m_clean - task.m_zero).abs().max()
+    assert gaps[10].max() < 0.5 * scale  # within the Riemann sum's error at 10 steps
+    assert gaps[80].max() < 0.05 * scale and gaps[80].sum() < gaps[10].sum() / 4  # and that error falls as 1/steps
+    torch.testing.assert_close(task.m_clean, torch.stack([torch.tensor([float(logit_diff(m, pair_tokens(TOK, p)).detach())
+                                                                          for p in pairs]) for m in lms]))
+
+
+# --- thresholds and means ------------------------------------------------------------------------------------
+
+def test_task_aggregation_by_hand(pairs):
+    "Threshold per (position, latent), mean over positions, then over pairs; the relative threshold scales with the spread."
+    lms = [ToyLM(8, RunningMean(), seed=6), ToyLM(8, RunningMean(), seed=7)]
+    cc = random_crosscoder(2, 8, 10, seed=8)
+    task = indirect_effects(lms, cc, 1, pairs, TOK, threshold=0.3, rel_threshold=0.2)
+    per_pair = []
+    for p in pairs:
+        t = pair_tokens(TOK, p)
+        x, f = site_codes(lms, cc, 1, t)
+        per_pair.append([pair_effects(m, cc, c, 1, t, x[:, c], f) for c, m in enumerate(lms)])
+    m_clean = torch.tensor([[e[c].m_clean for e in per_pair] for c in range(2)])
+    spread = m_clean.std(1, unbiased=False)
+    torch.testing.assert_close(task.spread, spread)
+    for c in range(2):
+        def mean(threshold, node):
+            values = [(e[c].ie if node == "latents" else e[c].ie_err[:, None]) for e in per_pair]
+            return torch.stack([torch.where(v.abs() < threshold, 0, v).mean(0) for v in values]).mean(0)
+        torch.testing.assert_close(task.ie[c], mean(0.3, "latents"))
+        torch.testing.assert_close(task.ie_rel[c], mean(0.2 * float(spread[c]), "latents"))
+        torch.testing.assert_close(task.ie_err[c], mean(0.3, "error")[0])
+        torch.testing.assert_close(task.ie_err_rel[c], mean(0.2 * float(spread[c]), "error")[0])
+    assert 0 < int((task.ie == 0).sum()) < task.ie.numel()  # the threshold bites, but not everywhere
+    torch.testing.assert_close(task.total, task.m_clean - task.m_zero, atol=1e-4, rtol=1e-4)  # linear: exact
+
+
+def test_drop_first_zero_attributes_the_prefix_position(pairs):
+    toy = ToyLM(8, RunningMean(), seed=1)
+    lms, cc = [toy, toy], random_crosscoder(2, 8, 12, seed=2)
+    t = pair_tokens(TOK, pairs[0])
+    x, f = site_codes(lms, cc, 1, t, drop_first=0)
+    assert x.shape[0] == len(t.prefix)
+    e = pair_effects(lms[0], cc, 0, 1, t, x[:, 0], f, drop_first=0)
+    assert float(e.ie.sum() + e.ie_err.sum()) == pytest.approx(e.m_clean - e.m_zero, abs=1e-4)
+    with pytest.raises(ParamError, match="drop_first=9"): indirect_effects(lms, cc, 1, pairs, TOK, drop_first=9)
+
+
+def test_indirect_effects_errors_and_modes(pairs):
+    lms, cc = [tiny_lm("gpt_neox", 0), tiny_lm("gpt_neox", 1)], random_crosscoder(2, 16, 8)
+    with pytest.raises(ParamError, match="n_checkpoints=2"): indirect_effects(lms[:1], cc, 1, pairs, TOK)
+    with pytest.raises(ParamError, match="layer"): indirect_effects(lms, cc, 5, pairs, TOK)
+    with pytest.raises(ParamError, match="pairs"): indirect_effects(lms, cc, 1, [], TOK)
+    with pytest.raises(ParamError, match="steps"): indirect_effects(lms, cc, 1, pairs, TOK, steps=0)
+    expected = indirect_effects(lms, cc, 1, pairs[:2], TOK, threshold=0.0)
+    lms[0].config.hidden_dropout = 0.5
+    lms[0].train(); cc.train()
+    again = indirect_effects(lms, cc, 1, pairs[:2], TOK, threshold=0.0)
+    assert lms[0].training and not lms[1].training and cc.training  # modes restored
+    torch.testing.assert_close(again.ie, expected.ie)  # effects are measured in eval mode

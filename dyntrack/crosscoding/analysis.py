@@ -18,7 +18,8 @@ from ..core import ParamError, check_range
 from ..data.tasks import MinimalPair, encode
 
 # %% auto #0
-__all__ = ['rel_dec']
+__all__ = ['rel_dec', 'PairTokens', 'pair_tokens', 'logit_diff', 'spliced_logit_diff', 'site_codes', 'PairEffects',
+           'pair_effects', 'TaskEffects', 'indirect_effects']
 
 # %% ../../nbs/12b_crosscoding_analysis.ipynb #b38581b8
 def _shares(values: Tensor) -> Tensor:
@@ -34,3 +35,130 @@ def rel_dec(norms: Tensor) -> Tensor:
     if not norms.isfinite().all() or (norms < 0).any():
         raise ParamError("norms must be finite and ≥ 0 (decoder norms, as cc.decoder_norms() gives them)")
     return _shares(norms)
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #35c25ea9
+class PairTokens(NamedTuple):
+    "What one minimal pair asks of a model: the shared prefix and the two candidate next tokens."
+    prefix: list[int]  # tokens before the first differing one, prefix token included; the metric reads the last
+    good: int          # first differing token of the good sentence
+    bad: int           # first differing token of the bad sentence
+
+def pair_tokens(tokenizer, pair: MinimalPair) -> PairTokens:
+    "The token prefix both sentences of `pair` share, and the first tokens at which they differ."
+    good, bad = encode(tokenizer, [pair.good, pair.bad])
+    first = next((t for t, (g, b) in enumerate(zip(good, bad)) if g != b), None)
+    if not first:  # None: one token sequence starts the other; 0: nothing shared to read the metric after
+        raise ParamError(f"pair {pair.good!r} / {pair.bad!r}: the sentences must share a token prefix and then differ "
+                         f"in a token (tokens {good} / {bad})")
+    return PairTokens(good[:first], good[first], bad[first])
+
+def _device(model: nn.Module) -> torch.device: return next(model.parameters()).device
+
+def logit_diff(model: nn.Module, tokens: PairTokens, batch: int = 1) -> Tensor:
+    "m = logit(bad) − logit(good) after `tokens.prefix`, for `batch` copies of the prefix: [batch] float32."
+    ids = torch.tensor([tokens.prefix], device=_device(model)).expand(batch, -1)  # [batch, seq]
+    logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()  # [batch, vocab]
+    return logits[:, tokens.bad] - logits[:, tokens.good]
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #559add30
+def _splice(x_site: Tensor, drop_first: int, module, args, kwargs):
+    "Forward pre-hook: the block's input at positions ≥ `drop_first` becomes `x_site` [batch, seq - drop_first, d_model]."
+    hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, d_model]
+    new = torch.cat([hidden[:, :drop_first], x_site.to(hidden.dtype)], dim=1)
+    return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+def spliced_logit_diff(model: nn.Module, layer: int, tokens: PairTokens, x_site: Tensor, drop_first: int = 1) -> Tensor:
+    "m with the input of block `layer` at positions ≥ `drop_first` replaced by `x_site` [batch, n_pos, d_model]: [batch]."
+    hook = partial(_splice, x_site, drop_first)
+    handle = blocks(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try: return logit_diff(model, tokens, x_site.shape[0])
+    finally: handle.remove()
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #3fbaea82
+def site_codes(models: Sequence[nn.Module], cc, layer: int, tokens: PairTokens, drop_first: int = 1) -> tuple[Tensor, Tensor]:
+    "Every model's activations entering block `layer` at positions ≥ `drop_first` [n_pos, n_ckpt, d_model], and their latents [n_pos, h]."
+    ids = torch.tensor([tokens.prefix])
+    x = torch.stack([residual_at(m, ids, layer)[0, drop_first:].float() for m in models], dim=1)
+    with torch.no_grad(): f = cc.encode(x)
+    return x, f
+
+class PairEffects(NamedTuple):
+    "Integrated-gradient effects of one pair at one checkpoint, before any threshold."
+    ie: Tensor       # [n_pos, h] IE of every latent at every analysed position
+    ie_err: Tensor   # [n_pos] IE of the error node x_c − x̂_c
+    m_clean: float   # the metric of the unmodified model
+    m_zero: float    # the metric at the path's end (α = 0): the analysed positions at b_dec^c
+
+def pair_effects(model: nn.Module, cc, c: int, layer: int, tokens: PairTokens, x_c: Tensor, f: Tensor,
+                 steps: int = 10, drop_first: int = 1) -> PairEffects:
+    "IE of every latent and of the error on the path x_α = b_dec^c + α (f W_dec^c + err), α = 0, 1/steps, …, left Riemann."
+    err = x_c - cc.decode_at(f, c).detach()  # [n_pos, d_model]
+    alpha = (torch.arange(steps, device=f.device, dtype=f.dtype) / steps)[:, None, None]  # [steps, 1, 1]
+    f_path = (alpha * f).requires_grad_()  # [steps, n_pos, h]
+    e_path = (alpha * err).requires_grad_()  # [steps, n_pos, d_model]
+    x_path = cc.decode_at(f_path.flatten(0, 1), c).view_as(e_path) + e_path  # decode_at is affine: b_dec + α f W_dec
+    m = spliced_logit_diff(model, layer, tokens, x_path, drop_first)  # [steps]
+    g_f, g_e = torch.autograd.grad(m.sum(), (f_path, e_path))  # each copy's m depends on its own α only
+    with torch.no_grad(): m_clean = logit_diff(model, tokens)
+    return PairEffects((g_f.mean(0) * f).detach(), (g_e.mean(0) * err).sum(-1).detach(), float(m_clean), float(m[0].detach()))
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #9da3efa3
+class TaskEffects(NamedTuple):
+    "IE of every crosscoder latent on one task's minimal pairs, at every checkpoint."
+    ie: Tensor          # [n_ckpt, h] |IE| < threshold → 0 per (position, latent); mean over positions, then pairs
+    ie_rel: Tensor      # [n_ckpt, h] the same with the threshold rel_threshold × spread[c]
+    ie_err: Tensor      # [n_ckpt] the error node's IE, aggregated as `ie`
+    ie_err_rel: Tensor  # [n_ckpt] the error node's IE, aggregated as `ie_rel`
+    spread: Tensor      # [n_ckpt] standard deviation over the pairs of the clean metric
+    m_clean: Tensor     # [n_ckpt, n_pairs] metric of the unmodified models
+    m_zero: Tensor      # [n_ckpt, n_pairs] metric with the analysed positions at b_dec^c
+    total: Tensor       # [n_ckpt, n_pairs] Σ of all raw IEs (latents and error, all positions): ≈ m_clean − m_zero
+
+def _threshold_mean(ie: Tensor, threshold: float) -> Tensor:
+    "Mean over positions (dim 0) of `ie` [n_pos, n] after setting entries with |IE| < `threshold` to 0: [n]."
+    return torch.where(ie.abs() < threshold, 0.0, ie).mean(0)
+
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module]):
+    "Run `models` in eval mode (no dropout; a BatchTopK crosscoder's inference threshold), then restore each one's mode."
+    modes = [m.training for m in models]
+    for m in models: m.eval()
+    try: yield
+    finally:
+        for m, mode in zip(models, modes): m.train(mode)
+
+def _task_tokens(models, cc, layer: int, pairs: Sequence[MinimalPair], tokenizer, drop_first: int) -> list[PairTokens]:
+    "Check the models against the crosscoder and every pair against `drop_first`; the pairs' tokens."
+    if len(models) != cc.cfg.n_checkpoints:
+        raise ParamError(f"models must hold one model per crosscoder checkpoint: got {len(models)} for "
+                         f"n_checkpoints={cc.cfg.n_checkpoints}")
+    for model in models: check_layer(model, layer)
+    if not pairs: raise ParamError("pairs must hold at least one minimal pair")
+    check_range("drop_first", drop_first, lo=0)
+    tokens = [pair_tokens(tokenizer, p) for p in pairs]
+    if short := next((p for p, t in zip(pairs, tokens) if len(t.prefix) <= drop_first), None):
+        raise ParamError(f"pair {short.good!r}: its shared prefix has no position after drop_first={drop_first}")
+    return tokens
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #ff28fbf8
+def indirect_effects(models: Sequence[nn.Module], cc, layer: int, pairs: Sequence[MinimalPair], tokenizer, steps: int = 10,
+                     threshold: float = 0.1, rel_threshold: float = 0.05, drop_first: int = 1) -> TaskEffects:
+    "IE [n_ckpt, h] of every latent of `cc` on `pairs`, by integrated gradients at the input of block `layer` of each model."
+    tokens = _task_tokens(models, cc, layer, pairs, tokenizer, drop_first)
+    check_range("steps", steps, lo=1); check_range("threshold", threshold, lo=0); check_range("rel_threshold", rel_threshold, lo=0)
+    n_ckpt, h, n_pairs = len(models), cc.n_latents, len(tokens)
+    with _eval_mode([*models, cc]):
+        with torch.no_grad(): m_clean = torch.tensor([[float(logit_diff(m, t)) for t in tokens] for m in models])
+        spread = m_clean.std(1, correction=0)  # [n_ckpt]
+        sums = torch.zeros(2, n_ckpt, h + 1, dtype=torch.float64)  # [absolute, relative threshold, ckpt, latents + error]
+        m_zero, total = torch.zeros(n_ckpt, n_pairs), torch.zeros(n_ckpt, n_pairs)
+        for j, t in enumerate(tokens):
+            x, f = site_codes(models, cc, layer, t, drop_first)
+            for c, model in enumerate(models):
+                e = pair_effects(model, cc, c, layer, t, x[:, c], f, steps, drop_first)
+                nodes = torch.cat([e.ie, e.ie_err[:, None]], dim=1)  # [n_pos, h + 1]: the latents, then the error
+                sums[0, c] += _threshold_mean(nodes, threshold).cpu()
+                sums[1, c] += _threshold_mean(nodes, rel_threshold * float(spread[c])).cpu()
+                m_zero[c, j], total[c, j] = e.m_zero, float(nodes.double().sum())
+    means = (sums / n_pairs).float()
+    return TaskEffects(means[0, :, :h], means[1, :, :h], means[0, :, h], means[1, :, h], spread, m_clean, m_zero, total)
