@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    _splice, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, site_codes, spliced_logit_diff)
+    _splice, class_counts, class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec,
+    rel_ie, site_codes, spliced_logit_diff)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
 from dyntrack.data.grammar import load_lexicon
 from dyntrack.data.tasks import MinimalPair, encode, make_minimal_pairs
@@ -253,3 +254,34 @@ def test_indirect_effects_errors_and_modes(pairs):
     again = indirect_effects(lms, cc, 1, pairs[:2], TOK, threshold=0.0)
     assert lms[0].training and not lms[1].training and cc.training  # modes restored
     torch.testing.assert_close(again.ie, expected.ie)  # effects are measured in eval mode
+
+
+# --- RelIE and classes ---------------------------------------------------------------------------------------
+
+def test_rel_ie_known_shares():
+    ie = torch.tensor([[0.0, -1.0, 2.0], [0.0, 3.0, 0.0], [0.0, 0.0, -2.0]])  # [n_ckpt=3, h=3]
+    torch.testing.assert_close(rel_ie(ie), torch.tensor([[1 / 3] * 3, [0.25, 0.75, 0.0], [0.5, 0.0, 0.5]], dtype=torch.float64))
+    with pytest.raises(ParamError, match="n_checkpoints ≥ 2"): rel_ie(ie[:1])
+    with pytest.raises(ParamError, match="finite"): rel_ie(torch.tensor([[math.nan], [1.0]]))
+
+
+@pytest.mark.parametrize("shares,expected", [
+    ([0.1, 0.9], "emerging"), ([0.9, 0.1], "discontinued"), ([0.29, 0.71], "emerging"), ([0.3, 0.7], "shared"),
+    ([0.5, 0.5], "shared"), ([0.0, 1.0], "emerging"),
+    ([0.8, 0.1, 0.1], "specific to checkpoint 0"), ([0.1, 0.75, 0.15], "specific to checkpoint 1"),
+    ([0.05, 0.05, 0.9], "specific to checkpoint 2"), ([1 / 3, 1 / 3, 1 / 3], "shared"), ([0.3, 0.3, 0.4], "shared"),
+    ([0.6, 0.4, 0.0], "pairwise shared"), ([0.0, 0.3, 0.7], "pairwise shared"), ([0.65, 0.2, 0.15], "other"),
+    ([0.1, 0.2, 0.7], "other")])
+def test_class_rule(shares, expected):
+    assert classify(torch.tensor([shares], dtype=torch.float64)) == [expected]
+
+
+def test_class_names_counts_and_errors():
+    names = ["step 0", "step 4", "step 64"]
+    assert class_names(3, names)[:3] == ["specific to step 0", "specific to step 4", "specific to step 64"]
+    assert classify(torch.tensor([[0.1, 0.1, 0.8]]), names) == ["specific to step 64"]
+    shares = torch.tensor([[0.1, 0.9], [0.2, 0.8], [0.5, 0.5], [0.95, 0.05]])
+    assert class_counts(classify(shares), 2) == {"discontinued": 1, "emerging": 2, "shared": 1, "other": 0}
+    with pytest.raises(ParamError, match="2 or 3"): classify(torch.full((2, 4), 0.25))
+    with pytest.raises(ParamError, match="names"): class_names(3, ["a", "b"])
+    with pytest.raises(ParamError, match="'shared maybe'"): class_counts(["shared maybe"], 2)

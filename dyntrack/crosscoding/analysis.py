@@ -18,8 +18,9 @@ from ..core import ParamError, check_range
 from ..data.tasks import MinimalPair, encode
 
 # %% auto #0
-__all__ = ['rel_dec', 'PairTokens', 'pair_tokens', 'logit_diff', 'spliced_logit_diff', 'site_codes', 'PairEffects',
-           'pair_effects', 'TaskEffects', 'indirect_effects']
+__all__ = ['SPECIFIC_SHARE', 'SHARED_SHARE', 'rel_dec', 'PairTokens', 'pair_tokens', 'logit_diff', 'spliced_logit_diff',
+           'site_codes', 'PairEffects', 'pair_effects', 'TaskEffects', 'indirect_effects', 'rel_ie', 'class_names',
+           'classify', 'class_counts']
 
 # %% ../../nbs/12b_crosscoding_analysis.ipynb #b38581b8
 def _shares(values: Tensor) -> Tensor:
@@ -162,3 +163,44 @@ def indirect_effects(models: Sequence[nn.Module], cc, layer: int, pairs: Sequenc
                 m_zero[c, j], total[c, j] = e.m_zero, float(nodes.double().sum())
     means = (sums / n_pairs).float()
     return TaskEffects(means[0, :, :h], means[1, :, :h], means[0, :, h], means[1, :, h], spread, m_clean, m_zero, total)
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #b29e6d3d
+def rel_ie(ie: Tensor) -> Tensor:
+    "RelIE [h, n_ckpt] from IE [n_ckpt, h]: |IE_i^c| over Σ_c' |IE_i^c'|; 1/n for a latent with no effect anywhere."
+    if ie.ndim != 2 or ie.shape[0] < 2:
+        raise ParamError(f"ie must be [n_checkpoints ≥ 2, n_latents] (TaskEffects.ie); got shape {tuple(ie.shape)}")
+    if not ie.isfinite().all(): raise ParamError("ie must be finite")
+    return _shares(ie.abs().T)
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #7b809cd2
+SPECIFIC_SHARE, SHARED_SHARE = 0.7, 0.3  # METHODS.md §2
+
+def class_names(n_checkpoints: int, names: Sequence[str] | None = None) -> list[str]:
+    "Every class `classify` can give for `n_checkpoints` (2 or 3), in table order; `names` label a triplet's checkpoints."
+    if n_checkpoints not in (2, 3): raise ParamError(f"classes are defined for 2 or 3 checkpoints; got {n_checkpoints}")
+    names = list(names) if names is not None else [f"checkpoint {c}" for c in range(n_checkpoints)]
+    if len(names) != n_checkpoints: raise ParamError(f"names must name {n_checkpoints} checkpoints; got {names}")
+    if n_checkpoints == 2: return ["discontinued", "emerging", "shared", "other"]
+    return [f"specific to {name}" for name in names] + ["shared", "pairwise shared", "other"]
+
+def _class(row: list[float], labels: list[str]) -> str:
+    "The class of one latent's shares `row`; `labels` from `class_names`."
+    top = max(range(len(row)), key=row.__getitem__)
+    if row[top] > SPECIFIC_SHARE: return labels[top]
+    n_shared = sum(share >= SHARED_SHARE for share in row)
+    if n_shared == len(row): return "shared"
+    return "pairwise shared" if len(row) == 3 and n_shared == 2 else "other"
+
+def classify(shares: Tensor, names: Sequence[str] | None = None) -> list[str]:
+    "The class of every latent from its shares [h, n_ckpt] (RelDec or RelIE; rows sum to 1)."
+    if shares.ndim != 2: raise ParamError(f"shares must be [n_latents, n_checkpoints]; got shape {tuple(shares.shape)}")
+    labels = class_names(shares.shape[1], names)
+    return [_class(row, labels) for row in shares.double().tolist()]
+
+def class_counts(classes: Sequence[str], n_checkpoints: int, names: Sequence[str] | None = None) -> dict[str, int]:
+    "How many latents fall in each class of `class_names` (zeros included)."
+    counts = dict.fromkeys(class_names(n_checkpoints, names), 0)
+    for cls in classes:
+        if cls not in counts: raise ParamError(f"class {cls!r} is not a class of {n_checkpoints} checkpoints: {list(counts)}")
+        counts[cls] += 1
+    return counts
