@@ -11,7 +11,7 @@ from dyntrack.crosscoding.model import (Crosscoder, CrosscoderConfig, batch_topk
                                         planted_checkpoints, train_crosscoder)
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.sae.model import load_sae, save_sae
-from dyntrack.sae.train import _mean_lm_loss, train_sae
+from dyntrack.sae.train import mean_lm_loss, train_sae
 from dyntrack.train.trainer import lm_loss
 
 VOCAB = 61
@@ -481,9 +481,9 @@ def test_stats_equal_a_reference_with_scales_folded(two_checkpoints):
         losses = []
         for w, a in zip(windows, acts):
             r = (cc.decode_at(cc.encode(a.flatten(0, 1) * s[:, None]), c) / s[c]).view(a.shape[0], a.shape[1], 64)
-            losses.append(_mean_lm_loss(model, [w], 1, lambda h, r=r: r, drop_first=1))
+            losses.append(mean_lm_loss(model, [w], 1, lambda h, r=r: r, drop_first=1))
         assert math.isclose(stats["spliced_loss"][c], sum(losses) / 3, rel_tol=1e-5)
-        assert math.isclose(stats["clean_loss"][c], _mean_lm_loss(model, windows, 1), rel_tol=1e-6)
+        assert math.isclose(stats["clean_loss"][c], mean_lm_loss(model, windows, 1), rel_tol=1e-6)
         assert math.isclose(stats["delta_ce"][c], stats["spliced_loss"][c] - stats["clean_loss"][c], rel_tol=1e-9)
     assert math.isclose(stats["l0"], (f != 0).sum(-1).float().mean().item(), rel_tol=1e-6)
     assert 0 < stats["dead_fraction"] == 1 - (f != 0).any(0).float().mean().item()

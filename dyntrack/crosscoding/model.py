@@ -19,7 +19,7 @@ from ..acts import SITES, MultiCheckpointBuffer, blocks, check_layer, checkpoint
 from ..core import ParamError, check_choice, check_fields, check_range, settle
 from ..models.suite import unwrap_model
 from ..sae.model import DictionaryModel, ForwardOutput, normalised_mse
-from ..sae.train import SaeTrainResult, _mean_lm_loss, ce_recovered, train_sae
+from ..sae.train import SaeTrainResult, mean_lm_loss, ce_recovered, train_sae
 from ..train.state import reading
 
 # %% auto #0
@@ -319,7 +319,7 @@ def _batch_sums(folded: Crosscoder, models: list, ids: Tensor, layer: int, site:
     f = folded.encode(x.flatten(0, 1))  # [n, d_latents]
     recon = folded.decode(f).view_as(x)
     n_targets = ids[:, 1:].numel()
-    spliced = [_mean_lm_loss(model, [ids], block, partial(_this_batch, recon[:, :, c]), drop_first) * n_targets
+    spliced = [mean_lm_loss(model, [ids], block, partial(_this_batch, recon[:, :, c]), drop_first) * n_targets
                for c, model in enumerate(models)]
     return dict(err=(x - recon).double().pow(2).sum((0, 1, 3)), sq=x.double().pow(2).sum((0, 1, 3)),
                 total=x.double().sum((0, 1)), active=(f != 0).sum().item(), fired=(f != 0).any(0), n=f.shape[0],
@@ -338,8 +338,8 @@ def crosscoder_stats(cc: Crosscoder, models: Sequence[nn.Module], layer: int, to
     parts = [_batch_sums(folded, models, ids, layer, site, block, drop_first) for ids in batches]
     sums = {k: sum(p[k] for p in parts) for k in parts[0] if k != "fired"}
     fired = torch.stack([p["fired"] for p in parts]).any(0)  # [d_latents]
-    clean = [_mean_lm_loss(model, batches, block) for model in models]
-    zero = [_mean_lm_loss(model, batches, block, torch.zeros_like, drop_first) for model in models]
+    clean = [mean_lm_loss(model, batches, block) for model in models]
+    zero = [mean_lm_loss(model, batches, block, torch.zeros_like, drop_first) for model in models]
     spliced = (sums["spliced"] / sums["targets"]).tolist()
     variance = sums["sq"] - sums["total"].pow(2).sum(-1) / sums["n"]  # [n_ckpt]: Σ‖x_c − x̄_c‖²
     return dict(l0=sums["active"] / sums["n"], dead_fraction=1 - fired.float().mean().item(), n_tokens=sums["n"],

@@ -23,7 +23,8 @@ from ..train.trainer import lm_loss
 # %% auto #0
 __all__ = ['LOG_KEYS', 'PlantedData', 'planted_sparse_data', 'max_cosine', 'SaeTrainState', 'sae_lr', 'sparsity_scale',
            'l2_pull_loss', 'StepRecord', 'sae_update', 'sae_step', 'save_train_state', 'load_train_state',
-           'SaeTrainResult', 'skip_batches', 'train_sae', 'SpliceEval', 'ce_recovered', 'splice_eval', 'delta_ce']
+           'SaeTrainResult', 'skip_batches', 'train_sae', 'mean_lm_loss', 'SpliceEval', 'ce_recovered', 'splice_eval',
+           'delta_ce']
 
 # %% ../../nbs/05b_sae_train.ipynb #2eaf8a44
 class PlantedData(NamedTuple):
@@ -226,7 +227,7 @@ def _splice(replace: Callable[[Tensor], Tensor], drop_first: int, module, args, 
     return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
 @torch.no_grad()
-def _mean_lm_loss(model: nn.Module, batches: list[Tensor], layer: int, replace=None, drop_first: int = 1) -> float:
+def mean_lm_loss(model: nn.Module, batches: list[Tensor], layer: int, replace=None, drop_first: int = 1) -> float:
     "Token-weighted mean next-token loss over `batches` [b, seq+1], the input of block `layer` replaced if asked."
     device = next(model.parameters()).device
     hook = None if replace is None else blocks(model)[layer].register_forward_pre_hook(
@@ -254,9 +255,9 @@ def splice_eval(model: nn.Module, sae: SparseAutoencoder, token_batches: Iterabl
     "Clean, SAE-spliced and zero-ablated LM loss with the SAE at the residual stream entering block `layer`."
     check_layer(model, layer)
     batches = list(token_batches)
-    clean = _mean_lm_loss(model, batches, layer)
-    spliced = _mean_lm_loss(model, batches, layer, partial(_sae_recon, sae, scale), drop_first)
-    zero = _mean_lm_loss(model, batches, layer, torch.zeros_like, drop_first)
+    clean = mean_lm_loss(model, batches, layer)
+    spliced = mean_lm_loss(model, batches, layer, partial(_sae_recon, sae, scale), drop_first)
+    zero = mean_lm_loss(model, batches, layer, torch.zeros_like, drop_first)
     return SpliceEval(clean, spliced, zero, spliced - clean, ce_recovered(clean, spliced, zero))
 
 def delta_ce(model: nn.Module, sae: SparseAutoencoder, token_batches: Iterable[Tensor], layer: int,
@@ -264,5 +265,5 @@ def delta_ce(model: nn.Module, sae: SparseAutoencoder, token_batches: Iterable[T
     "LM loss with the SAE's reconstruction spliced in before block `layer`, minus the clean loss (nats/token)."
     check_layer(model, layer)
     batches = list(token_batches)
-    spliced = _mean_lm_loss(model, batches, layer, partial(_sae_recon, sae, scale), drop_first)
-    return spliced - _mean_lm_loss(model, batches, layer)
+    spliced = mean_lm_loss(model, batches, layer, partial(_sae_recon, sae, scale), drop_first)
+    return spliced - mean_lm_loss(model, batches, layer)
