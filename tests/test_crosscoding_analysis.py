@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    _splice, class_counts, class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec,
-    rel_ie, site_codes, spliced_logit_diff)
+    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, class_counts, class_names,
+    classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie, site_codes, spearman,
+    spliced_logit_diff, top_latents)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
 from dyntrack.data.grammar import load_lexicon
 from dyntrack.data.tasks import MinimalPair, encode, make_minimal_pairs
@@ -285,3 +286,78 @@ def test_class_names_counts_and_errors():
     with pytest.raises(ParamError, match="2 or 3"): classify(torch.full((2, 4), 0.25))
     with pytest.raises(ParamError, match="names"): class_names(3, ["a", "b"])
     with pytest.raises(ParamError, match="'shared maybe'"): class_counts(["shared maybe"], 2)
+
+
+# --- ablation ------------------------------------------------------------------------------------------------
+
+def test_ablation_of_a_linear_toy_is_minus_its_effect(pairs):
+    "m linear in the site: zeroing latent i changes m by −Σ_p IE_{p,i} in every checkpoint."
+    lms, cc = [ToyLM(8, RunningMean(), seed=6), ToyLM(8, RunningMean(), seed=7)], random_crosscoder(2, 8, 10, seed=8)
+    delta = ablation_deltas(lms, cc, 1, pairs, TOK, range(10), chunk=3)
+    expected = torch.zeros(2, 10)
+    for p in pairs:
+        t = pair_tokens(TOK, p)
+        x, f = site_codes(lms, cc, 1, t)
+        for c, m in enumerate(lms): expected[c] -= pair_effects(m, cc, c, 1, t, x[:, c], f).ie.sum(0)
+    torch.testing.assert_close(delta, expected / len(pairs), atol=1e-5, rtol=1e-4)
+    assert (delta != 0).any() and torch.equal(ablation_deltas(lms, cc, 1, pairs, TOK, [4, 2])[:, 1], delta[:, 2])
+    with pytest.raises(ParamError, match=r"\[0, 9\]"): ablation_deltas(lms, cc, 1, pairs, TOK, [10])
+
+
+def test_one_latent_of_known_effect():
+    "A crosscoder whose latent 0 writes +w along u only at checkpoint 1: Δ_1 = −f_0 u·w/P, Δ_0 = 0; RelIE says 'emerging'."
+    lms, cc = [ToyLM(8, RunningMean(), seed=9), ToyLM(8, RunningMean(), seed=9)], random_crosscoder(2, 8, 4, seed=10)
+    pair = MinimalPair("the dog runs .", "the dog run .", "simple_agreement", 2)
+    t = pair_tokens(TOK, pair)
+    with torch.no_grad():
+        cc.W_dec[0, 0] = 0; cc.W_dec[0, 1] = u_of(lms[1], t)
+        cc.W_enc[:, :, 0] = 0; cc.b_enc[0] = 2.0  # latent 0 is 2 at every position
+    delta = ablation_deltas(lms, cc, 1, [pair], TOK, [0])
+    n_seq = len(t.prefix)
+    assert float(delta[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(delta[1, 0]) == pytest.approx(-2.0 * float(u_of(lms[1], t) @ u_of(lms[1], t)) * (n_seq - 1) / n_seq, rel=1e-4)
+    task = indirect_effects(lms, cc, 1, [pair], TOK, threshold=0.0)
+    assert float(task.ie[1, 0]) == pytest.approx(-float(delta[1, 0]) / (n_seq - 1), rel=1e-4) and task.ie[0, 0] == 0
+    assert classify(rel_ie(task.ie))[0] == "emerging"
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    gen = np.random.default_rng(0)
+    for n in (2, 5, 37):
+        a, b = gen.integers(0, 4, n).astype(float), gen.normal(size=n)
+        if np.ptp(a) == 0: continue
+        assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert list(average_ranks(np.array([3.0, 1.0, 3.0, 3.0]))) == [3.0, 1.0, 3.0, 3.0]
+    assert math.isnan(spearman([1, 2], [5, 5])) and spearman([1, 2, 3], [1, 5, 9]) == 1.0
+    with pytest.raises(ParamError, match="NaN"): spearman([1.0, math.nan], [1.0, 2.0])
+    with pytest.raises(ParamError, match=r"\[n\]"): spearman([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_top_latents_union_prefix_and_zeros():
+    ie = torch.tensor([[0.5, -3.0, 0.0, 0.0, 0.2], [0.0, 0.1, 0.0, -2.0, 0.0]])
+    assert top_latents(ie, 1).tolist() == [1, 3]
+    assert top_latents(ie, 2).tolist() == [1, 3, 0]  # ties among zeros never enter
+    assert top_latents(ie, 10).tolist() == [1, 3, 0, 4]
+    assert top_latents(torch.zeros(2, 5), 3).tolist() == []
+    with pytest.raises(ParamError, match="k="): top_latents(ie, 0)
+
+
+def test_ablation_check_known_answer_and_validation(pairs):
+    delta = torch.tensor([[1.0, 0.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.0]])  # [n_ckpt, 4]: ratios 3, inf, 1, 0/0
+    relie = torch.tensor([[0.3, 0.7], [0.0, 1.0], [0.6, 0.4], [0.5, 0.5]])
+    reldec = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.5, 0.5]])
+    check = ablation_check(torch.arange(4), delta, relie, reldec)
+    torch.testing.assert_close(check.effect_share, torch.tensor([0.75, 1.0, 0.5, 0.5], dtype=torch.float64))
+    assert check.rho_rel_ie == pytest.approx(spearman([0.75, 1.0, 0.5, 0.5], [0.7, 1.0, 0.4, 0.5]))
+    assert check.rho_rel_dec == pytest.approx(spearman([0.75, 1.0, 0.5, 0.5], [0.1, 0.8, 0.9, 0.5]))
+    with pytest.raises(ParamError, match="delta must be"): ablation_check(torch.arange(3), delta, relie, reldec)
+
+    lms, cc = [ToyLM(8, RunningMean(), seed=6), ToyLM(8, RunningMean(), seed=7)], random_crosscoder(2, 8, 10, seed=8)
+    task = indirect_effects(lms, cc, 1, pairs, TOK, threshold=0.0)
+    checks = ablation_validation(lms, cc, 1, pairs, TOK, task.ie, rel_dec(cc.decoder_norms()), top_k=(2, 10))
+    assert checks[2].latents.tolist() == top_latents(task.ie, 2).tolist()
+    torch.testing.assert_close(checks[2].delta, ablation_deltas(lms, cc, 1, pairs, TOK, checks[2].latents))
+    one = indirect_effects(lms, cc, 1, pairs[:1], TOK, threshold=0.0)  # one pair: Δ_c = −n_pos·IE_c (linear toy)
+    check = ablation_validation(lms, cc, 1, pairs[:1], TOK, one.ie, rel_dec(cc.decoder_norms()), top_k=(10,))[10]
+    assert check.rho_rel_ie == pytest.approx(1.0) and check.rho_rel_dec < 0.99  # the ratio ranks as RelIE, not RelDec

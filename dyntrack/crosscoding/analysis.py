@@ -20,7 +20,8 @@ from ..data.tasks import MinimalPair, encode
 # %% auto #0
 __all__ = ['SPECIFIC_SHARE', 'SHARED_SHARE', 'rel_dec', 'PairTokens', 'pair_tokens', 'logit_diff', 'spliced_logit_diff',
            'site_codes', 'PairEffects', 'pair_effects', 'TaskEffects', 'indirect_effects', 'rel_ie', 'class_names',
-           'classify', 'class_counts']
+           'classify', 'class_counts', 'ablation_deltas', 'average_ranks', 'spearman', 'top_latents', 'AblationCheck',
+           'ablation_check', 'ablation_validation']
 
 # %% ../../nbs/12b_crosscoding_analysis.ipynb #b38581b8
 def _shares(values: Tensor) -> Tensor:
@@ -204,3 +205,87 @@ def class_counts(classes: Sequence[str], n_checkpoints: int, names: Sequence[str
         if cls not in counts: raise ParamError(f"class {cls!r} is not a class of {n_checkpoints} checkpoints: {list(counts)}")
         counts[cls] += 1
     return counts
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #0ea3d99a
+def _ablate(model: nn.Module, cc, c: int, layer: int, tokens: PairTokens, x_c: Tensor, f: Tensor, latents: Tensor,
+            drop_first: int, chunk: int) -> Tensor:
+    "m(x_c − f_i W_dec,i^c) − m(x_c) for each latent i of `latents` [k] (x_c [n_pos, d_model], f [n_pos, h]): [k]."
+    one_hot = F.one_hot(latents, cc.n_latents).to(f.dtype)  # [k, h]
+    rows = cc.decode_at(one_hot, c) - cc.decode_at(torch.zeros_like(one_hot[:1]), c)  # [k, d_model]: W_dec,i^c
+    m_clean = logit_diff(model, tokens)
+    deltas = [spliced_logit_diff(model, layer, tokens, x_c - f[:, latents[part]].T[..., None] * rows[part][:, None], drop_first) - m_clean
+              for part in torch.arange(len(latents), device=f.device).split(chunk)]  # chunks of [chunk, n_pos, d_model]
+    return torch.cat(deltas)
+
+def ablation_deltas(models: Sequence[nn.Module], cc, layer: int, pairs: Sequence[MinimalPair], tokenizer,
+                    latents: Sequence[int], drop_first: int = 1, chunk: int = 64) -> Tensor:
+    "Δ_c [n_ckpt, k]: the change of m when one of `latents` is zeroed at all analysed positions (clean error kept), mean over `pairs`."
+    tokens = _task_tokens(models, cc, layer, pairs, tokenizer, drop_first)
+    latents = torch.as_tensor(latents, dtype=torch.long)
+    if len(latents) and not (0 <= int(latents.min()) and int(latents.max()) < cc.n_latents):
+        raise ParamError(f"latents must lie in [0, {cc.n_latents - 1}]; got {latents.tolist()}")
+    delta = torch.zeros(len(models), len(latents))
+    if not len(latents): return delta
+    with torch.no_grad(), _eval_mode([*models, cc]):
+        for t in tokens:
+            x, f = site_codes(models, cc, layer, t, drop_first)
+            for c, model in enumerate(models):
+                delta[c] += _ablate(model, cc, c, layer, t, x[:, c], f, latents.to(f.device), drop_first, chunk).cpu()
+    return delta / len(tokens)
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #7bc642a5
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    "Ranks 1..n of `x` [n], tied values sharing the mean of their ranks."
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # the last rank of each distinct value
+    return (ends - (counts - 1) / 2)[inverse.reshape(-1)]
+
+def spearman(a, b) -> float:
+    "Spearman's rank correlation of `a` and `b` [n] (ties: average ranks); NaN if either is constant."
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape: raise ParamError(f"spearman needs two [n] arrays; got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any(): raise ParamError("spearman: the inputs hold NaN")
+    ra, rb = average_ranks(a), average_ranks(b)
+    if len(a) < 2 or ra.std() == 0 or rb.std() == 0: return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #600f8858
+def top_latents(ie: Tensor, k: int) -> Tensor:
+    "The union over checkpoints of the `k` latents of largest nonzero |IE| (ie [n_ckpt, h]), by their largest |IE|, descending."
+    check_range("k", k, lo=1)
+    size = ie.detach().abs().cpu()  # [n_ckpt, h]
+    order = size.argsort(dim=1, descending=True, stable=True)[:, :k]  # stable: the top k are a prefix of the top k' > k
+    chosen = order[size.gather(1, order) > 0].unique()
+    return chosen[size[:, chosen].amax(0).argsort(descending=True, stable=True)]
+
+class AblationCheck(NamedTuple):
+    "Whether the ablation effect ratio ranks latents like RelIE or like RelDec."
+    latents: Tensor       # [k'] the latents ablated
+    delta: Tensor         # [n_ckpt, k'] Δ_c, mean over the task's pairs
+    effect_share: Tensor  # [k'] |Δ_later| / (|Δ_later| + |Δ_earlier|), ½ where both are 0: the ranks of the ratio
+    rho_rel_ie: float     # Spearman of the effect ratio with the later checkpoint's RelIE
+    rho_rel_dec: float    # Spearman of the effect ratio with the later checkpoint's RelDec
+
+def ablation_check(latents: Tensor, delta: Tensor, rel_ie_shares: Tensor, rel_dec_shares: Tensor,
+                   later: int = -1, earlier: int = 0) -> AblationCheck:
+    "Correlate the effect ratio of `latents` (Δ [n_ckpt, k]) with their RelIE and RelDec shares [h, n_ckpt] of `later`."
+    latents = torch.as_tensor(latents, dtype=torch.long)
+    if delta.shape != (rel_ie_shares.shape[1], len(latents)):
+        raise ParamError(f"delta must be [n_checkpoints, len(latents)] = [{rel_ie_shares.shape[1]}, {len(latents)}]; "
+                         f"got {tuple(delta.shape)}")
+    share = _shares(torch.stack([delta[later].abs(), delta[earlier].abs()], dim=1))[:, 0]  # [k']
+    return AblationCheck(latents, delta, share, spearman(share, rel_ie_shares[latents, later]),
+                         spearman(share, rel_dec_shares[latents, later]))
+
+def ablation_validation(models: Sequence[nn.Module], cc, layer: int, pairs: Sequence[MinimalPair], tokenizer, ie: Tensor,
+                        rel_dec_shares: Tensor, top_k: Sequence[int] = (10, 100), later: int = -1, earlier: int = 0,
+                        drop_first: int = 1) -> dict[int, AblationCheck]:
+    "The ablation check of one task for the top-k latents by |IE| [n_ckpt, h], for each k of `top_k` (one ablation pass)."
+    latents = top_latents(ie, max(top_k))
+    delta = ablation_deltas(models, cc, layer, pairs, tokenizer, latents, drop_first)
+    column = {int(i): n for n, i in enumerate(latents)}
+    checks = {}
+    for k in top_k:
+        cols = torch.tensor([column[int(i)] for i in top_latents(ie, k)], dtype=torch.long)
+        checks[k] = ablation_check(latents[cols], delta[:, cols], rel_ie(ie), rel_dec_shares, later, earlier)
+    return checks
