@@ -12,9 +12,9 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, class_counts, class_names,
-    classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie, site_codes, spearman,
-    spliced_logit_diff, top_latents)
+    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, choose_checkpoints, class_counts,
+    class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie, site_codes,
+    spearman, spliced_logit_diff, top_latents)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
 from dyntrack.data.grammar import load_lexicon
 from dyntrack.data.tasks import MinimalPair, encode, make_minimal_pairs
@@ -361,3 +361,45 @@ def test_ablation_check_known_answer_and_validation(pairs):
     one = indirect_effects(lms, cc, 1, pairs[:1], TOK, threshold=0.0)  # one pair: Δ_c = −n_pos·IE_c (linear toy)
     check = ablation_validation(lms, cc, 1, pairs[:1], TOK, one.ie, rel_dec(cc.decoder_norms()), top_k=(10,))[10]
     assert check.rho_rel_ie == pytest.approx(1.0) and check.rho_rel_dec < 0.99  # the ratio ranks as RelIE, not RelDec
+
+
+# --- checkpoint choice ---------------------------------------------------------------------------------------
+
+def rows_of(acc, phenomenon="pp"):
+    steps = [0] + [2**i for i in range(len(acc) - 1)]
+    return [dict(step=s, tokens=s * 512, **{f"acc_{phenomenon}": a}) for s, a in zip(steps, acc)]
+
+
+def sim_to_final(values):
+    sim = np.eye(len(values))
+    sim[:, -1] = sim[-1, :] = values
+    return sim
+
+
+REP = sim_to_final([0.1, 0.2, 0.4, 0.7, 0.9, 0.95, 0.99, 1.0])
+
+
+@pytest.mark.parametrize("acc,pair,triplet,case", [
+    ([0.5, 0.5, 0.52, 0.6, 0.8, 0.9, 0.92, 0.93], (2, 5), (2, 4, 5), "rise"),       # monotone
+    ([0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0], (0, 6), (0, 3, 6), "rise"),          # linear from below chance at 0
+    ([0.5, 0.52, 0.4, 0.2, 0.3, 0.6, 0.85, 0.9], (3, 6), (1, 3, 6), "dip"),         # dip below chance, then the rise
+    ([0.55, 0.3, 0.3, 0.35, 0.6, 0.8, 0.9, 0.9], (3, 6), (0, 1, 6), "dip"),         # dip from the first checkpoint
+    ([0.5, 0.51, 0.49, 0.5, 0.52, 0.5, 0.51, 0.5], (0, 5), (0, 3, 5), "flat"),      # no rise: representation change
+    ([0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5], (0, 5), (0, 3, 5), "flat"),          # only a decline: no rise either
+    ([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.95], (6, 7), (5, 6, 7), "rise"),         # a rise in the last interval
+    ([0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], (1, 2), (1, 2, 3), "rise")])         # a rise in one early interval
+def test_choose_checkpoints(acc, pair, triplet, case):
+    choice = choose_checkpoints(rows_of(acc), "pp", REP)
+    assert (choice.pair, choice.triplet, choice.case) == (pair, triplet, case)
+    steps = [r["step"] for r in rows_of(acc)]
+    assert choice.steps_triplet == tuple(steps[t] for t in triplet) and choice.steps_pair == tuple(steps[t] for t in pair)
+
+
+def test_choose_checkpoints_degenerate_and_errors():
+    flat = choose_checkpoints(rows_of([0.5] * 5), "pp", np.ones((5, 5)))
+    assert (flat.pair, flat.triplet, flat.case) == ((0, 4), (0, 2, 4), "flat")
+    assert choose_checkpoints(rows_of([0.5, 0.5, 1.0]), "pp", np.eye(3)).triplet == (0, 1, 2)
+    with pytest.raises(ParamError, match="at least 3"): choose_checkpoints(rows_of([0.5, 1.0]), "pp", np.eye(2))
+    with pytest.raises(ParamError, match=r"\[4, 4\]"): choose_checkpoints(rows_of([0.5] * 4), "pp", np.eye(3))
+    with pytest.raises(ParamError, match="acc_pp"): choose_checkpoints(rows_of([0.5] * 4, "rc"), "pp", np.eye(4))
+    with pytest.raises(ParamError, match="finite"): choose_checkpoints(rows_of([0.5, math.nan, 0.7]), "pp", np.eye(3))

@@ -21,7 +21,7 @@ from ..data.tasks import MinimalPair, encode
 __all__ = ['SPECIFIC_SHARE', 'SHARED_SHARE', 'rel_dec', 'PairTokens', 'pair_tokens', 'logit_diff', 'spliced_logit_diff',
            'site_codes', 'PairEffects', 'pair_effects', 'TaskEffects', 'indirect_effects', 'rel_ie', 'class_names',
            'classify', 'class_counts', 'ablation_deltas', 'average_ranks', 'spearman', 'top_latents', 'AblationCheck',
-           'ablation_check', 'ablation_validation']
+           'ablation_check', 'ablation_validation', 'CheckpointChoice', 'choose_checkpoints']
 
 # %% ../../nbs/12b_crosscoding_analysis.ipynb #b38581b8
 def _shares(values: Tensor) -> Tensor:
@@ -289,3 +289,60 @@ def ablation_validation(models: Sequence[nn.Module], cc, layer: int, pairs: Sequ
         cols = torch.tensor([column[int(i)] for i in top_latents(ie, k)], dtype=torch.long)
         checks[k] = ablation_check(latents[cols], delta[:, cols], rel_ie(ie), rel_dec_shares, later, earlier)
     return checks
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #f58d1a21
+class CheckpointChoice(NamedTuple):
+    "The checkpoints to cross-code for one phenomenon, as indices into the suite's rows."
+    pair: tuple[int, int]            # before and after the rise
+    triplet: tuple[int, int, int]    # start, middle (the midpoint crossing, or the dip's bottom), end
+    case: str                        # 'rise', 'dip', or 'flat' (chosen from the representation change)
+    steps_pair: tuple[int, int]      # training steps of `pair`
+    steps_triplet: tuple[int, int, int]
+
+def _rise_points(curve: np.ndarray, edge: float) -> tuple[int, int, int, int]:
+    "(bottom, start, middle, end) of the rise of `curve` [T+1] from its first minimum to its last value."
+    bottom = int(np.argmin(curve))
+    lo, rise = curve[bottom], curve[-1] - curve[bottom]
+    after = np.arange(len(curve)) >= bottom
+    middle = int(np.flatnonzero(after & (curve >= lo + rise / 2))[0])
+    start = int(np.flatnonzero((np.arange(len(curve)) <= middle) & (curve <= lo + edge * rise))[-1])
+    end = int(np.flatnonzero((np.arange(len(curve)) >= middle) & (curve >= lo + (1 - edge) * rise))[0])
+    return bottom, start, middle, end
+
+def _distinct(points: Sequence[int], n: int) -> tuple[int, ...]:
+    "`points` (ascending) moved apart to distinct indices in [0, n-1]: later points later first, then earlier ones earlier."
+    out = list(points)
+    for i in range(1, len(out)): out[i] = max(out[i], out[i - 1] + 1)
+    out[-1] = min(out[-1], n - 1)
+    for i in range(len(out) - 2, -1, -1): out[i] = min(out[i], out[i + 1] - 1)
+    return tuple(out)
+
+# %% ../../nbs/12b_crosscoding_analysis.ipynb #845db956
+def _accuracy(rows: Sequence[dict], phenomenon: str) -> np.ndarray:
+    "The accuracy curve `acc_<phenomenon>` of `rows` [T+1], checked."
+    key = f"acc_{phenomenon}"
+    if key not in rows[0]:
+        raise ParamError(f"phenomenon={phenomenon!r}: the rows have no {key!r}; they have {[k for k in rows[0] if k.startswith('acc_')]}")
+    curve = np.array([r[key] for r in rows], dtype=np.float64)
+    if not np.isfinite(curve).all(): raise ParamError(f"{key} must be finite at every checkpoint; got {curve.tolist()}")
+    return curve
+
+def choose_checkpoints(rows: Sequence[dict], phenomenon: str, similarity: np.ndarray, chance: float = 0.5,
+                       min_rise: float = 0.1, dip_margin: float = 0.05, edge: float = 0.1) -> CheckpointChoice:
+    "The pair and triplet of checkpoints bracketing the rise of `acc_<phenomenon>` in `rows` (see the rule above)."
+    if len(rows) < 3: raise ParamError(f"rows must hold at least 3 checkpoints to choose a triplet; got {len(rows)}")
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if similarity.shape != (len(rows), len(rows)):
+        raise ParamError(f"similarity must be [{len(rows)}, {len(rows)}] (one row per checkpoint); got {similarity.shape}")
+    acc, n = _accuracy(rows, phenomenon), len(rows)
+    case = "rise" if acc[-1] - acc.min() >= min_rise else "flat"
+    curve = acc if case == "rise" else similarity[:, -1]
+    if np.ptp(curve) == 0: triplet, pair = (0, n // 2, n - 1), (0, n - 1)
+    else:
+        bottom, start, middle, end = _rise_points(curve, edge)
+        pair, triplet = _distinct((start, end), n), _distinct((start, middle, end), n)
+        level = chance - dip_margin
+        if case == "rise" and acc[bottom] < level and (acc[:bottom] >= level).any():
+            case, triplet = "dip", _distinct((int(np.flatnonzero(acc[:bottom] >= level)[-1]), bottom, end), n)
+    steps = [r["step"] for r in rows]
+    return CheckpointChoice(pair, triplet, case, tuple(steps[t] for t in pair), tuple(steps[t] for t in triplet))
