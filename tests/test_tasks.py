@@ -173,6 +173,14 @@ def test_pairs_are_balanced_and_deterministic(pair_sets):
         assert LEX.inflect(subject.word, "pl") in irregular
 
 
+def test_wrong_answers_are_as_often_larger_as_smaller():
+    "In the arithmetic pairs the size of a number says nothing: a bigger-is-likelier prior scores chance."
+    for phenomenon in ("two_step_addition", "sequence_continuation"):
+        pairs = make_minimal_pairs(phenomenon, 200, seed=3)
+        larger = np.mean([_value(words(p.bad)[p.word]) > _value(words(p.good)[p.word]) for p in pairs])
+        assert 0.4 < larger < 0.6, (phenomenon, larger)
+
+
 def test_errors():
     with pytest.raises(ParamError, match="phenomenon='island_effects'.*simple_agreement"):
         make_minimal_pairs("island_effects", 3)

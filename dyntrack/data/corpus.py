@@ -271,12 +271,11 @@ def _addition(gen: Generator) -> None:
 
 # %% ../../nbs/01b_corpus.ipynb #3eb294d6
 def _two_step_addition(gen: Generator) -> None:
-    "'A and B and C make S' (with a counted noun, half the time); S = A + B + C <= max_number."
+    "'A and B and C make S' (with a counted noun, half the time); S uniform in [3, max_number], split at random."
     c = gen.g.spec["counting"]
-    a = gen.rng.randint(1, c["max_number"] - 2)
-    b = gen.rng.randint(1, c["max_number"] - a - 1)
-    addends = [a, b, gen.rng.randint(1, c["max_number"] - a - b)]
-    gen.rng.shuffle(addends)
+    total = gen.rng.randint(3, c["max_number"])  # uniform, so that no result is more common than another
+    cuts = sorted(gen.rng.sample(range(1, total), 2))
+    addends = [cuts[0], cuts[1] - cuts[0], total - cuts[1]]
     noun = _count_noun(gen) if gen.rng.random() < c["p_noun"] else None
     idx = []
     for value in addends:

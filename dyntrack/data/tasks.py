@@ -38,10 +38,9 @@ def _changed(rel: Relation, change: str, words: list[str], g: Grammar) -> tuple[
     "(index, new word) of the change `change` at relation `rel` of `words`."
     lex, target = g.lex, words[rel.target]
     if change == "regularise": return rel.controllers[0], lex.inflect(words[rel.controllers[0]], "pl", standard=False)
-    if change == "off_by_one":  # one more or one less, as often (by the first addend's parity): size is no cue
-        total, first = _value(g, target), _value(g, words[rel.controllers[0]])
-        wrong = total + 1 if first % 2 == 0 and total < g.spec["counting"]["max_number"] else total - 1
-        return rel.target, g.numerals[wrong]
+    if change == "off_by_one":  # one more for odd sums, one less for even ones: as often, so size is no cue
+        total = _value(g, target)
+        return rel.target, g.numerals[total + 1 if total % 2 and total < g.spec["counting"]["max_number"] else total - 1]
     if change == "count_up": return rel.target, g.numerals[_value(g, words[rel.controllers[-1]]) + 1]
     info = lex.info(target)
     if change == "gender": return rel.target, lex.inflect(target, gender={"m": "f", "f": "m"}[info.gender])
