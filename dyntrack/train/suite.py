@@ -41,7 +41,7 @@ class EmbeddedRecipe:
 
     PROFILES = {"smoke": dict(words_per_domain=60_000, vocab_size=1024, size="tiny", seq_len=64, batch_size=16, total_steps=60,
                               lr=3e-3, warmup_steps=5, n_linear=4, eval_tokens=2048),
-                "paper": dict(words_per_domain=13_000_000, vocab_size=8192, size="base", seq_len=256, batch_size=128,
+                "paper": dict(words_per_domain=11_500_000, vocab_size=8192, size="base", seq_len=256, batch_size=128,
                               total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=16, per_octave=3, compile=True,
                               eval_tokens=32768)}
 
