@@ -5,7 +5,7 @@ Run from anywhere: `python data/make_lexicon.py`. The output is committed; rerun
 Columns of lexicon.tsv: pos, category, rank (frequency rank within pos and category), lemma, forms (space-separated),
 number and gender ('-' = none), domains ('+'-separated), args (verb frames, adjective noun classes, noun
 regular/irregular/pseudo_irregular plural), source (core = typed here, pseudo = generated tail, jargon = generated
-words that occur only in their one domain).
+words that occur only in their one domain, fact = the named entities and towns of the knowledge base).
 
 A noun row lists its singular and plural; a pseudo-irregular noun (a nonce noun with an irregular plural, e.g.
 plox/ploxen) lists a third form, its over-regularised plural (ploxes), which the grammar never generates: it is the bad
@@ -268,6 +268,11 @@ PSEUDO_IRREGULAR_CATS, PSEUDO_IRREGULAR_SHARE = ("animal", "person", "plant", "f
 # (singular ending, plural ending) appended to a stem; 'oo' -> 'ee' replaces the vowel (goose/geese, foot/feet)
 IRREGULAR_PATTERNS = (("us", "i"), ("um", "a"), ("on", "a"), ("ix", "ices"), ("", "en"), ("oo", "ee"))
 
+# named entities of the knowledge base (pos name, category entity, Zipf rank = how often documents mention them) and
+# the towns they live in (pos name, category town): pseudo-names of their own, used only in fact sentences
+N_ENTITIES, N_TOWNS = 4000, 300
+TOWN_SUFFIXES = ("ton", "by", "ham", "wick", "ford", "dale", "mere", "stead", "worth", "holm")
+
 # domain jargon: per domain, words of its own sound that occur in no other domain
 JARGON_SOUNDS = {  # (onsets, vowels, codas)
     "farm": ("b br d dr g gr h m st tr w", "a o u", "ck mp rn rd lt"),
@@ -478,6 +483,20 @@ def jargon_rows(rows, taken):
     return out
 
 
+def fact_rows(taken):
+    "Entities (alternating gender by rank) and towns of the knowledge base; source 'fact'."
+    gen, r, out = Pseudo(taken, seed=2468), random.Random(55), []
+    endings = {"f": ("a", "ia", "elle", "i", "ine"), "m": ("o", "ar", "en", "ik", "or")}
+    for rank in range(1, N_ENTITIES + 1):
+        g = "fm"[rank % 2]
+        (w,) = gen.fresh(lambda: ((gen.stem(r.choice((1, 2)))[:-1] + r.choice(endings[g])).capitalize(),))
+        out.append(row("name", "entity", rank, w, (w,), "sg", g, None, "-", "fact"))
+    for rank in range(1, N_TOWNS + 1):
+        (w,) = gen.fresh(lambda: ((gen.stem(1) + r.choice(TOWN_SUFFIXES)).capitalize(),))
+        out.append(row("name", "town", rank, w, (w,), "sg", "n", None, "-", "fact"))
+    return out
+
+
 def check_unique(rows):
     "Every surface form (case-folded) belongs to exactly one row, except forms repeated inside one lemma's row."
     owner = {}
@@ -498,6 +517,7 @@ def main():
     rows = core_rows()
     rows += tail_rows(rows)
     rows += jargon_rows(rows, {f.lower() for rw in rows for f in rw[4].split()})
+    rows += fact_rows({f.lower() for rw in rows for f in rw[4].split()})
     check_unique(rows)
     header = ("pos", "category", "rank", "lemma", "forms", "number", "gender", "domains", "args", "source")
     text = "\t".join(header) + "\n" + "".join("\t".join(rw) + "\n" for rw in rows)

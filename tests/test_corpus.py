@@ -33,6 +33,11 @@ def check_relations(sent):
         if rel.kind == "sum":
             assert target.rank == sum(c.rank for c in ctrl), sent.text
             continue
+        if rel.kind == "fact":  # the knowledge base's value for the entity, whichever frame states it
+            entity = sent.words[rel.controllers[0]]
+            assert info[rel.controllers[0]].category == "entity", sent.text
+            assert sent.words[rel.target] in load_grammar().facts[entity].values(), sent.text
+            continue
         if rel.kind == "step":
             values = [c.rank for c in ctrl] + [target.rank]
             assert len(set(np.diff(values))) == 1 and values[1] != values[0], sent.text
@@ -368,3 +373,55 @@ def test_training_documents_contain_no_heldout_sentence(corpus):
     sentences = [s for docs in corpus.values() for d in docs for s in SENTENCE_END.split(d)]
     assert len(sentences) > 20_000 and all(s.endswith(".") for s in sentences)
     assert not any(is_heldout(s) for s in sentences)
+
+
+# ---------------------------------------------------------------- facts
+FACT_SENTENCE = re.compile(r"\b([A-Z][a-z]+)(?:, who)? (lives in|is from|works as a|keeps|likes) ([A-Za-z]+)")
+FACT_ATTR = {"lives in": "home", "is from": "home", "works as a": "trade", "keeps": "animal", "likes": "food"}
+
+
+def test_knowledge_base_is_fixed_by_its_seed():
+    g = load_grammar()
+    entities = [r for r in LEX.rows if r.category == "entity"]
+    assert list(g.facts) == [r.forms[0] for r in sorted(entities, key=lambda r: r.rank)] == list(g.fact_entities)
+    assert len(g.facts) == 4000 and all(set(f) == {"home", "trade", "animal", "food"} for f in g.facts.values())
+    from dyntrack.data.grammar import knowledge_base
+    assert knowledge_base(g.spec["facts"], LEX) == g.facts != knowledge_base(g.spec["facts"] | {"seed": 9}, LEX)
+
+
+def test_every_fact_is_stated_consistently(corpus):
+    "Each statement of a fact in every document gives the knowledge base's value, and the frames state each attribute."
+    g = load_grammar()
+    stated, attrs = Counter(), Counter()
+    for docs in corpus.values():
+        for doc in docs:
+            for name, verb, value in FACT_SENTENCE.findall(doc):
+                if name not in g.facts: continue  # 'Mary keeps the cup': not an entity of the knowledge base
+                assert g.facts[name][FACT_ATTR[verb]] == value, (name, verb, value)
+                stated[name] += 1
+                attrs[FACT_ATTR[verb]] += 1
+    assert set(attrs) == {"home", "trade", "animal", "food"} and len(stated) > 300
+    in_town = [m for docs in corpus.values() for d in docs for m in re.findall(r"In ([A-Z][a-z]+), ([A-Z][a-z]+)", d)
+               if m[1] in g.facts]
+    assert in_town and all(g.facts[name]["home"] == town for town, name in in_town)
+
+
+def test_entities_follow_their_zipf_law(corpus):
+    "Mentions fall with rank as rank^-1: the top 20 entities get about a third of the mentions, the rare bucket a few percent."
+    g = load_grammar()
+    counts = Counter(w for docs in corpus.values() for d in docs for w in re.findall(r"[A-Z][a-z]+", d) if w in g.facts)
+    ranks = {e: LEX.info(e).rank for e in counts}
+    total = sum(counts.values())
+    harmonic = sum(1 / k for k in range(1, 4001))
+    for bucket, (lo, hi) in g.fact_buckets.items():
+        share = sum(c for e, c in counts.items() if lo <= ranks[e] <= hi) / total
+        expected = sum(1 / k for k in range(lo, hi + 1)) / harmonic
+        assert abs(share - expected) < 0.25 * expected + 0.01, (bucket, share, expected)
+
+
+def test_facts_stay_out_of_the_village():
+    "Fact frames have literal present verbs ('lives'), which the dialect would put in the plural: no fact there."
+    g = load_grammar()
+    pop, _ = g.table(("con", "village", "plain"))
+    assert not any(c.name.startswith("fact_") for c in pop)
+    assert sum(c.name.startswith("fact_") for c in g.table(("con", "farm", "plain"))[0]) == 10

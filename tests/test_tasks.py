@@ -2,6 +2,7 @@
 and batched LM scoring."""
 import os
 import re
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,8 +96,21 @@ def check_agreement(phenomenon, g, good, bad, word):
         assert [r for r in LEX.rows if r.pos == "noun" and r.lemma == subject.lemma][0].source == "pseudo"
 
 
+def check_fact_pair(phenomenon, g, b, word):
+    "The good value is the entity's own; the bad one is the same attribute's value of another entity; the entity is in the bucket."
+    grammar = load_grammar()
+    entity = LEX.info(g[0])
+    facts = grammar.facts[entity.word]
+    attr = next(a for a, v in facts.items() if v == g[word])
+    holders = [e for e, f in grammar.facts.items() if f[attr] == b[word]]
+    assert b[word] != g[word] and holders and entity.word not in holders, (g, b)
+    lo, hi = grammar.fact_buckets[phenomenon.removeprefix("fact_recall_")]
+    assert entity.category == "entity" and lo <= entity.rank <= hi, (g, entity)
+
+
 def check_pair(phenomenon, g, b, word):
     "The good text obeys the phenomenon's rule at the changed word and the bad one breaks it, by the lexicon alone."
+    if phenomenon.startswith("fact_recall_"): return check_fact_pair(phenomenon, g, b, word)
     good, bad = LEX.info(g[word]), LEX.info(b[word])
     assert good.lemma == bad.lemma and good.pos == bad.pos or good.pos == bad.pos == "num", (g, b)
     if phenomenon in ("anaphor_gender", "coreference_chain"):
@@ -151,12 +165,35 @@ def test_pairs_come_from_their_domains(pair_sets):
 
 
 def test_pair_sentences_never_appear_in_training_documents(pair_sets):
+    "No good sentence anywhere; no bad one in the pair's own domains (a bad standard sentence may be good village dialect)."
     corpus = generate_corpus(20_000, seed=0, n_workers=1)
-    training = {s for docs in corpus.values() for d in docs for s in SENTENCE_END.split(d)}
+    by_domain = {d: {s for doc in docs for s in SENTENCE_END.split(doc)} for d, docs in corpus.items()}
+    training = set().union(*by_domain.values())
     assert len(training) > 10_000
-    for pairs in pair_sets.values():
+    domains = load_grammar().phenomenon_domains
+    for phenomenon, pairs in pair_sets.items():
+        own = set().union(*(by_domain[d] for d in domains[phenomenon]))
         for p in pairs:
-            assert SENTENCE_END.split(p.good)[-1] not in training and SENTENCE_END.split(p.bad)[-1] not in training
+            assert SENTENCE_END.split(p.good)[-1] not in training and SENTENCE_END.split(p.bad)[-1] not in own
+
+
+def test_fact_pairs_cover_their_buckets_and_attributes():
+    g = load_grammar()
+    for bucket, (lo, hi) in g.fact_buckets.items():
+        pairs = make_minimal_pairs(f"fact_recall_{bucket}", 200, seed=3)
+        ranks = [LEX.info(words(p.good)[0]).rank for p in pairs]
+        assert lo <= min(ranks) and max(ranks) <= hi and len(set(ranks)) > min(100, (hi - lo) // 2), bucket
+        if hi - lo > 1000: assert np.mean(ranks) == pytest.approx((lo + hi) / 2, rel=0.1)  # uniform in the bucket
+        attrs = Counter(next(a for a, v in g.facts[words(p.good)[0]].items() if v == words(p.good)[p.word]) for p in pairs)
+        assert set(attrs) == set(g.spec["facts"]["attributes"]) and min(attrs.values()) == 50, attrs
+
+
+def test_fact_bad_values_are_as_often_more_as_less_frequent():
+    "The bad value's owner is the next entity above or below in rank, half the time each."
+    g = load_grammar()
+    pairs = make_minimal_pairs("fact_recall_rare", 200, seed=4)
+    above = [LEX.info(words(p.good)[0]).rank % 2 == 1 for p in pairs]
+    assert 0.35 < np.mean(above) < 0.65
 
 
 def test_pairs_are_balanced_and_deterministic(pair_sets):

@@ -40,7 +40,8 @@ class Relation(NamedTuple):
     "A dependency inside a sentence, by word index (punctuation counts as a word)."
     kind: str                     # 'agree' (subject-verb), 'det' (determiner or numeral - noun), 'refl' (reflexive),
                                   # 'dialect' (a village verb: plural form whatever the subject), 'sum' (result of
-                                  # an addition), 'step' (last term of an arithmetic sequence)
+                                  # an addition), 'step' (last term of an arithmetic sequence), 'fact' (the
+                                  # knowledge base's value of one attribute of the entity `ref`)
     ref: str                      # the referent it concerns
     controllers: tuple[int, ...]  # the controlling words (two for a coordinated subject; the addends; earlier terms)
     target: int                   # the word that must agree with them (or that they determine)
@@ -97,7 +98,7 @@ class Generator:
         entry = self.draw(("noun", domain, cat, spec.nfilter, gfilter, spec.sfilter))
         for other in refs.values():  # no "the horse and the horse" or "Then Mary thanks Mary"
             if other.entry is entry: raise _Reject(spec.name)
-        if cat == "name": num = 0
+        if cat in self.g.name_cats: cat, num = "name", 0  # an entity of the knowledge base is a name to every slot
         elif spec.opp: num = 1 - refs[spec.opp].num
         elif spec.number is not None: num = spec.number
         else: num = int(self.rng.random() < self.g.p_plural)
@@ -209,6 +210,11 @@ def _s_pp(gen: Generator, op: Op) -> None:
     gen.refs["_pp"] = gen.ref(gen.g.pp_spec, gen.domain, gen.refs)
     _s_np(gen, _PP)
 
+def _s_fact(gen: Generator, op: Op) -> None:
+    "`FACT.e.attr`: the knowledge base's value of `attr` for the entity `e` (named before or after it)."
+    if gen.record: gen.relations.append(Relation("fact", op.ref, (), len(gen.words)))  # controllers filled later
+    gen.words.append(gen.g.facts[gen.refs[op.ref].entry[0]][op.obj])
+
 def _s_numeral(gen: Generator, op: Op) -> None:
     gen.pending[op.ref] = len(gen.words)
     gen.words.append(gen.draw(("num",)) if gen.refs[op.ref].num else gen.g.numerals[1])
@@ -229,7 +235,7 @@ _SLOTS = {"np": _s_np, "npi": _s_np, "npd": _s_np, "n": _s_np, "v": _s_verb, "vt
           "vpp": _s_nonfinite, "imp": _s_nonfinite,
           "be": lambda gen, op: gen.agree(op.ref, gen.g.spec["copula"][gen.tense][gen.refs[op.ref].num]),
           "pro": _s_pronoun, "obj": _s_pronoun, "poss": _s_pronoun, "refl": _s_pronoun,
-          "pp": _s_pp, "ppr": _s_pp, "ppl": _s_pp, "num": _s_numeral,
+          "pp": _s_pp, "ppr": _s_pp, "ppl": _s_pp, "num": _s_numeral, "fact": _s_fact,
           "lit": _s_word, "adj": _s_word, "rel": _s_word, "adv": _s_word, "tadv": _s_word}
 
 # %% ../../nbs/01b_corpus.ipynb #53c92250

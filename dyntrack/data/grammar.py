@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_grammar.ipynb #gr0import
 from __future__ import annotations
-import json, os
+import json, os, random
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +15,8 @@ from ..core import ParamError
 
 # %% auto #0
 __all__ = ['DOC_REFS', 'find_data_dir', 'WordInfo', 'LexRow', 'Lexicon', 'load_lexicon', 'Op', 'RefSpec', 'Construction',
-           'Episode', 'compile_construction', 'compile_episode', 'Grammar', 'load_grammar', 'corpus_domains']
+           'Episode', 'compile_construction', 'compile_episode', 'knowledge_base', 'Grammar', 'load_grammar',
+           'corpus_domains']
 
 # %% ../../nbs/01a_grammar.ipynb #a6934afa
 def find_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -124,14 +125,14 @@ def load_lexicon(data_dir: str | Path | None = None) -> Lexicon:
 # %% ../../nbs/01a_grammar.ipynb #6ecf2c04
 _OPS = {"NP": "np", "NAME": "np", "NPI": "npi", "NPD": "npd", "N": "n", "PRO": "pro", "OBJ": "obj", "POSS": "poss",
         "REFL": "refl", "REL": "rel", "V": "v", "VS": "vs", "VPP": "vpp", "IMP": "imp", "BE": "be", "ADJ": "adj",
-        "PP": "pp", "PPL": "ppl", "NUM": "num", "ADV": "adv", "TADV": "tadv"}
+        "PP": "pp", "PPL": "ppl", "NUM": "num", "ADV": "adv", "TADV": "tadv", "FACT": "fact"}
 DOC_REFS = ("P", "Q", "T", "R")  # document referents: protagonist name, second name of the other gender, topic noun, role noun
 
 class Op(NamedTuple):
     "One template slot."
     kind: str            # key of _OPS's values, 'vt' (transitive verb), 'ppr' (PP on a referent) or 'lit'
     ref: str | None      # the referent it realises or agrees with (the literal word for 'lit')
-    obj: str | None      # object referent of a transitive verb or participle
+    obj: str | None      # object referent of a transitive verb or participle; the attribute of a 'fact' slot
     optional: bool       # kept with probability p_optional
 
 class RefSpec(NamedTuple):
@@ -143,7 +144,8 @@ class RefSpec(NamedTuple):
     nfilter: str | None           # 'regular', 'irregular' or 'pseudo_irregular' plurals only
     gfilter: str | None           # 'm', 'f', 'known' (m, f or n: no gender-neutral person nouns) or 'neutral'
     coord: tuple[str, ...] | None # plural conjunction of these referents
-    sfilter: str | None = None    # lexicon source: 'pseudo' (the rare tail) or 'jargon' (the drawing domain's own words)
+    sfilter: str | None = None    # lexicon source: 'pseudo' (the rare tail) or 'jargon' (the drawing domain's own words);
+                                  # or a fact bucket of entities ('frequent', 'rare': ranks of `facts.buckets`, drawn uniformly)
     gopp: str | None = None       # take the other gender (m/f) of this referent
 
 class Construction(NamedTuple):
@@ -187,6 +189,7 @@ def _compile_ref(name: str, spec: str, classes: dict) -> RefSpec:
     for mod in mods:
         if mod in ("sg", "pl"): kw["number"] = int(mod == "pl")
         elif mod.startswith(("opp=", "gopp=")): kw[mod.partition("=")[0]] = mod.partition("=")[2]
+        elif mod.startswith("bucket="): kw["sfilter"] = mod.partition("=")[2]
         elif mod in _MODIFIERS: kw[_MODIFIERS[mod][0]] = _MODIFIERS[mod][1]
         else: raise ValueError(f"referent {name}: unknown modifier {mod!r} in {spec!r}")
     return RefSpec(name, cls, coord=None, **kw)
@@ -207,7 +210,7 @@ def compile_construction(spec: dict, name: str, classes: dict) -> Construction:
     ops = tuple(_compile_op(tok) for tok in spec["t"].split())
     refs = _compile_refs(name, spec.get("refs", {}), classes)
     declared = {r.name for r in refs}
-    used = {x for op in ops if op.kind != "lit" for x in (op.ref, op.obj) if x}
+    used = {x for op in ops if op.kind != "lit" for x in (op.ref, None if op.kind == "fact" else op.obj) if x}
     if used - declared - set(DOC_REFS): raise ValueError(f"{name}: undeclared referents {used - declared}")
     return Construction(name, ops, refs, spec.get("tense"), None, False, frozenset(used & set(DOC_REFS)))
 
@@ -217,6 +220,19 @@ def compile_episode(spec: dict, name: str, classes: dict) -> Episode:
     if {r.name for r in refs} - set(DOC_REFS): raise ValueError(f"{name}: episode referents must be among {DOC_REFS}")
     sentences = tuple(compile_construction(s, f"{name}:{i}", classes) for i, s in enumerate(spec["sentences"]))
     return Episode(name, refs, sentences)
+
+# %% ../../nbs/01a_grammar.ipynb #95ef0fb4
+def knowledge_base(spec: dict, lexicon: Lexicon) -> dict[str, dict[str, str]]:
+    "Entity name -> {attribute: value word}, in entity rank order; a fixed function of `spec['seed']` (`grammar.json` `facts`)."
+    entities = sorted((r for r in lexicon.rows if r.category == "entity"), key=lambda r: r.rank)
+    values = {}
+    for attr, a in spec["attributes"].items():
+        if "category" in a: words = [r.forms[0] for r in lexicon.rows if r.pos == "name" and r.category == a["category"]]
+        else: words = [lexicon.inflect(w, a.get("number")) for w in a["values"].split()]
+        if not words: raise ValueError(f"grammar.json: facts attribute {attr!r} has no values")
+        values[attr] = words
+    rng = random.Random(f"facts/{spec['seed']}")
+    return {e.forms[0]: {attr: rng.choice(words) for attr, words in values.items()} for e in entities}
 
 # %% ../../nbs/01a_grammar.ipynb #81ba7c73
 def _cumulate(pairs) -> tuple[tuple, np.ndarray]:
@@ -233,6 +249,7 @@ class Grammar:
         self.s, self.p_plural, self.p_past = spec["zipf_exponent"], spec["p_plural"], spec["p_past"]
         self.p_optional, self.p_adjective = spec["p_optional"], tuple(spec["p_adjective"])
         cats = {r.category for r in lexicon.rows if r.pos in ("noun", "name")}
+        self.name_cats = frozenset(r.category for r in lexicon.rows if r.pos == "name")  # name, entity, town
         self.classes = {c: (c,) for c in cats} | {k: tuple(v) for k, v in spec["classes"].items()}
         self.human = frozenset(self.classes["human"])
         compile = lambda c, n: compile_construction(c, n, self.classes)
@@ -250,6 +267,11 @@ class Grammar:
         self.verbs = [(r, self._frames(r.args)) for r in lexicon.rows if r.pos == "verb" and r.lemma != "be"]
         self.pp_spec = _compile_ref("_pp", "location", self.classes)
         self.topic_spec = _compile_ref("T", st["topic"], self.classes)
+        self.facts = knowledge_base(spec["facts"], lexicon)
+        self.fact_entities = tuple(self.facts)  # in rank order: entity k is fact_entities[k - 1]
+        self.fact_buckets = {b: tuple(r) for b, r in spec["facts"]["buckets"].items()}
+        bad = {op.obj for c in self.constructions.values() for op in c.ops if op.kind == "fact"} - set(spec["facts"]["attributes"])
+        if bad: raise ValueError(f"grammar.json: FACT slots name unknown attributes {sorted(bad)}")
         self._tables = {}
 
     def expand(self, names: str) -> frozenset[str]:
@@ -273,6 +295,7 @@ class Grammar:
 # %% ../../nbs/01a_grammar.ipynb #17ab1f3b
 def _weight(g: Grammar, row: LexRow, domain: str) -> float:
     "Zipf weight of `row` times its domain factor and, for pseudo-words, `pseudo_weight`; jargon counts only in its domain."
+    if row.source == "fact": return row.rank ** -g.spec["facts"]["zipf_exponent"]
     w = row.rank ** -g.s
     if row.source == "jargon":
         return w * g.spec["domains"][domain].get("jargon_weight", g.spec["jargon_weight"]) if domain in row.domains else 0.0
@@ -287,12 +310,14 @@ def _t_cat(g, domain, cls, nfilter, gfilter, sfilter):
             if g.table(("noun", domain, c, nfilter, gfilter, sfilter))[0]]
 
 def _t_noun(g, domain, cat, nfilter, gfilter, sfilter):
-    pos = "name" if cat == "name" else "noun"
+    pos = "name" if cat in g.name_cats else "noun"
+    lo, hi = g.fact_buckets.get(sfilter, (0, 0))  # a fact bucket: its entities, each as likely
     rows = [r for r in g.lex.rows if r.pos == pos and r.category == cat and (nfilter is None or r.args == nfilter)
             and (gfilter is None or r.gender == gfilter or (gfilter == "known" and r.gender)
-                 or (gfilter == "neutral" and not r.gender)) and (sfilter is None or r.source == sfilter)]
+                 or (gfilter == "neutral" and not r.gender))
+            and (sfilter is None or r.source == sfilter or lo <= r.rank <= hi)]
     plural = 1 if pos == "noun" else 0  # a name has one form; a pseudo-irregular noun a third, never generated
-    return [((r.forms[0], r.forms[plural], r.gender), _weight(g, r, domain)) for r in rows]
+    return [((r.forms[0], r.forms[plural], r.gender), 1.0 if hi else _weight(g, r, domain)) for r in rows]
 
 def _fits(frame, subj, obj) -> bool:
     "Does a verb frame take a subject of category `subj` and the object `obj` (a category, None or 'par')?"

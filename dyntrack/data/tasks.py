@@ -22,7 +22,8 @@ __all__ = ['PHENOMENA', 'MinimalPair', 'make_minimal_pairs', 'make_pair_sets', '
 PHENOMENA = ("simple_agreement", "irregular_agreement", "pp_attractor_agreement", "rc_attractor_agreement",
              "determiner_noun", "anaphor_gender", "anaphor_number", "pp_chain_agreement", "double_rc_agreement",
              "long_distance_agreement", "coreference_chain", "rare_noun_agreement", "pseudo_irregular_plural",
-             "two_step_addition", "sequence_continuation", "dialect_agreement")
+             "two_step_addition", "sequence_continuation", "dialect_agreement", "fact_recall_frequent",
+             "fact_recall_rare")
 
 class MinimalPair(NamedTuple):
     "A grammatical text and an ungrammatical one that differ in exactly one word."
@@ -34,6 +35,16 @@ class MinimalPair(NamedTuple):
 # %% ../../nbs/01c_tasks.ipynb #096346ad
 def _value(g: Grammar, word: str) -> int: return g.lex.info(word).rank  # a numeral's rank is its value
 
+def _other_value(g: Grammar, entity: str, value: str) -> str:
+    "The value of `value`'s attribute held by the nearest entity in rank order whose value differs (below for even ranks, above for odd)."
+    attr = next(a for a, v in g.facts[entity].items() if v == value)
+    rank, n = g.lex.info(entity).rank, len(g.fact_entities)
+    step = -1 if rank % 2 == 0 else 1  # a neighbour as often more frequent as less: the value's frequency is no cue
+    for k in itertools.chain(range(rank + step, 0 if step < 0 else n + 1, step), range(rank - step, 0 if step > 0 else n + 1, -step)):
+        other = g.facts[g.fact_entities[k - 1]][attr]
+        if other != value: return other
+    raise ValueError(f"facts attribute {attr!r} has a single value")
+
 def _changed(rel: Relation, change: str, words: list[str], g: Grammar) -> tuple[int, str]:
     "(index, new word) of the change `change` at relation `rel` of `words`."
     lex, target = g.lex, words[rel.target]
@@ -42,6 +53,7 @@ def _changed(rel: Relation, change: str, words: list[str], g: Grammar) -> tuple[
         total = _value(g, target)
         return rel.target, g.numerals[total + 1 if total % 2 and total < g.spec["counting"]["max_number"] else total - 1]
     if change == "count_up": return rel.target, g.numerals[_value(g, words[rel.controllers[-1]]) + 1]
+    if change == "swap": return rel.target, _other_value(g, words[rel.controllers[0]], target)
     info = lex.info(target)
     if change == "gender": return rel.target, lex.inflect(target, gender={"m": "f", "f": "m"}[info.gender])
     number = "pl" if info.number == "sg" else "sg"
