@@ -53,8 +53,8 @@ _PAPER_DEPTH = SIZES[EmbeddedRecipe.PROFILES["paper"]["size"]]["n_layers"]
 
 class ProbeRules(Composed):
     "The probe scale (profile rows over the parts' rows) and the recipes of a probe run."
-    PROFILES = {"smoke": dict(size="tiny", seq_len=64, batch_size=8, total_steps=30, warmup_steps=3, n_linear=3,
-                              eval_tokens=1024, eval_words_per_domain=1_500, n_pairs=20),
+    PROFILES = {"smoke": dict(size="tiny", seq_len=64, batch_size=8, total_steps=16, warmup_steps=2, n_linear=2,
+                              eval_tokens=256, eval_words_per_domain=1_000, n_pairs=16),
                 "paper": dict(size="small", seq_len=256, batch_size=64, total_steps=300, lr=2e-3, warmup_steps=30,
                               n_linear=8, per_octave=1, compile=False, eval_tokens=16384, eval_words_per_domain=12_000,
                               n_pairs=200, deep_layers=_PAPER_DEPTH)}
