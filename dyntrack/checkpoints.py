@@ -89,8 +89,8 @@ def testbed_checks(rows: list[dict], threshold: float = 0.9, chance: float = 0.5
     emerged = {ph: emergence_tokens(rows, f"acc_{ph}", threshold) for ph in phenomena}
     first = {ph: t for ph, t in emerged.items() if t}  # a phenomenon passing at step 0 has no emergence to place
     end = rows[-1]["tokens"]
-    dips = [ph for ph in phenomena if min(r[f"acc_{ph}"] for r in rows if emerged[ph] is None or r["tokens"] < emerged[ph])
-            < chance - margin]
+    before = {ph: [r[f"acc_{ph}"] for r in rows if emerged[ph] is None or r["tokens"] < emerged[ph]] for ph in phenomena}
+    dips = [ph for ph in phenomena if min(before[ph], default=chance) < chance - margin]  # none before: passed at once
     half = next(r for r in rows if r["tokens"] >= end / 2)
     return dict(emergence_tokens=emerged,
                 octaves=float(np.log2(max(first.values()) / min(first.values()))) if len(first) > 1 else 0.0,

@@ -132,7 +132,7 @@ class SuiteRules(Composed):
         return unused
 
 SuiteParams = compose("SuiteParams", SuiteSource, EmbeddedRecipe, Evaluation, Site, MinimalPairs, Similarity,
-                      base=SuiteRules,
+                      base=SuiteRules, fixed=dict(train_domain="", n_layers=0),  # the suite: every domain, the preset's depth
                       doc="The parameters of the suite experiment (10_suite).")
 
 # %% ../nbs/08_suite.ipynb #d3709f24

@@ -115,6 +115,7 @@ class SaeTrackRules(SuiteRules):
         return unused
 
 SaeTrackParams = compose("SaeTrackParams", SuiteSource, EmbeddedRecipe, Evaluation, Site, SaeTrackMethod, base=SaeTrackRules,
+                         fixed=dict(train_domain="", n_layers=0),  # the suite's: every domain, the preset's depth
                          doc="The parameters of the SAE-Track experiment (11_sae_track).")
 
 

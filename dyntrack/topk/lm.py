@@ -116,7 +116,6 @@ class TopKMethod:
     n_nontopk: int = 2                   # last blocks left dense (at least one block must stay TopK)
     act: Literal["relu", "identity"] = "relu"  # f applied to the residual stream before TopK
     anneal_fraction: float = 0.2         # share of the steps over which α falls from 1 (dense) to 0 (TopK)
-    n_layers: int = 0                    # blocks of both models; 0 = the size preset's depth
     n_formation: int = 6                 # TopK checkpoints analysed for neuron formation (first and last included)
     entropy_tokens: int = 16384          # evaluation tokens the neuron entropies are measured on
     act_threshold: float = 0.0           # a neuron is active on a token when its activation exceeds this
@@ -133,7 +132,7 @@ class TopKMethod:
     embeddings: str = ""                 # vocabulary-embedding cache file; "" = the cache named by the tokenizer
 
 
-    PROFILES = {"smoke": dict(n_layers=4, n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2,
+    PROFILES = {"smoke": dict(n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2,
                               n_prompts=4, gen_tokens=16, n_lambada=40),
                 "paper": dict(n_formation=8, entropy_tokens=16384, n_steer=4, n_prompts=16, gen_tokens=40, n_lambada=300)}
 
@@ -150,11 +149,12 @@ class TopKMethod:
         check_range("act_threshold", self.act_threshold)  # any finite number
         for delta in self.steer_deltas: check_range("steer_deltas entry", delta)
         if not self.steer_deltas: raise ParamError("steer_deltas must hold at least one δ")
-        for name in ("n_layers", "k", "n_nontopk"): check_range(name, getattr(self, name), lo=0)
+        for name in ("k", "n_nontopk"): check_range(name, getattr(self, name), lo=0)
         check_range("site_layer", self.site_layer, lo=-1)
 
 class TopKRules(Composed):
     "What spans the parts of `TopKParams`: the checks that need the model's depth or width, and views of the flat values."
+    PROFILES = {"smoke": dict(n_layers=4)}  # the recipe's n_layers: both models deeper than the tiny preset's two blocks
 
     def __post_init__(self):
         check_choice("act", self.act, TOPK_ACTS)  # before the type checks of the flat set: this message lists the choices
@@ -180,7 +180,7 @@ class TopKRules(Composed):
         return self.depth - self.n_nontopk - 1 if self.site_layer == -1 else self.site_layer
 
 TopKParams = compose("TopKParams", EmbeddedRecipe, Evaluation, MinimalPairs, TopKMethod, base=TopKRules,
-                     fixed=dict(arch="llama"), doc="The parameters of the TopK experiment (13_topk_lm).")
+                     fixed=dict(arch="llama", train_domain=""), doc="The parameters of the TopK experiment (13_topk_lm).")
 
 # %% ../../nbs/13b_topk_lm.ipynb #tk61b3a8faa9
 TOPK_CODE = TRAIN_CODE + ("dyntrack.topk.model",)  # the code that makes the two models' weights
