@@ -163,7 +163,9 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     assert sum(m["relie_class_counts"]["triplet"].values()) == m["n_with_effect"]["triplet"]
     assert set(m["null_reldec_class_counts"]) == {"same_checkpoint"}
     assert set(m["ablation_spearman_relie"]) == set(m["ablation_spearman_reldec"]) == {"top10", "top100"}
-    for rho in (*m["ablation_spearman_relie"].values(), *m["ablation_spearman_reldec"].values()):
+    assert set(m["null_ablation_spearman_relie"]) == {"same_checkpoint"}
+    for rho in (*m["ablation_spearman_relie"].values(), *m["ablation_spearman_reldec"].values(),
+                *m["null_ablation_spearman_relie"]["same_checkpoint"].values()):
         assert rho is None or -1 <= rho <= 1  # None: undefined (fewer than two latents, or a constant share)
     for name in FIGURES: assert (tmp_path / "out" / f"crosscoding_fig_{name}.png").stat().st_size > 1000, name
     crosscoders = [d for d in (tmp_path / "cache" / "crosscoding").iterdir() if d.is_dir() and d.name.startswith("l1-")]
