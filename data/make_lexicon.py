@@ -4,7 +4,12 @@ Run from anywhere: `python data/make_lexicon.py`. The output is committed; rerun
 
 Columns of lexicon.tsv: pos, category, rank (frequency rank within pos and category), lemma, forms (space-separated),
 number and gender ('-' = none), domains ('+'-separated), args (verb frames, adjective noun classes, noun
-regular/irregular plural), source (core = typed here, pseudo = generated tail).
+regular/irregular/pseudo_irregular plural), source (core = typed here, pseudo = generated tail, jargon = generated
+words that occur only in their one domain, fact = the named entities and towns of the knowledge base).
+
+A noun row lists its singular and plural; a pseudo-irregular noun (a nonce noun with an irregular plural, e.g.
+plox/ploxen) lists a third form, its over-regularised plural (ploxes), which the grammar never generates: it is the bad
+word of the over-regularisation minimal pairs. Jargon ranks count within (pos, category, domain).
 
 Word-list syntax (one token per lemma, in rough frequency order within its category; order sets the Zipf rank):
   nouns       sg[/pl][!m|!f][@dom+dom]     e.g. mouse/mice, king!m@history (no plural given: regular rule)
@@ -16,7 +21,8 @@ import itertools, random, re, sys
 from pathlib import Path
 
 OUT = Path(__file__).with_name("lexicon.tsv")
-DOMAINS = ("farm", "kitchen", "school", "work", "history", "sport", "counting")
+DOMAINS = ("farm", "kitchen", "school", "work", "history", "sport", "counting", "village")
+TAIL_DOMAINS = DOMAINS[:6]  # the topical domains a pseudo-word of the tail may be tagged with
 
 # ---------------------------------------------------------------- nouns (category -> lemmas)
 NOUNS = {
@@ -177,6 +183,9 @@ VERBS = [
     ("sport", "tr:human>treasure,equipment|intr:human", "win:won@sport"),
     ("work", "tr:human>human", "hire@work pay:paid@work ask answer"),
     ("counting", "tr:human>any_noun", "count@counting measure weigh sort"),
+    ("motion", "intr:agent", "live"),
+    # verbs of saying, only in parentheticals ("the dog, as the farmers said, runs")
+    ("saying", "par:human", "say:said/says claim believe expect suspect hope fear admit explain insist suppose guess"),
 ]
 
 # ---------------------------------------------------------------- adjectives: category -> (applies, words)
@@ -200,7 +209,9 @@ ADJECTIVES = {
 }
 ADVERBS = {"manner": "quickly slowly quietly loudly happily sadly carefully gently proudly bravely calmly eagerly "
                      "softly",
-           "time": "then later soon finally suddenly afterwards"}
+           "time": "then later soon finally suddenly afterwards",
+           "negation": "never",   # the village dialect's double negation: "the farmer never see no cows"
+           "degree": "more"}      # the sport domain's correlative: "the more the players practice, the more ..."
 
 NAMES_F = """Mary Anna Emma Sarah Lucy Alice Kate Emily Jane Laura Olivia Sophie Ella Clara Grace Hannah Julia Nora Maria
     Rachel Helen Ruth Susan Linda Karen Nancy Betty Amy Zoe Chloe Mia Ava Isabel Eva Fiona Greta Hilda Irene Joan Lisa
@@ -239,6 +250,8 @@ CLOSED = [
     ("prep", "relational", "from", "from", "-", "-"), ("prep", "relational", "of", "of", "-", "-"),
     ("prep", "relational", "to", "to", "-", "-"), ("prep", "relational", "for", "for", "-", "-"),
     ("conj", "coordinator", "and", "and", "-", "-"), ("conj", "coordinator", "but", "but", "-", "-"),
+    ("conj", "subordinator", "as", "as", "-", "-"), ("conj", "subordinator", "because", "because", "-", "-"),
+    ("prep", "relational", "by", "by", "-", "-"), ("det", "negative", "no", "no", "-", "-"),
     ("expl", "expletive", "there", "there", "-", "-"),
     ("punct", "punct", ".", ".", "-", "-"), ("punct", "punct", ",", ",", "-", "-"),
 ]
@@ -250,6 +263,45 @@ TAIL_NOUNS = {"animal": 300, "plant": 220, "food": 260, "place": 240, "tool": 20
               "vehicle": 110, "toy": 100, "instrument": 70, "treasure": 90, "container": 70, "document": 80,
               "nature": 90, "furniture": 70, "equipment": 70, "weapon": 50}
 TAIL_VERBS, TAIL_ADJ, TAIL_NAMES = 220, 220, 600
+# nonce nouns with irregular plurals, rare by construction: a tail noun of these categories is one with this probability
+PSEUDO_IRREGULAR_CATS, PSEUDO_IRREGULAR_SHARE = ("animal", "person", "plant", "food", "tool", "toy", "nature"), 0.045
+# (singular ending, plural ending) appended to a stem; 'oo' -> 'ee' replaces the vowel (goose/geese, foot/feet)
+IRREGULAR_PATTERNS = (("us", "i"), ("um", "a"), ("on", "a"), ("ix", "ices"), ("", "en"), ("oo", "ee"))
+
+# named entities of the knowledge base (pos name, category entity, Zipf rank = how often documents mention them) and
+# the towns they live in (pos name, category town): pseudo-names of their own, used only in fact sentences
+N_ENTITIES, N_TOWNS = 4000, 300
+TOWN_SUFFIXES = ("ton", "by", "ham", "wick", "ford", "dale", "mere", "stead", "worth", "holm")
+
+# domain jargon: per domain, words of its own sound that occur in no other domain
+JARGON_SOUNDS = {  # (onsets, vowels, codas)
+    "farm": ("b br d dr g gr h m st tr w", "a o u", "ck mp rn rd lt"),
+    "kitchen": ("ch f p s sh cr fl", "i e ee ou", "sh tch nch zz ff"),
+    "school": ("l n v sk gl qu", "e i y", "x nt ss ve m"),
+    "work": ("k t pr str kr tw", "a e i", "ct nk pt xt sk"),
+    "history": ("th v dr h gw", "ae au e o", "ld rn th lf rm"),
+    "sport": ("z j sp sw fr bl", "a i o", "zz mp p g sh"),
+    "counting": ("n m t d", "u o e", "n m nt mb"),
+    "village": ("gr d j h b w", "o a u", "ck ddle mmock tch"),
+}
+JARGON = {  # domain -> nouns {category: n}, verbs {class: n}, adjectives {category: n}, names
+    "farm": ({"animal": 8, "plant": 6, "tool": 5, "food": 4, "place": 4}, {"farming": 4, "care": 3, "sound": 3},
+             {"condition": 3, "emotion": 3, "taste": 2}, 0),
+    "kitchen": ({"food": 14, "container": 8, "tool": 6, "furniture": 4}, {"cooking": 6, "ingestion": 3},
+                {"taste": 5, "condition": 3}, 0),
+    "school": ({"document": 8, "toy": 5, "person": 4, "instrument": 4, "furniture": 3}, {"creation": 5, "expression": 4},
+               {"quality": 4, "emotion": 3}, 0),
+    "work": ({"document": 6, "tool": 7, "vehicle": 5, "person": 5, "place": 3}, {"work": 4, "contact": 4, "creation": 3},
+             {"condition": 3, "quality": 3}, 0),
+    "history": ({"treasure": 6, "weapon": 6, "person": 6, "place": 5, "vehicle": 3}, {"history": 5, "care": 3},
+                {"age": 2, "quality": 4}, 0),
+    "sport": ({"equipment": 8, "person": 5, "body": 4, "clothing": 4, "treasure": 3}, {"sport": 4, "contact": 4, "motion": 3},
+              {"emotion": 3, "condition": 3}, 0),
+    "counting": ({"food": 4, "animal": 4, "toy": 4, "nature": 4, "treasure": 3}, {"counting": 4, "possession": 2},
+                 {"size": 3, "shape": 3}, 0),
+    "village": ({"animal": 6, "person": 6, "family": 4, "place": 5, "food": 4, "plant": 3, "tool": 3},
+                {"motion": 4, "care": 4, "possession": 3, "expression": 3}, {"emotion": 4, "condition": 3, "size": 2}, 12),
+}
 ONSETS = "b d f g k l m n p r t v z bl br dr fl gl gr kl pl pr sk sl sn sp st tr".split()
 VOWELS = "a e i o u a e i o".split()
 CODAS = "b d g k l m n p r t nd nk mp lt rk ft".split()
@@ -355,10 +407,14 @@ def tail_rows(rows):
     def nxt(pos, cat):
         maxrank[(pos, cat)] += 1
         return maxrank[(pos, cat)]
-    def dom(p=0.5): return [r.choice(DOMAINS[:-1])] if r.random() < p else None
+    def dom(p=0.5): return [r.choice(TAIL_DOMAINS)] if r.random() < p else None
     for cat, n in TAIL_NOUNS.items():
         gender = "-" if cat == "person" else "n"
         for _ in range(n):
+            if cat in PSEUDO_IRREGULAR_CATS and r.random() < PSEUDO_IRREGULAR_SHARE:
+                forms = gen.fresh(lambda: pseudo_irregular(gen, r.choice(IRREGULAR_PATTERNS)))
+                out.append(row("noun", cat, nxt("noun", cat), forms[0], forms, "-", gender, None, "pseudo_irregular"))
+                continue
             sg, pl = gen.fresh(lambda: (lambda s: (s, s + "s"))(gen.stem(r.choice((2, 2, 3)))))
             out.append(row("noun", cat, nxt("noun", cat), sg, (sg, pl), "-", gender, dom(), "regular"))
     verbs = [rw for rw in rows if rw[0] == "verb" and rw[3] not in ("be",) and rw[3] not in ("have", "make", "count")]
@@ -380,6 +436,67 @@ def tail_rows(rows):
     return [rw[:-1] + ("pseudo",) for rw in out]
 
 
+def pseudo_irregular(gen, pattern):
+    "Singular, irregular plural and over-regularised plural of a fresh nonce noun (e.g. plox ploxen ploxes)."
+    sg_end, pl_end = pattern
+    if sg_end == "oo":
+        onset, coda = gen.rng.choice(ONSETS), gen.rng.choice(CODAS)
+        sg, pl = onset + "oo" + coda, onset + "ee" + coda
+    else:
+        stem = gen.stem(gen.rng.choice((1, 2)))
+        sg, pl = stem + sg_end, stem + pl_end
+    return sg, pl, regular_plural(sg)
+
+
+def jargon_stem(rng, sounds, n_syll):
+    "A stem built from one domain's onsets, vowels and codas."
+    onsets, vowels, codas = (part.split() for part in sounds)
+    return "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(n_syll)) + rng.choice(codas)
+
+
+def jargon_rows(rows, taken):
+    "Words that occur only in one domain: nouns, verbs (frames of a core verb of their class), adjectives, names."
+    gen, r, out = Pseudo(taken, seed=4321), random.Random(77), []
+    core_verbs = {}
+    for rw in rows:
+        if rw[0] == "verb" and rw[9] == "core" and rw[3] != "be": core_verbs.setdefault(rw[1], []).append(rw)
+    for domain, (nouns, verbs, adjectives, n_names) in JARGON.items():
+        make = lambda n_syll: jargon_stem(r, JARGON_SOUNDS[domain], n_syll)
+        for cat, n in nouns.items():
+            for rank in range(1, n + 1):
+                gender = "-" if cat == "person" else ("fm"[rank % 2] if cat == "family" else "n")
+                sg, pl = gen.fresh(lambda: (lambda w: (w, regular_plural(w)))(make(r.choice((1, 2)))))
+                out.append(row("noun", cat, rank, sg, (sg, pl), "-", gender, [domain], "regular", "jargon"))
+        for cls, n in verbs.items():
+            for rank in range(1, n + 1):
+                frames = r.choice(core_verbs[cls])[8]
+                base, sg3, past = gen.fresh(lambda: (lambda w: (w, regular_plural(w), regular_past(w)))(make(1)))
+                out.append(row("verb", cls, rank, base, (sg3, base, past), "-", "-", [domain], frames, "jargon"))
+        for cat, n in adjectives.items():
+            for rank in range(1, n + 1):
+                (w,) = gen.fresh(lambda: (make(r.choice((1, 2))) + r.choice(("y", "ish", "en")),))
+                out.append(row("adj", cat, rank, w, (w,), "-", "-", [domain], ADJECTIVES[cat][0], "jargon"))
+        for rank in range(1, n_names + 1):
+            g = "fm"[rank % 2]
+            (w,) = gen.fresh(lambda: ((make(1) + ("a" if g == "f" else "o")).capitalize(),))
+            out.append(row("name", "name", rank, w, (w,), "sg", g, [domain], "-", "jargon"))
+    return out
+
+
+def fact_rows(taken):
+    "Entities (alternating gender by rank) and towns of the knowledge base; source 'fact'."
+    gen, r, out = Pseudo(taken, seed=2468), random.Random(55), []
+    endings = {"f": ("a", "ia", "elle", "i", "ine"), "m": ("o", "ar", "en", "ik", "or")}
+    for rank in range(1, N_ENTITIES + 1):
+        g = "fm"[rank % 2]
+        (w,) = gen.fresh(lambda: ((gen.stem(r.choice((1, 2)))[:-1] + r.choice(endings[g])).capitalize(),))
+        out.append(row("name", "entity", rank, w, (w,), "sg", g, None, "-", "fact"))
+    for rank in range(1, N_TOWNS + 1):
+        (w,) = gen.fresh(lambda: ((gen.stem(1) + r.choice(TOWN_SUFFIXES)).capitalize(),))
+        out.append(row("name", "town", rank, w, (w,), "sg", "n", None, "-", "fact"))
+    return out
+
+
 def check_unique(rows):
     "Every surface form (case-folded) belongs to exactly one row, except forms repeated inside one lemma's row."
     owner = {}
@@ -399,6 +516,8 @@ def check_unique(rows):
 def main():
     rows = core_rows()
     rows += tail_rows(rows)
+    rows += jargon_rows(rows, {f.lower() for rw in rows for f in rw[4].split()})
+    rows += fact_rows({f.lower() for rw in rows for f in rw[4].split()})
     check_unique(rows)
     header = ("pos", "category", "rank", "lemma", "forms", "number", "gender", "domains", "args", "source")
     text = "\t".join(header) + "\n" + "".join("\t".join(rw) + "\n" for rw in rows)

@@ -20,7 +20,7 @@ from .acts import window_acts
 
 # %% auto #0
 __all__ = ['CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription', 'describe_suite',
-           'emergence_tokens', 'plot_metric_curves', 'plot_similarity']
+           'emergence_tokens', 'testbed_checks', 'plot_metric_curves', 'plot_similarity']
 
 # %% ../nbs/07_checkpoints.ipynb #febd0779
 class CheckpointEval(NamedTuple):
@@ -80,6 +80,24 @@ def emergence_tokens(rows: list[dict], key: str, threshold: float = 0.9) -> int 
     for i in range(len(values)):
         if all(v >= threshold for v in values[i:]): return rows[i]["tokens"]
     return None
+
+# %% ../nbs/07_checkpoints.ipynb #3f22272e
+def testbed_checks(rows: list[dict], threshold: float = 0.9, chance: float = 0.5, margin: float = 0.05,
+                   late_fraction: float = 0.25) -> dict:
+    "Emergence spread (octaves), late, dipping and unlearnt phenomena and the second-half loss drop of a suite table."
+    phenomena = [k[4:] for k in rows[0] if k.startswith("acc_")]
+    emerged = {ph: emergence_tokens(rows, f"acc_{ph}", threshold) for ph in phenomena}
+    first = {ph: t for ph, t in emerged.items() if t}  # a phenomenon passing at step 0 has no emergence to place
+    end = rows[-1]["tokens"]
+    dips = [ph for ph in phenomena if min(r[f"acc_{ph}"] for r in rows if emerged[ph] is None or r["tokens"] < emerged[ph])
+            < chance - margin]
+    half = next(r for r in rows if r["tokens"] >= end / 2)
+    return dict(emergence_tokens=emerged,
+                octaves=float(np.log2(max(first.values()) / min(first.values()))) if len(first) > 1 else 0.0,
+                late=[ph for ph, t in emerged.items() if t is not None and t > late_fraction * end],
+                dips_below_chance=dips, unlearnt=[ph for ph, t in emerged.items() if t is None],
+                loss_drop_second_half=half["loss"] - rows[-1]["loss"])
+
 
 # %% ../nbs/07_checkpoints.ipynb #05a41c32
 def _tokens_axis(ax, rows):

@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_features.ipynb #47c716a8
 from __future__ import annotations
+import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -19,9 +20,10 @@ from .data.grammar import Lexicon, WordInfo, load_lexicon
 from .sae.model import SparseAutoencoder
 
 # %% auto #0
-__all__ = ['CONCEPT_FIELDS', 'category_names', 'word_category', 'TokenWindow', 'token_window', 'top_positions',
-           'random_positions', 'TopActivation', 'sae_encoder', 'top_activations_by_latent', 'top_activations',
-           'top_token_summary', 'FeatureLabel', 'label_feature', 'top_infos', 'labels_at', 'label_share']
+__all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'category_names', 'word_category', 'TokenWindow', 'token_window',
+           'top_positions', 'random_positions', 'TopActivation', 'sae_encoder', 'top_activations_by_latent',
+           'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes', 'field_codes', 'hypergeom_log_tail',
+           'value_counts', 'lemma_spread', 'Candidates', 'candidates', 'null_log_p', 'labels_at']
 
 # %% ../nbs/06_features.ipynb #ca144903
 def category_names(lexicon: Lexicon) -> list[str]:
@@ -167,47 +169,124 @@ def top_token_summary(tokenizer, token_ids: Tensor, values: Tensor, n: int = 6) 
     tokens = [tokenizer.decode([t]).strip() or repr(tokenizer.decode([t])) for t, v in zip(token_ids.tolist(), values.tolist()) if v > 0]
     return ", ".join(f"{tok}×{count}" for tok, count in Counter(tokens).most_common(n)) or "(silent)"
 
-# %% ../nbs/06_features.ipynb #3feb78ed
+# %% ../nbs/06_features.ipynb #2348cf6a
 class FeatureLabel(NamedTuple):
-    "What a feature fires on at one checkpoint."
-    kind: Literal["token", "concept", "unlabelled"]
-    value: str     # the lemma, 'property=value' for concepts, '' when unlabelled
-    purity: float  # share of the top activations carrying `value` (0..1)
+    "What a feature fires on at one checkpoint, with the evidence that it is more than chance."
+    kind: Literal["token", "concept", "unlabelled", "silent"]
+    value: str              # the lemma, 'field=value' for concepts, '' when unlabelled or silent
+    purity: float = 0.0     # share of the top positions carrying `value` (0..1)
+    base_rate: float = 0.0  # share of all analysed positions carrying `value` (0..1)
+    p_value: float = 1.0    # hypergeometric tail: chance that k random positions hold `value` that often, uncorrected
 
+LABEL_KINDS = ("token", "concept", "unlabelled", "silent")
 CONCEPT_FIELDS = ("category", "number", "gender", "tense", "pos")
+LABEL_FIELDS = ("lemma", *CONCEPT_FIELDS)  # candidates: a lemma (token-level) or a property value (concept-level)
 
-def _majority(values: list, n: int) -> tuple[object, float]:
-    "Most common non-None value among `values` and its share of `n`."
-    counts = Counter(v for v in values if v is not None)
-    if not counts: return None, 0.0
-    value, count = counts.most_common(1)[0]
-    return value, count / n
+class FieldCodes(NamedTuple):
+    "One lexicon field of every analysed position as integer codes."
+    field: str          # 'lemma' or one of CONCEPT_FIELDS
+    codes: Tensor       # value id of each analysed position, -1 = none (no entry, or the field is None): [n]
+    values: list[str]   # value names; a value's id is its index
 
-def label_feature(token_infos_top: Sequence[WordInfo | None], threshold: float = 0.6) -> FeatureLabel:
-    "Label a feature token-level, concept-level or unlabelled from its top tokens' lexicon entries."
-    check_range("threshold", threshold, lo=0, hi=1)
-    if len(token_infos_top) == 0: raise ParamError("token_infos_top is empty; pass the top activations' WordInfo")
-    n = len(token_infos_top)
-    lemma, purity = _majority([w.lemma if w else None for w in token_infos_top], n)
-    if lemma is not None and purity >= threshold: return FeatureLabel("token", lemma, purity)
-    for field in CONCEPT_FIELDS:
-        value, purity = _majority([getattr(w, field) if w else None for w in token_infos_top], n)
-        if value is not None and purity >= threshold: return FeatureLabel("concept", f"{field}={value}", purity)
-    return FeatureLabel("unlabelled", "", 0.0)
+def field_codes(infos: Sequence[WordInfo | None], field: str) -> FieldCodes:
+    "Code `field` of the lexicon entries `infos` [n] (None entries and None values get -1)."
+    check_choice("field", field, LABEL_FIELDS)
+    raw = [None if w is None or getattr(w, field) is None else str(getattr(w, field)) for w in infos]
+    values = sorted({v for v in raw if v is not None})
+    index = {v: i for i, v in enumerate(values)}
+    return FieldCodes(field, torch.tensor([index.get(v, -1) for v in raw], dtype=torch.long), values)
 
-# %% ../nbs/06_features.ipynb #008f4357
-def top_infos(values: Tensor, pos: Tensor, infos: Sequence[WordInfo | None]) -> list[WordInfo | None]:
-    "Lexicon entries at one feature's top positions `pos` [n_top]; None where it is silent (`values` [n_top] ≤ 0)."
-    return [infos[i] if v > 0 else None for v, i in zip(values.tolist(), pos.tolist())]
 
-def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | None], threshold: float = 0.6) -> list[FeatureLabel]:
-    "Label every feature from the lexicon entries at its top positions [n_features, n_top] (silent positions count as None)."
-    if top_values.shape != top_pos.shape:
-        raise ParamError(f"top_values {tuple(top_values.shape)} and top_pos {tuple(top_pos.shape)} must have one shape")
-    return [label_feature(top_infos(v, p, infos), threshold) for v, p in zip(top_values, top_pos)]
+# %% ../nbs/06_features.ipynb #54e229be
+def _log_choose(a: Tensor, b: Tensor) -> Tensor:
+    "log C(a, b), −inf where b < 0 or b > a."
+    ok = (b >= 0) & (b <= a)
+    a, b = a.double(), b.double().clamp(min=0)
+    out = torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma((a - b).clamp(min=0) + 1)
+    return torch.where(ok, out, -torch.inf)
 
-def label_share(token_infos_top: Sequence[WordInfo | None], label: FeatureLabel) -> float:
-    "Share of `token_infos_top` carrying `label`'s value (its lemma, or its property=value); 0 for an unlabelled label."
-    if label.kind == "unlabelled" or not token_infos_top: return 0.0
-    field, value = ("lemma", label.value) if label.kind == "token" else label.value.split("=", 1)
-    return sum(w is not None and str(getattr(w, field)) == value for w in token_infos_top) / len(token_infos_top)
+def hypergeom_log_tail(n: int, k: int, n_with: Tensor) -> Tensor:
+    "log P(X ≥ c) for c = 0..k, X = positions with a value among k drawn from n of which `n_with` [V] hold it: [k + 1, V]."
+    c = torch.arange(k + 1)[:, None]                                             # [k + 1, 1]
+    n_with = n_with[None].long()                                                 # [1, V]
+    log_pmf = _log_choose(n_with, c) + _log_choose(n - n_with, k - c) - _log_choose(torch.tensor(n), torch.tensor(k))
+    return log_pmf.flip(0).logcumsumexp(0).flip(0).clamp(max=0.0)               # tail sums, largest c first
+
+def value_counts(codes_top: Tensor, n_values: int) -> Tensor:
+    "How many of each feature's top positions hold each value, from their codes [F, k] (-1 = none): [F, V]."
+    counts = torch.zeros(codes_top.shape[0], n_values + 1, dtype=torch.long)
+    counts.scatter_add_(1, codes_top.long() + 1, torch.ones_like(codes_top, dtype=torch.long))  # column 0 = none
+    return counts[:, 1:]
+
+def lemma_spread(codes_top: Tensor, lemmas_top: Tensor, n_values: int) -> Tensor:
+    "Distinct lemmas among each feature's top positions holding each value; codes and lemma ids [F, k]: [F, V]."
+    n_lemmas = int(lemmas_top.max()) + 2
+    key = torch.where((codes_top >= 0) & (lemmas_top >= 0), codes_top * n_lemmas + lemmas_top, -1).sort(1).values
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]                                     # first of each run of one (value, lemma)
+    value = torch.where(first & (key >= 0), key // n_lemmas, -1)
+    return value_counts(value, n_values)
+
+
+# %% ../nbs/06_features.ipynb #b05d29fe
+class Candidates(NamedTuple):
+    "Every value of every field scored as the label of each feature."
+    log_p: Tensor                # log tail probability of each candidate; +inf where it may not be the label: [F, C]
+    count: Tensor                # top positions holding it: [F, C]
+    base_rate: Tensor            # share of the analysed positions holding it: [C]
+    names: list[tuple[str, str]] # (kind, value) of each candidate, as FeatureLabel writes them: [C]
+
+def candidates(fields: Sequence[FieldCodes], top_pos: Tensor, min_purity: float, min_lemmas: int) -> Candidates:
+    "Counts, base rates and tail probabilities of every value of `fields` (lemma first) at top positions `top_pos` [F, k]."
+    if fields[0].field != "lemma": raise ParamError(f"fields must start with 'lemma'; got {fields[0].field!r}")
+    n, k = len(fields[0].codes), top_pos.shape[1]
+    lemmas_top = fields[0].codes[top_pos]                                       # [F, k]
+    log_ps, counts, rates, names = [], [], [], []
+    for f in fields:
+        top = f.codes[top_pos]                                                  # [F, k]
+        n_with = value_counts(f.codes[None], len(f.values))[0]                  # [V]
+        count = value_counts(top, len(f.values))                                # [F, V]
+        allowed = count >= math.ceil(min_purity * k - 1e-9)
+        if f.field != "lemma": allowed &= lemma_spread(top, lemmas_top, len(f.values)) >= min_lemmas
+        log_ps.append(torch.where(allowed, hypergeom_log_tail(n, k, n_with).gather(0, count), torch.inf))
+        counts.append(count); rates.append(n_with / n)
+        names += [("token", v) if f.field == "lemma" else ("concept", f"{f.field}={v}") for v in f.values]
+    return Candidates(torch.cat(log_ps, 1), torch.cat(counts, 1), torch.cat(rates), names)
+
+def null_log_p(fields: Sequence[FieldCodes], top_pos: Tensor, min_purity: float, min_lemmas: int, n_shuffles: int,
+               seed: int = 0) -> Tensor:
+    "Each feature's best candidate log p with the window's entries shuffled across positions, `n_shuffles` times: [n_shuffles, F]."
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_shuffles):
+        perm = torch.randperm(len(fields[0].codes), generator=gen)  # moves whole entries: lemma and properties together
+        out.append(candidates([f._replace(codes=f.codes[perm]) for f in fields], top_pos, min_purity, min_lemmas).log_p.min(1).values)
+    return torch.stack(out)
+
+
+# %% ../nbs/06_features.ipynb #9d3438fa
+def _label(cand: Candidates, feature: int, best: int, k: int) -> FeatureLabel:
+    "The label of `feature` given by candidate `best`."
+    kind, value = cand.names[best]
+    return FeatureLabel(kind, value, cand.count[feature, best].item() / k, cand.base_rate[best].item(),
+                        math.exp(cand.log_p[feature, best].item()))
+
+def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | None], min_purity: float = 0.6,
+              level: float = 0.01, min_lemmas: int = 3, n_shuffles: int = 8, seed: int = 0) -> list[FeatureLabel]:
+    "Label every feature from its top values and positions [F, k] among the analysed positions' entries `infos` [n]."
+    if top_values.shape != top_pos.shape or top_pos.ndim != 2:
+        raise ParamError(f"top_values {tuple(top_values.shape)} and top_pos {tuple(top_pos.shape)} must both be [F, k]")
+    check_range("min_purity", min_purity, lo=0, hi=1)
+    check_range("level", level, lo=1e-12, hi=0.5)
+    check_range("min_lemmas", min_lemmas, lo=1)
+    check_range("n_shuffles", n_shuffles, lo=1)
+    top_pos, k = top_pos.cpu().long(), top_pos.shape[1]
+    fields = [field_codes(infos, f) for f in LABEL_FIELDS]
+    cand, silent = candidates(fields, top_pos, min_purity, min_lemmas), (top_values.cpu() > 0).sum(1) < k
+    if not cand.names: return [FeatureLabel("silent" if s else "unlabelled", "") for s in silent.tolist()]  # no entries
+    null = null_log_p(fields, top_pos, min_purity, min_lemmas, n_shuffles, seed).flatten().sort().values
+    bar = min(math.log(level / len(cand.names)), null[int(level * len(null))].item())  # Bonferroni, and beat the null
+    best_log_p, best = cand.log_p.min(1).values, cand.log_p.argmin(1)
+    return [FeatureLabel("silent", "") if s else _label(cand, f, b, k) if lp < bar else FeatureLabel("unlabelled", "")
+            for f, (s, lp, b) in enumerate(zip(silent.tolist(), best_log_p.tolist(), best.tolist()))]
+

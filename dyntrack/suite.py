@@ -47,7 +47,7 @@ def check_revision_format(name: str, fmt: str) -> None:
 
 # %% ../nbs/08_suite.ipynb #8f9cc215
 TRAINING_FIELDS = ("run_dir", "words_per_domain", "vocab_size", "arch", "size", "batch_size", "total_steps", "lr",
-                   "warmup_steps", "n_linear", "compile")  # fields that only train the embedded suite
+                   "warmup_steps", "n_linear", "per_octave", "compile")  # fields that only train the embedded suite
 HUB_FIELDS = ("hub_steps", "hub_revision", "hub_tokens_per_step")  # fields that only choose a hub suite's revisions
 
 @dataclass

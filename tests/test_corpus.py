@@ -1,4 +1,5 @@
-"""Tests of dyntrack.data.corpus: lexicon, grammar, determinism, agreement ground truth, Zipf, domains, held-out rule."""
+"""Tests of dyntrack.data.corpus: lexicon, grammar, determinism, ground truth of every relation, episodes, the village
+dialect, domain jargon, designed rates, Zipf, domains, held-out rule."""
 import os
 import re
 from collections import Counter
@@ -10,8 +11,8 @@ os.environ.setdefault("DYNTRACK_PROGRESS", "0")
 
 from dyntrack.core import ParamError
 from dyntrack.data.corpus import (
-    CorpusConfig, Generator, annotate, generate_corpus, generate_documents, generate_sentences, is_heldout,
-    label_offsets, story)
+    CorpusConfig, Generator, annotate, document, episode, generate_corpus, generate_documents, generate_sentences,
+    is_heldout, label_offsets, story)
 from dyntrack.data.grammar import compile_construction, find_data_dir, load_grammar, load_lexicon
 
 LEX = load_lexicon()
@@ -24,15 +25,29 @@ def corpus():
 
 
 def check_relations(sent):
-    "Every recorded dependency holds according to the lexicon alone."
+    "Every recorded dependency holds according to the lexicon alone (a numeral's rank is its value)."
     info = [LEX.info(w) for w in sent.words]
-    assert all(info), sent.text
+    assert all(info) and all(i.standard for i in info), sent.text
     for rel in sent.relations:
         target, ctrl = info[rel.target], [info[i] for i in rel.controllers]
-        want = "pl" if len(ctrl) > 1 else ctrl[0].number
+        if rel.kind == "sum":
+            assert target.rank == sum(c.rank for c in ctrl), sent.text
+            continue
+        if rel.kind == "fact":  # the knowledge base's value for the entity, whichever frame states it
+            entity = sent.words[rel.controllers[0]]
+            assert info[rel.controllers[0]].category == "entity", sent.text
+            assert sent.words[rel.target] in load_grammar().facts[entity].values(), sent.text
+            continue
+        if rel.kind == "step":
+            values = [c.rank for c in ctrl] + [target.rank]
+            assert len(set(np.diff(values))) == 1 and values[1] != values[0], sent.text
+            continue
+        want = "pl" if len(ctrl) > 1 or rel.kind == "dialect" else ctrl[0].number  # the village: plural verb always
         assert target.number == want, (sent.text, rel)
         if rel.kind == "refl" and want == "sg" and ctrl[0].gender:
             assert target.gender == ctrl[0].gender, (sent.text, rel)
+    dialect = [r for r in sent.relations if r.kind == "dialect"]
+    assert not dialect or sent.domain in load_grammar().dialect_domains, sent
 
 
 # ---------------------------------------------------------------- lexicon and data
@@ -45,6 +60,16 @@ def test_lexicon_labels_every_form_once():
     assert LEX.info("flurbogorp") is None
     irregular = {r.forms[1] for r in LEX.rows if r.pos == "noun" and r.args == "irregular"}
     assert {"mice", "children", "geese", "feet", "teeth", "women"} <= irregular
+    pseudo = [r for r in LEX.rows if r.args == "pseudo_irregular"]
+    assert len(pseudo) >= 40 and all(r.source == "pseudo" and len(r.forms) == 3 for r in pseudo)
+    for r in pseudo:  # singular, irregular plural, over-regularised plural (listed, not standard)
+        sg, pl, over = (LEX.info(f) for f in r.forms)
+        assert (sg.number, pl.number, over.number) == ("sg", "pl", "pl") and sg.lemma == pl.lemma == over.lemma
+        assert sg.standard and pl.standard and not over.standard and over.word in (sg.word + "s", sg.word + "es")
+    jargon = [r for r in LEX.rows if r.source == "jargon"]
+    assert {r.domains for r in jargon} == {(d,) for d in load_grammar().domains}
+    assert {r.pos for r in jargon} == {"noun", "verb", "adj", "name"}
+    assert LEX.info("says").category == "saying" and LEX.info("because").pos == "conj" and LEX.info("no").pos == "det"
 
 
 def test_inflect_round_trips_and_errors():
@@ -82,7 +107,9 @@ def test_template_errors():
                       ({"t": "NP.s", "refs": {"s": "animals"}}, "unknown class"),
                       ({"t": "NP.s", "refs": {"s": "any:plural"}}, "unknown modifier"),
                       ({"t": "NP.s V.x", "refs": {"s": "any"}}, "undeclared"),
-                      ({"t": "NP.s PP.a", "refs": {"a": "any:opp=s", "s": "any"}}, "needs s first")]:
+                      ({"t": "NP.s PP.a", "refs": {"a": "any:opp=s", "s": "any"}}, "needs s first"),
+                      ({"t": "NP.s PP.a", "refs": {"a": "any:gopp=s", "s": "any"}}, "needs s first"),
+                      ({"t": "NP.s", "refs": {"s": "any:rare:gopp"}}, "unknown modifier")]:
         with pytest.raises(ValueError, match=msg):
             compile_construction(spec, "bad", classes)
 
@@ -115,20 +142,25 @@ def test_config_errors():
         generate_corpus(100, domains=("mars",))
     with pytest.raises(ParamError, match="domain='mars'"):
         generate_documents("mars", 1)
-    with pytest.raises(ParamError, match="construction='passive'"):
-        generate_sentences("passive", 1)
+    with pytest.raises(ParamError, match="construction='interrogative'"):
+        generate_sentences("interrogative", 1)
 
 
 # ---------------------------------------------------------------- ground truth
 def test_every_construction_satisfies_its_relations():
     g = load_grammar()
     for name in g.constructions:
-        sents = generate_sentences(name, 60, seed=1)
-        for sent in sents:
-            check_relations(sent)
-        assert all(s.text.endswith(".") and s.text[0].isupper() for s in sents)
+        for domain in g.spec["constructions"][name].get("domains", [None]):
+            sents = generate_sentences(name, 60, seed=1, domain=domain)
+            for sent in sents:
+                check_relations(sent)
+            assert all(s.text.endswith(".") and s.text[0].isupper() for s in sents)
     kinds = Counter(r.kind for s in generate_sentences("reflexive", 50, seed=0) for r in s.relations)
     assert kinds["refl"] == 50
+    for name in ("parenthetical", "subject_double_relative", "double_relative", "pp_chain", "adverbial_span"):
+        sents = generate_sentences(name, 40, seed=2, domain="village")  # dialect sentences obey the dialect
+        assert any(r.kind == "dialect" for s in sents for r in s.relations), name
+        for sent in sents: check_relations(sent)
 
 
 def test_phenomenon_constructions_force_structure():
@@ -142,10 +174,25 @@ def test_phenomenon_constructions_force_structure():
             assert LEX.info(sent.words[nouns[0]]).number != LEX.info(sent.words[nouns[-1]]).number, sent.text
     for sent in (gen.sentence(g.phenomena["irregular_agreement"][1], "farm", heldout=None) for _ in range(30)):
         subj = next(w for w in sent.words if LEX.info(w).pos == "noun")
-        assert LEX.info(subj).number == "pl" and [r for r in LEX.rows if r.forms[-1] == subj][0].args == "irregular"
+        assert LEX.info(subj).number == "pl" and [r for r in LEX.rows if r.pos == "noun" and r.forms[1] == subj][0].args == "irregular"
+    for name in ("pp_chain_agreement", "double_rc_agreement", "long_distance_agreement"):
+        for con in g.phenomena[name]:  # every noun between the subject and its verb is an attractor
+            for _ in range(20):
+                sent = gen.sentence(con, "sport", heldout=None)
+                check_relations(sent)
+                verb = [r for r in sent.relations if r.kind == "agree" and r.ref == "s"][-1]
+                (subject,) = verb.controllers
+                between = [i for i in range(subject + 1, verb.target) if LEX.info(sent.words[i]).pos == "noun"]
+                assert len(between) >= (1 if name == "long_distance_agreement" else 2), sent.text
+                assert verb.target - subject >= 6, sent.text  # a long span: at least five words in between
+                assert all(LEX.info(sent.words[i]).number != LEX.info(sent.words[subject]).number for i in between)
+    for con in g.phenomena["rare_noun_agreement"]:
+        sent = gen.sentence(con, "farm", heldout=None)
+        subject = LEX.info(sent.words[sent.relations[-1].controllers[0]])
+        assert [r for r in LEX.rows if r.lemma == subject.lemma and r.pos == "noun"][0].source == "pseudo"
 
 
-def test_addition_is_correct_and_counts_agree():
+def test_arithmetic_is_correct_and_counts_agree():
     value = {r.forms[0]: r.rank for r in LEX.rows if r.pos == "num"}
     for sent in generate_sentences("addition", 100, seed=0):
         a, _, b, _, c, _ = sent.words
@@ -154,6 +201,44 @@ def test_addition_is_correct_and_counts_agree():
         check_relations(sent)
         nums = [value[w] for w in sent.words if w in value]
         assert nums == list(range(nums[0], nums[0] + len(nums)))
+    sums = generate_sentences("two_step_addition", 200, seed=0, domain="counting")
+    for sent in sums:  # independent of the relations: read the numbers off the words
+        check_relations(sent)
+        *addends, total = [value[w] for w in sent.words if w in value]
+        assert len(addends) == 3 and sum(addends) == total <= 20 and min(addends) >= 1
+    assert 0.3 < np.mean([len(s.words) > 8 for s in sums]) < 0.7  # half with a counted noun
+    steps = Counter()
+    for sent in generate_sentences("step_sequence", 300, seed=0, domain="counting"):
+        check_relations(sent)
+        nums = [value[w] for w in sent.words if w in value]
+        step = nums[1] - nums[0]
+        steps[step] += 1
+        assert nums == [nums[0] + step * k for k in range(len(nums))] and 4 <= len(nums) <= 6
+        assert 2 <= nums[-1] and nums[-2] + 1 <= 20  # room for the wrong answer of the tasks (last term + 1)
+    assert set(steps) == {2, 3, -1, -2} and steps[-1] > steps[-2]
+
+
+def test_episodes_fix_the_reflexive_by_a_chain():
+    g = load_grammar()
+    gen = Generator(4)
+    for name, ep in g.episodes.items():
+        for _ in range(40):
+            sents = episode(gen, ep, "work")
+            assert [s.construction for s in sents] == [f"{name}:{i}" for i in range(len(ep.sentences))]
+            words = [w for s in sents for w in s.words]
+            name_gender = next(LEX.info(w).gender for w in words if LEX.info(w).pos == "name")
+            refl = sents[-1].relations[-1]
+            assert refl.kind == "refl" and refl.ref == "R"
+            role = LEX.info(sents[-1].words[refl.controllers[0]])
+            assert role.pos == "noun" and role.gender is None and role.number == "sg"  # the noun says no gender
+            gender = LEX.info(sents[-1].words[refl.target]).gender
+            assert gender != name_gender and gender in "mf"
+            # the only other word of that gender is a pronoun of an earlier sentence: the chain that fixes it
+            pronouns = [LEX.info(w) for s in sents[:-1] for w in s.words if LEX.info(w).pos == "pron"]
+            assert any(p.gender == gender for p in pronouns) and all(p.gender in (gender, name_gender) for p in pronouns)
+            before = [LEX.info(w) for s in sents[:-1] for w in s.words if LEX.info(w).gender in ("m", "f")]
+            assert before[-1].gender == name_gender, sents  # the nearest gendered word is the other person's
+            assert not any(is_heldout(s.text) for s in sents)
 
 
 def test_story_pronouns_refer_back_to_the_protagonist():
@@ -166,6 +251,76 @@ def test_story_pronouns_refer_back_to_the_protagonist():
         words = {w.lower() for t in texts[1:] for w in re.findall(r"[A-Za-z]+", t)}
         wrong = {"f": {"he", "him", "his"}, "m": {"she", "her"}}[gender]
         assert not words & wrong, texts
+
+
+# ---------------------------------------------------------------- domains that differ
+def present_verbs_after_pronouns(docs) -> Counter:
+    "Number of each present-tense lexical verb right after a singular subject pronoun (he, she, it)."
+    counts = Counter()
+    for doc in docs:
+        ws = annotate(doc)
+        for a, b in zip(ws, ws[1:]):
+            if a.text.lower() in ("he", "she", "it") and b.info.pos == "verb" and b.info.tense == "present" \
+                    and b.info.lemma != "be":
+                counts[b.info.number] += 1
+    return counts
+
+
+def test_village_dialect_conflicts_with_standard_agreement(corpus):
+    village, farm = present_verbs_after_pronouns(corpus["village"]), present_verbs_after_pronouns(corpus["farm"])
+    assert village["pl"] > 200 and village["sg"] == 0, village  # "she feed the cow"
+    assert farm["sg"] > 200 and farm["pl"] == 0, farm  # "she feeds the cow"
+    for domain, kind in (("village", "dialect"), ("farm", "agree")):
+        sents = generate_sentences("transitive", 300, seed=3, domain=domain)
+        for sent in sents: check_relations(sent)
+        kinds = Counter(r.kind for s in sents for r in s.relations if r.kind in ("agree", "dialect"))
+        assert set(kinds) == {kind} and kinds[kind] > 150, (domain, kinds)
+    copula = generate_sentences("copula", 200, seed=3, domain="village")  # the copula keeps standard agreement
+    assert {r.kind for s in copula for r in s.relations} - {"det"} == {"agree"}
+
+
+def test_jargon_occurs_only_in_its_domain(corpus):
+    jargon = {f.lower(): r.domains[0] for r in LEX.rows if r.source == "jargon" for f in r.forms}
+    seen = {d: set() for d in corpus}
+    for domain, docs in corpus.items():
+        for doc in docs:
+            for w in re.findall(r"[A-Za-z]+", doc):
+                home = jargon.get(w.lower())
+                assert home in (None, domain), (w, home, domain)
+                if home: seen[domain].add(w.lower())
+    assert all(len(words) >= 40 for words in seen.values()), {d: len(w) for d, w in seen.items()}
+
+
+def test_constructions_appear_at_their_designed_rates():
+    g = load_grammar()
+    for domain in ("farm", "work", "counting", "village"):
+        gen = Generator(f"rates/{domain}")
+        gen.trace = []
+        docs = [document(gen, domain) for _ in range(1500)]
+        pop, cum = g.table(("con", domain, "plain"))
+        prob = dict(zip((c.name for c in pop), np.diff(cum, prepend=0) / cum[-1]))
+        plain = Counter(n for n in gen.trace if n in g.constructions)
+        total = sum(plain.values())
+        for name in g.constructions:  # a binomial count within 4 standard deviations of its designed share
+            expected = prob.get(name, 0.0) * total
+            assert abs(plain[name] - expected) <= 4 * np.sqrt(expected) + 2, (domain, name, plain[name], expected)
+            own = g.spec["constructions"][name].get("domains")
+            if own and domain not in own: assert plain[name] == 0, (domain, name)
+        names, cum = g.table(("kind", domain))
+        kinds = dict(zip(names, np.diff(cum, prepend=0)))
+        episodes = sum(n.endswith(":0") for n in gen.trace)
+        expected = len(docs) * kinds["episode"] / sum(kinds.values())
+        assert abs(episodes - expected) <= 4 * np.sqrt(expected) + 2, (domain, episodes, expected)
+    assert prob["double_negation"] > 0.02 and prob["double_relative"] < 0.003  # own constructions common, long ones rare
+
+
+def test_pseudo_irregular_plurals_are_rare_and_never_regularised(corpus):
+    pseudo = {r.forms[1]: r.forms[2] for r in LEX.rows if r.args == "pseudo_irregular"}
+    counts = Counter(w for docs in corpus.values() for d in docs for w in re.findall(r"[a-z]+", d))
+    n_words = sum(counts.values())
+    seen = sum(counts[pl] for pl in pseudo)
+    assert 0 < seen < 3e-4 * n_words, seen  # about ten per 100,000 words, all 50-odd nouns together
+    assert not any(counts[over] for over in pseudo.values())
 
 
 # ---------------------------------------------------------------- statistics
@@ -218,3 +373,55 @@ def test_training_documents_contain_no_heldout_sentence(corpus):
     sentences = [s for docs in corpus.values() for d in docs for s in SENTENCE_END.split(d)]
     assert len(sentences) > 20_000 and all(s.endswith(".") for s in sentences)
     assert not any(is_heldout(s) for s in sentences)
+
+
+# ---------------------------------------------------------------- facts
+FACT_SENTENCE = re.compile(r"\b([A-Z][a-z]+)(?:, who)? (lives in|is from|works as a|keeps|likes) ([A-Za-z]+)")
+FACT_ATTR = {"lives in": "home", "is from": "home", "works as a": "trade", "keeps": "animal", "likes": "food"}
+
+
+def test_knowledge_base_is_fixed_by_its_seed():
+    g = load_grammar()
+    entities = [r for r in LEX.rows if r.category == "entity"]
+    assert list(g.facts) == [r.forms[0] for r in sorted(entities, key=lambda r: r.rank)] == list(g.fact_entities)
+    assert len(g.facts) == 4000 and all(set(f) == {"home", "trade", "animal", "food"} for f in g.facts.values())
+    from dyntrack.data.grammar import knowledge_base
+    assert knowledge_base(g.spec["facts"], LEX) == g.facts != knowledge_base(g.spec["facts"] | {"seed": 9}, LEX)
+
+
+def test_every_fact_is_stated_consistently(corpus):
+    "Each statement of a fact in every document gives the knowledge base's value, and the frames state each attribute."
+    g = load_grammar()
+    stated, attrs = Counter(), Counter()
+    for docs in corpus.values():
+        for doc in docs:
+            for name, verb, value in FACT_SENTENCE.findall(doc):
+                if name not in g.facts: continue  # 'Mary keeps the cup': not an entity of the knowledge base
+                assert g.facts[name][FACT_ATTR[verb]] == value, (name, verb, value)
+                stated[name] += 1
+                attrs[FACT_ATTR[verb]] += 1
+    assert set(attrs) == {"home", "trade", "animal", "food"} and len(stated) > 300
+    in_town = [m for docs in corpus.values() for d in docs for m in re.findall(r"In ([A-Z][a-z]+), ([A-Z][a-z]+)", d)
+               if m[1] in g.facts]
+    assert in_town and all(g.facts[name]["home"] == town for town, name in in_town)
+
+
+def test_entities_follow_their_zipf_law(corpus):
+    "Mentions fall with rank as rank^-1: the top 20 entities get about a third of the mentions, the rare bucket a few percent."
+    g = load_grammar()
+    counts = Counter(w for docs in corpus.values() for d in docs for w in re.findall(r"[A-Z][a-z]+", d) if w in g.facts)
+    ranks = {e: LEX.info(e).rank for e in counts}
+    total = sum(counts.values())
+    harmonic = sum(1 / k for k in range(1, 4001))
+    for bucket, (lo, hi) in g.fact_buckets.items():
+        share = sum(c for e, c in counts.items() if lo <= ranks[e] <= hi) / total
+        expected = sum(1 / k for k in range(lo, hi + 1)) / harmonic
+        assert abs(share - expected) < 0.25 * expected + 0.01, (bucket, share, expected)
+
+
+def test_facts_stay_out_of_the_village():
+    "Fact frames have literal present verbs ('lives'), which the dialect would put in the plural: no fact there."
+    g = load_grammar()
+    pop, _ = g.table(("con", "village", "plain"))
+    assert not any(c.name.startswith("fact_") for c in pop)
+    assert sum(c.name.startswith("fact_") for c in g.table(("con", "farm", "plain"))[0]) == 10

@@ -12,9 +12,9 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, choose_checkpoints, class_counts,
-    class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie, site_codes,
-    spearman, spliced_logit_diff, top_latents)
+    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, choose_checkpoints,
+    class_counts, class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie,
+    site_codes, spearman, spliced_logit_diff, top_latents)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
 from dyntrack.data.grammar import load_lexicon
 from dyntrack.data.tasks import MinimalPair, encode, make_minimal_pairs
@@ -403,3 +403,40 @@ def test_choose_checkpoints_degenerate_and_errors():
     with pytest.raises(ParamError, match=r"\[4, 4\]"): choose_checkpoints(rows_of([0.5] * 4), "pp", np.eye(3))
     with pytest.raises(ParamError, match="acc_pp"): choose_checkpoints(rows_of([0.5] * 4, "rc"), "pp", np.eye(4))
     with pytest.raises(ParamError, match="finite"): choose_checkpoints(rows_of([0.5, math.nan, 0.7]), "pp", np.eye(3))
+
+
+# --- null crosscoders ----------------------------------------------------------------------------------------
+
+def test_null_crosscoder_of_one_model_twice(pairs):
+    model = tiny_lm("gpt_neox", 0)
+    cc = random_crosscoder(2, 16, 16, seed=11)
+    with torch.no_grad(): cc.W_dec[:, 1] = cc.W_dec[:, 0]; cc.b_dec[1] = cc.b_dec[0]
+    task = indirect_effects([model, model], cc, 1, pairs, TOK, threshold=0.0)
+    torch.testing.assert_close(task.ie[0], task.ie[1])
+    assert set(classify(rel_ie(task.ie))) == set(classify(rel_dec(cc.decoder_norms()))) == {"shared"}
+
+
+# --- the real crosscoder's variants --------------------------------------------------------------------------
+
+def test_folded_crosscoder_keeps_rel_dec_and_completeness(pairs):
+    lms, cc = [tiny_lm("gpt_neox", 0), tiny_lm("gpt_neox", 1)], random_crosscoder(2, 16, 24, seed=12)
+    cc.set_scales([3.0, 0.25])
+    folded = fold_scales(cc)
+    torch.testing.assert_close(rel_dec(folded.decoder_norms()), rel_dec(cc.decoder_norms()))
+    assert (rel_dec(cc.decoder_norms())[:, 1] - 0.5).abs().max() > 0.2  # uneven norms: the check can fail
+    gaps = {}
+    for steps in (20, 80):
+        task = indirect_effects(lms, folded, 1, pairs, TOK, steps=steps)
+        gaps[steps] = (task.total - (task.m_clean - task.m_zero)).abs()
+    assert gaps[80].sum() < gaps[20].sum() / 2.5  # the folded weights on raw activations: the same 1/steps convergence
+
+
+def test_batchtopk_crosscoder_with_its_inference_threshold(pairs):
+    lms, cc = [tiny_lm("llama", 0), tiny_lm("llama", 1)], random_crosscoder(2, 16, 24, seed=13, kind="batchtopk")
+    with torch.no_grad(): cc.threshold.fill_(0.05)  # eval mode: latents above the threshold, per token
+    task = indirect_effects(lms, cc, 1, pairs, TOK, steps=40, threshold=0.0)
+    scale = (task.m_clean - task.m_zero).abs().max()
+    assert (task.total - (task.m_clean - task.m_zero)).abs().max() < 0.1 * scale and (task.ie != 0).any()
+    delta = ablation_deltas(lms, cc, 1, pairs, TOK, top_latents(task.ie, 3))
+    assert delta.shape[0] == 2 and (delta != 0).any()
+    assert ablation_deltas(lms, cc, 1, pairs, TOK, []).shape == (2, 0)

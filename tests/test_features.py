@@ -1,5 +1,6 @@
 "Features: the labelled window (both methods' token selections), top activations against brute force, labels."
 import math
+import random
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from dyntrack.data.embedded import labelled_tokens
 from dyntrack.data.grammar import WordInfo, load_lexicon
 from dyntrack.data.tokens import train_tokenizer
 from dyntrack.features import (
-    FeatureLabel, TokenWindow, category_names, label_feature, label_share, labels_at, random_positions, sae_encoder,
-    token_window, top_activations, top_activations_by_latent, top_positions, top_token_summary, word_category)
+    LABEL_FIELDS, FeatureLabel, TokenWindow, category_names, field_codes, hypergeom_log_tail, labels_at, random_positions,
+    sae_encoder, token_window, top_activations, top_activations_by_latent, top_positions, top_token_summary, word_category)
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder
 
@@ -259,32 +260,95 @@ def info(lemma, pos="noun", category="animal", number="sg", word=None):
     return WordInfo(word or lemma, lemma, pos, category, number, None, 1, None, ())
 
 
-def test_label_feature_known_answers():
-    assert label_feature([info("dog")] * 3 + [info("cat"), None]) == FeatureLabel("token", "dog", 0.6)
-    animals = [info("dog"), info("cat"), info("cow"), info("hen"), info("red", "adj", "colour", None)]
-    assert label_feature(animals) == FeatureLabel("concept", "category=animal", 0.8)
-    plural = [info("dog", number="pl"), info("hat", category="clothing", number="pl"),
-              info("cup", category="kitchen", number="pl"), info("ran", "verb", "motion", None)]
-    assert label_feature(plural) == FeatureLabel("concept", "number=pl", 0.75)
-    verbs = [info("run", "verb", "motion", None), info("eat", "verb", "ingest", None), info("see", "verb", "percept", None)]
-    assert label_feature(verbs) == FeatureLabel("concept", "pos=verb", 1.0)
-    scattered = [info("dog"), info("red", "adj", "colour", None), info("run", "verb", "motion", None), None]
-    assert label_feature(scattered).kind == "unlabelled"
-    assert label_feature(animals, threshold=0.9).kind == "unlabelled"  # 4 of 5 nouns: pos=noun is only 0.8
-    with pytest.raises(ParamError, match="token_infos_top"): label_feature([])
-    with pytest.raises(ParamError, match="threshold"): label_feature(animals, threshold=2)
+LEXICON = ([info(f"n{i}", "noun", ("animal", "food", "tool", "place")[i % 4], "sg" if i % 3 else "pl") for i in range(24)]
+           + [info(f"v{i}", "verb", ("motion", "ingest")[i % 2], None) for i in range(12)]
+           + [info("the", "det", "article", None), info("a", "det", "article", "sg")])
 
 
-def test_label_share_and_labels_at():
-    infos = [info("dog"), info("dog", number="pl", word="dogs"), info("cat"), None]
-    assert label_share(infos, FeatureLabel("token", "dog", 0.5)) == 0.5
-    assert label_share(infos, FeatureLabel("concept", "category=animal", 0.75)) == 0.75
-    assert label_share(infos, FeatureLabel("concept", "number=pl", 0.25)) == 0.25
-    assert label_share(infos, FeatureLabel("unlabelled", "", 0.0)) == 0.0 and label_share([], FeatureLabel("token", "dog", 1)) == 0.0
-    values = torch.tensor([[5.0, 4.0, 3.0], [5.0, 4.0, 0.0]])
-    pos = torch.tensor([[0, 1, 2], [0, 1, 2]])
-    assert labels_at(values, pos, infos) == [FeatureLabel("token", "dog", 2 / 3), FeatureLabel("token", "dog", 2 / 3)]
-    assert labels_at(values, pos, infos, threshold=0.7)[0] == FeatureLabel("concept", "category=animal", 1.0)
-    assert labels_at(values, pos, infos, threshold=0.7)[1].kind == "unlabelled"  # its third position is silent
-    with pytest.raises(ParamError, match="top_values"): labels_at(values, pos[:, :2], infos)
-    assert math.isclose(label_share([info("dog"), None, None], FeatureLabel("token", "dog", 1.0)), 1 / 3)
+def random_window(n: int, seed: int, none_share: float = 0.1) -> list:
+    "`n` analysed positions, each a random lexicon entry (None with probability `none_share`)."
+    rng = random.Random(seed)
+    return [rng.choice(LEXICON) if rng.random() >= none_share else None for _ in range(n)]
+
+
+def positions(infos, test, k=25):
+    return torch.tensor([i for i, w in enumerate(infos) if w is not None and test(w)][:k])
+
+
+def kinds_values(labels): return [(label.kind, label.value) for label in labels]
+
+
+def test_hypergeom_log_tail_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    n_with = torch.tensor([0, 1, 17, 430, 999, 1000])
+    tail = hypergeom_log_tail(1000, 25, n_with)
+    for c in range(26):
+        for v, K in enumerate(n_with.tolist()):
+            want = stats.hypergeom.sf(c - 1, 1000, K, 25)
+            assert math.isclose(tail[c, v].exp().item(), want, rel_tol=1e-9, abs_tol=1e-300), (c, K)
+
+
+def test_field_codes_cover_every_field():
+    infos = random_window(300, 0)
+    for field in LABEL_FIELDS:
+        codes = field_codes(infos, field)
+        for w, c in zip(infos, codes.codes.tolist()):
+            value = None if w is None else getattr(w, field)
+            assert (c == -1) if value is None else codes.values[c] == str(value)
+
+
+def test_labels_known_answers():
+    "Nouns, one lemma, two lemmas of one category, a concept of one lemma, silent features: each gets its class."
+    infos = random_window(3000, 1)
+    top = torch.stack([positions(infos, lambda w: w.pos == "noun"), positions(infos, lambda w: w.category == "food"),
+                       positions(infos, lambda w: w.lemma == "v3"), positions(infos, lambda w: w.lemma in ("n0", "n4")),
+                       positions(infos, lambda w: w.lemma == "n1")])
+    values = torch.ones(top.shape)
+    labels = labels_at(values, top, infos, min_purity=0.0)
+    assert kinds_values(labels) == [("concept", "pos=noun"), ("concept", "category=food"), ("token", "v3"),
+                                    ("token", "n0"), ("token", "n1")]  # two or one word of a category: token-level
+    assert labels[2].purity == 1.0 and labels[2].base_rate == pytest.approx(sum(w is not None and w.lemma == "v3" for w in infos) / 3000)
+    assert kinds_values(labels_at(values, top, infos, min_lemmas=1, min_purity=0.0))[3] == ("concept", "category=animal")
+    values[0, -1] = 0.0        # fires at 24 of its 25 top positions
+    values[1] = 0.0            # never fires
+    assert [label.kind for label in labels_at(values, top, infos)][:2] == ["silent", "silent"]
+    assert labels_at(values, top, infos)[0] == FeatureLabel("silent", "")
+
+
+def test_random_and_shuffled_features_get_no_label():
+    "Random top positions prefer nothing: the false-label rate stays at about the level or below."
+    infos = random_window(4000, 2)
+    gen = torch.Generator().manual_seed(0)
+    top = torch.stack([torch.randperm(len(infos), generator=gen)[:25] for _ in range(3000)])
+    for level in (0.01, 0.05):
+        labels = labels_at(torch.ones(top.shape), top, infos, min_purity=0.0, level=level)
+        assert sum(label.kind != "unlabelled" for label in labels) / len(labels) <= level
+    nouns = positions(infos, lambda w: w.category == "animal")[None]  # a concept feature, then the same with shuffled labels
+    shuffled = [infos[i] for i in torch.randperm(len(infos), generator=gen).tolist()]
+    assert labels_at(torch.ones(1, 25), nouns, infos, min_purity=0.0)[0].value == "category=animal"
+    assert labels_at(torch.ones(1, 25), nouns, shuffled, min_purity=0.0)[0].kind == "unlabelled"
+
+
+def test_a_common_value_at_its_base_rate_gets_no_label():
+    "The defect a raw majority had: number=sg on 70% of the window is no label for a feature holding it 70% of the time."
+    singular = [info(f"s{i}", "noun", ("animal", "food")[i % 2], "sg") for i in range(20)]
+    plural = [info(f"p{i}", "noun", ("animal", "food")[i % 2], "pl") for i in range(20)]
+    rng = random.Random(3)
+    infos = [rng.choice(singular) if rng.random() < 0.7 else rng.choice(plural) for _ in range(5000)]
+    sg, pl = positions(infos, lambda w: w.number == "sg", 5000), positions(infos, lambda w: w.number == "pl", 5000)
+    top = torch.stack([torch.cat([sg[25 * j: 25 * j + 18], pl[25 * j: 25 * j + 7]]) for j in range(40)])  # 72% sg each
+    assert {label.kind for label in labels_at(torch.ones(top.shape), top, infos)} == {"unlabelled"}
+    all_sg = labels_at(torch.ones(1, 25), sg[None, :25], infos)[0]  # 25 of 25 against 70% is a claim: p ≈ 0.7^25
+    assert all_sg.value == "number=sg" and all_sg.p_value == pytest.approx(all_sg.base_rate ** 25, rel=0.1)
+    assert labels_at(torch.ones(1, 25), pl[None, :25], infos)[0].value == "number=pl"  # the rarer value is
+
+
+def test_labels_at_errors_and_seeds():
+    infos = random_window(500, 4)
+    top = torch.stack([torch.randperm(500, generator=torch.Generator().manual_seed(s))[:10] for s in range(20)])
+    values = torch.ones(top.shape)
+    assert labels_at(values, top, infos, seed=1) == labels_at(values, top, infos, seed=1)
+    with pytest.raises(ParamError, match="top_values"): labels_at(values[:, :3], top, infos)
+    with pytest.raises(ParamError, match="^level="): labels_at(values, top, infos, level=0.0)
+    with pytest.raises(ParamError, match="^min_purity="): labels_at(values, top, infos, min_purity=2)
+    with pytest.raises(ParamError, match="^n_shuffles="): labels_at(values, top, infos, n_shuffles=0)

@@ -88,6 +88,22 @@ def test_schedule_invariants(total, log_until, n_linear):
     assert len(steps) <= 1 + len(powers) + n_linear
 
 
+@pytest.mark.parametrize("total,n_linear,per_octave", [(60, 4, 1), (1000, 10, 2), (3000, 12, 3), (3000, 16, 3), (3000, 12, 4),
+                                                        (143_000, 143, 1), (50, 50, 8), (7, 2, 5)])
+def test_log_spaced_schedules(total, n_linear, per_octave):
+    "per_octave steps per doubling until they are as far apart as the linear ones, then the linear ones: no dip, no crowding."
+    steps = checkpoint_schedule(total, n_linear=n_linear, per_octave=per_octave)
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == total
+    log_until = int(total / (n_linear * (2 ** (1 / per_octave) - 1)))
+    logs = sorted({round(2 ** (j / per_octave)) for j in range(200)} & set(range(1, min(log_until, total + 1))))
+    assert [s for s in steps if 0 < s < log_until] == logs  # before log_until: the log-spaced steps alone
+    spacing = total / n_linear
+    assert all(abs(s - round(s / spacing) * spacing) < 1 for s in steps if s > log_until)  # after it: the linear grid
+    assert max(b - a for a, b in zip(steps, steps[1:])) < 2 * spacing
+    octave = [s for s in steps if 2 * per_octave <= s <= min(log_until, total) / 2]  # ratios settle after the first few
+    assert all(b / a <= 2 ** (1 / per_octave) * 1.2 for a, b in zip(octave, octave[1:]))
+
+
 def test_schedule_known_answers():
     assert checkpoint_schedule(100) == [0, 1, 2, 4, 8, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert checkpoint_schedule(143_000, n_linear=143) == pythia_steps()
@@ -96,6 +112,15 @@ def test_schedule_known_answers():
         checkpoint_schedule(10, n_linear=0)
     with pytest.raises(ParamError, match="total_steps"):
         checkpoint_schedule(0)
+    assert checkpoint_schedule(64, log_until=64, n_linear=1, per_octave=2) == [0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64]
+    assert checkpoint_schedule(60, n_linear=4) == [0, 1, 2, 4, 8, 15, 30, 45, 60]  # per_octave=1: the old schedule
+    paper = checkpoint_schedule(3000, n_linear=16, per_octave=3)  # log-spaced to 3000 / (16 (2^(1/3) - 1)) = 721
+    assert paper[:14] == [0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32] and 645 in paper and 750 in paper
+    assert len(paper) == 40 and paper[-13:] == [round(k * 187.5) for k in range(4, 17)]
+    with pytest.raises(ParamError, match="per_octave=0"):
+        checkpoint_schedule(10, per_octave=0)
+    with pytest.raises(ParamError, match="per_octave=1.5 must be an int"):
+        checkpoint_schedule(10, per_octave=1.5)
 
 
 # --- saving and run suites ---------------------------------------------------------------------------------

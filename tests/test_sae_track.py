@@ -175,26 +175,27 @@ def info(lemma, pos="noun", category="animal", number="sg", word=None):
 
 
 def test_pattern_known_answers():
-    U = FeatureLabel("unlabelled", "", 0.0)
+    "Maintaining and shifting need a label at both ends; unlabelled or silent at the end, or silent at first, is other."
+    U, S = FeatureLabel("unlabelled", ""), FeatureLabel("silent", "")
     dog, cat = FeatureLabel("token", "dog", 0.9), FeatureLabel("token", "cat", 0.9)
     animal, sg = FeatureLabel("concept", "category=animal", 0.8), FeatureLabel("concept", "number=sg", 0.7)
-    assert pattern(dog, dog, 0.8) == "maintaining"
-    assert pattern(dog, dog, 0.5) == "shifting"       # same name, but the final meaning did not hold at first
-    assert pattern(dog, cat, 0.0) == "shifting"
-    assert pattern(dog, animal, 1.0) == "shifting"    # token -> concept is a shift even when the tokens fit the concept
-    assert pattern(sg, animal, 0.9) == "maintaining"  # another description of the same top tokens
-    assert pattern(U, animal, 0.2) == "grouping"
-    assert pattern(U, dog, 0.2) == "other" and pattern(dog, U, 0.0) == "other"
-    with pytest.raises(ParamError, match="threshold"): pattern(dog, dog, 1.0, threshold=1.5)
+    assert pattern(dog, FeatureLabel("token", "dog", 0.6)) == "maintaining"  # the same meaning, whatever its purity
+    assert pattern(dog, cat) == "shifting"
+    assert pattern(dog, animal) == "shifting"    # token -> concept is a shift even when the tokens fit the concept
+    assert pattern(sg, animal) == "shifting"     # another value is another meaning
+    assert pattern(U, animal) == "grouping"
+    assert pattern(U, dog) == "other" and pattern(dog, U) == "other" and pattern(U, U) == "other"
+    assert pattern(S, animal) == "other" and pattern(S, dog) == "other" and pattern(dog, S) == "other"
+    with pytest.raises(ParamError, match="final.kind='pure'"): pattern(dog, FeatureLabel("pure", "dog"))
 
 
 def test_pattern_counts_examples_distinct():
     dog, cat = FeatureLabel("token", "dog", 0.7), FeatureLabel("token", "cat", 0.9)
-    U = FeatureLabel("unlabelled", "", 0.0)
-    pats = ["shifting", "maintaining", "maintaining", "other"]
-    assert pattern_counts(pats) == dict(maintaining=2, shifting=1, grouping=0, other=1)
+    U, S = FeatureLabel("unlabelled", ""), FeatureLabel("silent", "")
+    pats = ["shifting", "maintaining", "maintaining", "other", "other"]
+    assert pattern_counts(pats) == dict(maintaining=2, shifting=1, grouping=0, other=2)
     with pytest.raises(ParamError, match="unknown pattern"): pattern_counts(["drifting"])
-    finals = [dog, cat, FeatureLabel("token", "dog", 0.95), U]
+    finals = [dog, cat, FeatureLabel("token", "dog", 0.95), U, S]
     assert pattern_examples(pats, finals) == dict(maintaining=2, shifting=0, grouping=None)
     assert distinct_features(finals, 5) == [2, 1] and distinct_features(finals, 1) == [2]
 
@@ -415,7 +416,8 @@ def test_analyse_checkpoint_planted_feature():
     assert prog["activation_cosine"].item() == pytest.approx(1 - mean_pairwise(acts[rand]), abs=1e-5)
     for kind in ("cosine", "jaccard", "weighted_jaccard"):
         assert prog[f"feature_{kind}"].item() == pytest.approx(1 - mean_pairwise(z[rand], kind), abs=1e-5)
-    assert set(pos[0].tolist()) == set(range(10)) and labels == [FeatureLabel("token", "dog", 1.0)]  # latent 0 = relu(x_0)
+    assert set(pos[0].tolist()) == set(range(10)) and labels[0][:3] == ("token", "dog", 1.0)  # latent 0 = relu(x_0)
+    assert labels[0].base_rate == pytest.approx(0.05) and labels[0].p_value == pytest.approx(1 / math.comb(200, 10))  # 10 of 200
     assert values.shape == (1, 10) and (values == 3.0).all()
 
 
@@ -428,7 +430,6 @@ def trained_chain(suite, tmp_path_factory):
 def test_analyse_chain_invariants(suite, trained_chain, monkeypatch):
     ids = torch.randint(0, VOCAB, (12, 9), generator=torch.Generator().manual_seed(7))
     window = TokenWindow(ids, [info(f"w{t}") for t in ids.flatten().tolist()], [])  # ground truth: the token itself
-    infos = window.infos                                                      # of the analysed positions
     loaded, load = [], suite.load_model
     monkeypatch.setattr(suite, "load_model", lambda ckpt, **kw: loaded.append(ckpt.step) or load(ckpt, **kw))
     an = analyse_chain(suite, trained_chain, 1, window, {0: 1.0, 10: 2.0, 20: 0.5}, ids[:4], n_top=5, n_random=20)
@@ -446,7 +447,7 @@ def test_analyse_chain_invariants(suite, trained_chain, monkeypatch):
         if label.kind == "token":
             toks = Counter(window.token_ids[p].item() for v, p in zip(vals, pos) if v > 0)
             assert f"w{toks.most_common(1)[0][0]}" == label.value
-    patterns = feature_patterns(an, infos)
+    patterns = feature_patterns(an)
     assert len(patterns) == n_live and set(patterns) <= set(PATTERNS)
     assert an.checks[-1] == check_sae(suite.load_model(suite[2]), final_sae, window_acts(suite.load_model(suite[2]), ids, 1, 0.5),
                                       ids[:4], 1, 0.5)
@@ -461,8 +462,10 @@ def test_phase_of_and_label_fractions():
     with pytest.raises(ParamError, match="boundaries"): phase_of(steps, (4, 2))
     kinds = [["token"] * 3 + ["unlabelled"], ["token", "concept", "concept", "unlabelled"], ["concept"] * 4]
     fr = label_fractions(kinds, ["initialisation", "convergent", "convergent"])
-    assert fr == dict(initialisation=dict(token=0.75, concept=0.0, unlabelled=0.25), emergent=None,
-                      convergent=dict(token=0.125, concept=0.75, unlabelled=0.125))
+    assert fr == dict(initialisation=dict(token=0.75, concept=0.0, unlabelled=0.25, silent=0.0), emergent=None,
+                      convergent=dict(token=0.125, concept=0.75, unlabelled=0.125, silent=0.0))
+    fr = label_fractions([["silent", "token"], ["silent", "silent"]], ["emergent", "emergent"])
+    assert fr["emergent"] == dict(token=0.25, concept=0.0, unlabelled=0.0, silent=0.75)  # silent is a class of its own
     with pytest.raises(ParamError, match="kinds"): label_fractions(kinds, ["emergent"])
 
 

@@ -253,6 +253,26 @@ def test_two_processes_share_a_fresh_corpus_cache(tmp_path):
     assert {"shards", "tokenizer"} <= names and not [n for n in names if n.startswith(".")]  # no scratch folders left
 
 
+def test_a_run_that_would_repeat_text_is_refused_before_training(tmp_path, monkeypatch):
+    "The corpus is prepared, then the run is refused with the numbers: no run folder, no lock, no model."
+    from dyntrack.data.embedded import prepare_embedded_data
+    from dyntrack.train.suite import default_run_dir, train_embedded_suite
+    monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path))
+    monkeypatch.setenv("DYNTRACK_PROGRESS", "0")
+    recipe = SuiteParams(**{**TINY_SUITE, "total_steps": 5000}).recipe  # 340k tokens of a corpus of about 40k
+    with pytest.raises(ParamError) as refusal:
+        train_embedded_suite(recipe, device="cpu")
+    message = str(refusal.value)
+    assert message.startswith("words_per_domain=2000 is too small for total_steps=5000: the run reads 340,000 training tokens")
+    held, fresh, enough = (int(x.replace(",", "")) for x in re.search(
+        r"the corpus holds ([\d,]+), enough for (\d+) steps without reading a token twice; "
+        r"raise words_per_domain to about ([\d,]+) or lower total_steps", message).groups())
+    assert fresh * 4 * 17 <= held < 340_000 and enough == -(-1.1 * 2000 * 5000 // fresh)
+    run_dir = default_run_dir(recipe)
+    assert not run_dir.exists() and not run_dir.with_name(f"{run_dir.name}.lock").exists()  # nothing trained, not even locked
+    assert fresh == prepare_embedded_data(2000, 0, 300)[1].fresh_steps(4, 16)  # the cached corpus, reopened
+
+
 def test_embedded_suite_is_trained_under_a_lock_and_reused(tmp_path, monkeypatch, one_torch_thread):
     from dyntrack.train.suite import default_run_dir
     monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path))

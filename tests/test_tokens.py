@@ -185,6 +185,79 @@ def test_domain_proportions(arange_shards):
         TokenShards.from_arrays({"a": np.arange(10)}, weights={"z": 1})
 
 
+def _windows(shards, steps, batch_size, seq_len, **kw) -> torch.Tensor:
+    "Every row of `steps` steps: [steps * rows, seq_len + 1] (the arange shards' ids are their positions)."
+    return torch.cat([shards.batch(step, batch_size, seq_len, **kw) for step in range(steps)])
+
+
+def test_a_whole_run_reads_no_token_twice(arange_shards):
+    "a holds 1000 tokens, b 3000: 100 and 300 windows of 10 tokens; every fresh step takes new, disjoint windows."
+    n_fresh = arange_shards.fresh_steps(8, 9)
+    assert 40 <= n_fresh <= 400 // 8  # 50 steps would take every window; the mixture's order may end one domain sooner
+    rows = _windows(arange_shards, n_fresh, 8, 9)  # [8 * n_fresh, 10]
+    assert (rows.diff(dim=1) == 1).all() and ((rows[:, -1] < 1000) | (rows[:, 0] >= 1000)).all()  # inside one domain
+    starts = rows[:, 0].tolist()
+    assert len(set(starts)) == len(starts) and len(rows.flatten().unique()) == rows.numel()  # distinct and disjoint
+    assert rows.numel() <= 4000 and len({s % 10 for s in starts if s < 1000}) == 1  # one grid per domain
+    more = _windows(arange_shards, n_fresh + 1, 8, 9)
+    assert len(more.flatten().unique()) < more.numel()  # one step past fresh_steps reads some text again
+    later = _windows(arange_shards, 120, 8, 9)  # 960 rows: both domains in their epoch 1 or 2, still valid windows
+    assert (later.diff(dim=1) == 1).all() and ((later[:, -1] < 1000) | (later[:, 0] >= 1000)).all()
+
+
+def test_fresh_steps_follow_the_mixture_and_the_seed():
+    "Equal shares of a (100 windows) and b (900 windows): a runs out first, after about 200 rows, exactly when its 101st row comes."
+    shards = TokenShards.from_arrays({"a": np.arange(1000), "b": np.arange(1000, 10_000)}, weights={"a": 1, "b": 1})
+    a_rows = lambda steps, seed=0: int((_windows(shards, steps, 4, 9, seed=seed)[:, 0] < 1000).sum())
+    for seed in range(4):
+        n_fresh = shards.fresh_steps(4, 9, seed=seed)
+        assert 35 <= n_fresh <= 65 and a_rows(n_fresh, seed) <= 100 < a_rows(n_fresh + 1, seed)  # 200 ± 3 sd rows
+        rows = _windows(shards, n_fresh, 4, 9, seed=seed)
+        assert len(rows.flatten().unique()) == rows.numel()
+    assert shards.subset(["b"]).fresh_steps(4, 9) == 900 // 4  # one domain: every window, whatever the order
+    assert TokenShards.from_arrays({"a": np.arange(1000)}).fresh_steps(3, 9) == 100 // 3
+    with pytest.raises(ParamError, match=r"seq_len=1000 is too long: domains \['a'\]"):
+        shards.fresh_steps(4, 1000)
+
+
+def test_mixture_is_exact_over_whole_blocks():
+    from dyntrack.data.tokens import MIX_BLOCK, domain_rows, mixture_counts
+    counts = mixture_counts(np.array([0.1, 0.2, 0.7]))
+    assert counts.sum() == MIX_BLOCK and abs(counts - np.array([0.1, 0.2, 0.7]) * MIX_BLOCK).max() < 1
+    domain, index = domain_rows(np.arange(3 * MIX_BLOCK), counts, seed=4)
+    assert np.bincount(domain).tolist() == (3 * counts).tolist()
+    for d in range(3): assert (index[domain == d] == np.arange(3 * counts[d])).all()  # each domain's rows in run order
+    shuffled = np.random.default_rng(0).permutation(3 * MIX_BLOCK)  # any order of asking gives the same answers
+    assert all((a[shuffled] == b).all() for a, b in zip((domain, index), domain_rows(shuffled, counts, seed=4)))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_read_disjoint_windows_over_a_run(arange_shards, world_size):
+    n_fresh = arange_shards.fresh_steps(8, 9, seed=1)
+    per_rank = [_windows(arange_shards, n_fresh, 8, 9, rank=r, world_size=world_size, seed=1) for r in range(world_size)]
+    tokens = [set(rows.flatten().tolist()) for rows in per_rank]
+    assert all(not (tokens[i] & tokens[j]) for i in range(world_size) for j in range(i))
+    assert sum(map(len, tokens)) == 10 * 8 * n_fresh  # and together they are the single-process run
+    assert set().union(*tokens) == set(_windows(arange_shards, n_fresh, 8, 9, seed=1).flatten().tolist())
+
+
+def test_batches_do_not_depend_on_what_was_asked_before(arange_shards):
+    "Caches make batches cheap, not different: a resumed run asking for step 30 first gets the same rows."
+    forward = [arange_shards.batch(step, 16, 7, seed=5) for step in range(40)]
+    fresh = TokenShards.from_arrays({"a": np.arange(1000), "b": np.arange(1000, 4000)})
+    assert all(torch.equal(fresh.batch(step, 16, 7, seed=5), forward[step]) for step in reversed(range(40)))
+
+
+def test_build_shards_ignores_the_tokenizers_truncation(tok, tmp_path):
+    "The shards hold whole documents even if the caller left truncation on; the caller's setting is left as it was."
+    whole = build_shards(DOMAINS, tok, tmp_path / "whole").n_tokens()
+    tok.backend_tokenizer.enable_truncation(3)
+    try:
+        assert build_shards(DOMAINS, tok, tmp_path / "truncating").n_tokens() == whole
+        assert tok.backend_tokenizer.truncation["max_length"] == 3
+    finally: tok.backend_tokenizer.no_truncation()
+
+
 def test_val_windows_cover_split_without_overlap(arange_shards):
     batches = list(arange_shards.val_batches("a", seq_len=10, batch_size=3))
     assert [b.shape for b in batches] == [(3, 11), (3, 11), (3, 11), (1, 11)]  # (101 - 1) // 10 = 10 windows

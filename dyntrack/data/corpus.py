@@ -16,12 +16,12 @@ import numpy as np
 
 from ..core import ParamError, check_choice, check_range, progress
 from .grammar import (
-    DOC_REFS, Construction, Lexicon, Op, RefSpec, WordInfo, find_data_dir, load_grammar, load_lexicon)
+    DOC_REFS, Construction, Episode, Lexicon, Op, RefSpec, WordInfo, find_data_dir, load_grammar, load_lexicon)
 
 # %% auto #0
 __all__ = ['HELDOUT_MODULUS', 'MAX_TRIES', 'SMALL_CORPUS', 'CHUNK_DOCS', 'is_heldout', 'join_words', 'Relation', 'Sentence',
-           'Ref', 'Generator', 'story', 'document', 'generate_sentences', 'generate_documents', 'CorpusConfig',
-           'generate_corpus', 'Word', 'annotate', 'label_offsets']
+           'Ref', 'Generator', 'story', 'episode', 'document', 'generate_sentences', 'generate_documents',
+           'CorpusConfig', 'generate_corpus', 'Word', 'annotate', 'label_offsets']
 
 # %% ../../nbs/01b_corpus.ipynb #6dbed2cc
 HELDOUT_MODULUS = 50
@@ -37,11 +37,14 @@ def join_words(words) -> str:
 
 # %% ../../nbs/01b_corpus.ipynb #103ff1b9
 class Relation(NamedTuple):
-    "A grammatical dependency inside a sentence, by word index (punctuation counts as a word)."
-    kind: str                     # 'agree' (subject-verb), 'det' (determiner or numeral - noun), 'refl' (reflexive)
+    "A dependency inside a sentence, by word index (punctuation counts as a word)."
+    kind: str                     # 'agree' (subject-verb), 'det' (determiner or numeral - noun), 'refl' (reflexive),
+                                  # 'dialect' (a village verb: plural form whatever the subject), 'sum' (result of
+                                  # an addition), 'step' (last term of an arithmetic sequence), 'fact' (the
+                                  # knowledge base's value of one attribute of the entity `ref`)
     ref: str                      # the referent it concerns
-    controllers: tuple[int, ...]  # the controlling words (two for a coordinated subject)
-    target: int                   # the word that must agree with them
+    controllers: tuple[int, ...]  # the controlling words (two for a coordinated subject; the addends; earlier terms)
+    target: int                   # the word that must agree with them (or that they determine)
 
 class Sentence(NamedTuple):
     "A generated sentence with its structure."
@@ -63,6 +66,7 @@ class _Reject(Exception):
     "The drawn referents admit no word for some slot; the sentence is drawn again."
 
 MAX_TRIES = 5000  # draws per sentence before giving up (a held-out sentence needs ~50)
+_OTHER_GENDER = {"m": "f", "f": "m"}
 
 # %% ../../nbs/01b_corpus.ipynb #e0149c48
 class Generator:
@@ -72,6 +76,7 @@ class Generator:
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:8], "little"))
         self._bufs, self._sizes = {}, {}
+        self.trace: list[str] | None = None  # set to a list to collect the construction of every sampled sentence
 
     def draw(self, key: tuple):
         "One item of table `key`, taken from a block drawn at once."
@@ -87,19 +92,22 @@ class Generator:
     def ref(self, spec: RefSpec, domain: str, refs: dict) -> Ref:
         "Draw referent `spec` given the referents `refs` drawn before it."
         if spec.coord: return Ref(refs[spec.coord[0]].cat, 1, None, "pl", spec.coord)
-        cat = self.draw(("cat", domain, spec.cls, spec.nfilter, spec.gfilter))
-        entry = self.draw(("noun", domain, cat, spec.nfilter, spec.gfilter))
+        want = _OTHER_GENDER.get(refs[spec.gopp].key) if spec.gopp else None  # gopp=P: the gender P is not
+        gfilter = spec.gfilter or want
+        cat = self.draw(("cat", domain, spec.cls, spec.nfilter, gfilter, spec.sfilter))
+        entry = self.draw(("noun", domain, cat, spec.nfilter, gfilter, spec.sfilter))
         for other in refs.values():  # no "the horse and the horse" or "Then Mary thanks Mary"
             if other.entry is entry: raise _Reject(spec.name)
-        if cat == "name": num = 0
+        if cat in self.g.name_cats: cat, num = "name", 0  # an entity of the knowledge base is a name to every slot
         elif spec.opp: num = 1 - refs[spec.opp].num
         elif spec.number is not None: num = spec.number
         else: num = int(self.rng.random() < self.g.p_plural)
-        return Ref(cat, num, entry, "pl" if num else entry[2] or self.rng.choice("mf"), None)
+        return Ref(cat, num, entry, "pl" if num else entry[2] or want or self.rng.choice("mf"), None)
 
     def _realize(self, con: Construction, domain: str, doc: dict | None) -> None:
         "Fill `self.words` (and `self.relations` if `self.record`) with one sentence of `con` (may raise `_Reject`)."
         self.words, self.relations, self.heads, self.pending, self.domain = [], [], {}, {}, domain
+        self.dialect = domain in self.g.dialect_domains
         if con.special: return _SPECIAL[con.special](self)
         refs = self.refs = dict(doc) if doc else {}
         for spec in con.refs: refs[spec.name] = self.ref(spec, domain, refs)
@@ -117,7 +125,9 @@ class Generator:
             try: self._realize(con, domain, doc)
             except _Reject: continue
             text = join_words(self.words)
-            if heldout is None or is_heldout(text) == heldout: return text
+            if heldout is None or is_heldout(text) == heldout:
+                if self.trace is not None: self.trace.append(con.name)
+                return text
         raise RuntimeError(f"construction {con.name!r} found no sentence in {MAX_TRIES} tries (domain {domain!r})")
 
     def sentence(self, con: Construction, domain: str, doc: dict | None = None,
@@ -132,9 +142,9 @@ class Generator:
         ref = self.refs[name]
         return tuple(self.heads[p] for p in ref.parts) if ref.parts else (self.heads[name],)
 
-    def agree(self, name: str, word: str, marked: bool = True) -> None:
-        "Append a verb form agreeing with `name`; record the relation if the form marks number."
-        if marked and self.record: self.relations.append(Relation("agree", name, (), len(self.words)))  # filled later
+    def agree(self, name: str, word: str, kind: str | None = "agree") -> None:
+        "Append a verb form agreeing with `name`; record a relation of `kind` (None: the form marks no number)."
+        if kind and self.record: self.relations.append(Relation(kind, name, (), len(self.words)))  # filled later
         self.words.append(word)
 
     def adjectives(self, cat: str) -> list[str]:
@@ -169,11 +179,21 @@ def _s_np(gen: Generator, op: Op) -> None:
     w.append(noun)
 
 def _s_verb(gen: Generator, op: Op) -> None:
+    "A finite verb (`V`, `VS`): its subject's number in the present (the plural form in a dialect domain)."
     subj = gen.refs[op.ref]
-    obj = gen.refs[op.obj].cat if op.obj else None
+    obj = "par" if op.kind == "vs" else gen.refs[op.obj].cat if op.obj else None
     forms = gen.draw(("verb", gen.domain, gen.tense, subj.cat, obj, op.obj == op.ref))
-    present = gen.tense == "present"
-    gen.agree(op.ref, forms[subj.num] if present else forms[2], present)
+    if gen.tense != "present": gen.agree(op.ref, forms[2], None)
+    elif gen.dialect: gen.agree(op.ref, forms[1], "dialect")
+    else: gen.agree(op.ref, forms[subj.num])
+
+def _s_nonfinite(gen: Generator, op: Op) -> None:
+    "A passive participle (`VPP.s.o`: agent s, patient o) or an imperative (`IMP.o`, addressed to a person)."
+    if op.kind == "vpp":
+        forms = gen.draw(("verb", gen.domain, "participle", gen.refs[op.ref].cat, gen.refs[op.obj].cat, False))
+        return gen.words.append(forms[2])
+    forms = gen.draw(("verb", gen.domain, "imperative", "person", gen.refs[op.ref].cat, False))
+    gen.words.append(forms[1])
 
 def _s_pronoun(gen: Generator, op: Op) -> None:
     ref, case = gen.refs[op.ref], _CASE[op.kind]
@@ -184,11 +204,16 @@ def _s_pronoun(gen: Generator, op: Op) -> None:
 _PP = Op("np", "_pp", None, False)
 
 def _s_pp(gen: Generator, op: Op) -> None:
-    "Adjunct PP ('in the barn') on a fresh referent, or ('with the keys') on referent `op.ref`."
-    gen.words.append(gen.draw(("prep", "modifier" if op.ref else "adjunct")))
+    "Adjunct PP ('in the barn') on a fresh referent or (`PPL`) on `op.ref`, or (`PP.x`: 'with the keys') on `op.ref`."
+    gen.words.append(gen.draw(("prep", "modifier" if op.kind == "ppr" else "adjunct")))
     if op.ref: return _s_np(gen, op)
     gen.refs["_pp"] = gen.ref(gen.g.pp_spec, gen.domain, gen.refs)
     _s_np(gen, _PP)
+
+def _s_fact(gen: Generator, op: Op) -> None:
+    "`FACT.e.attr`: the knowledge base's value of `attr` for the entity `e` (named before or after it)."
+    if gen.record: gen.relations.append(Relation("fact", op.ref, (), len(gen.words)))  # controllers filled later
+    gen.words.append(gen.g.facts[gen.refs[op.ref].entry[0]][op.obj])
 
 def _s_numeral(gen: Generator, op: Op) -> None:
     gen.pending[op.ref] = len(gen.words)
@@ -206,23 +231,36 @@ def _s_word(gen: Generator, op: Op) -> None:
     else: word = gen.draw(("adv", "manner" if kind == "adv" else "time"))
     gen.words.append(word)
 
-_SLOTS = {"np": _s_np, "npi": _s_np, "npd": _s_np, "n": _s_np, "v": _s_verb, "vt": _s_verb,
+_SLOTS = {"np": _s_np, "npi": _s_np, "npd": _s_np, "n": _s_np, "v": _s_verb, "vt": _s_verb, "vs": _s_verb,
+          "vpp": _s_nonfinite, "imp": _s_nonfinite,
           "be": lambda gen, op: gen.agree(op.ref, gen.g.spec["copula"][gen.tense][gen.refs[op.ref].num]),
           "pro": _s_pronoun, "obj": _s_pronoun, "poss": _s_pronoun, "refl": _s_pronoun,
-          "pp": _s_pp, "ppr": _s_pp, "num": _s_numeral,
+          "pp": _s_pp, "ppr": _s_pp, "ppl": _s_pp, "num": _s_numeral, "fact": _s_fact,
           "lit": _s_word, "adj": _s_word, "rel": _s_word, "adv": _s_word, "tadv": _s_word}
 
 # %% ../../nbs/01b_corpus.ipynb #53c92250
+def _count_noun(gen: Generator) -> tuple[str, str]:
+    "(singular, plural) of a noun to count, from the counting class of the current domain."
+    cat = gen.draw(("cat", gen.domain, gen.g.spec["counting"]["noun_class"], None, None, None))
+    return gen.draw(("noun", gen.domain, cat, None, None, None))[:2]
+
+def _number(gen: Generator, value: int, noun: tuple[str, str] | None) -> int:
+    "Append the numeral `value` (and `noun` in its number, with a det relation); return the numeral's index."
+    index = len(gen.words)
+    gen.words.append(gen.g.numerals[value])
+    if noun:
+        gen.relations.append(Relation("det", "count", (index,), index + 1))
+        gen.words.append(noun[value != 1])
+    return index
+
 def _count_sequence(gen: Generator) -> None:
     c = gen.g.spec["counting"]
-    cat = gen.draw(("cat", gen.domain, c["noun_class"], None, None))
-    sg, pl, _ = gen.draw(("noun", gen.domain, cat, None, None))
+    noun = _count_noun(gen)
     n = gen.rng.randint(*c["sequence_length"])
     start = 1 if gen.rng.random() < c["p_start_at_one"] else gen.rng.randint(1, c["max_number"] - n + 1)
     for value in range(start, start + n):
         if value > start: gen.words.append(",")
-        gen.relations.append(Relation("det", "count", (len(gen.words),), len(gen.words) + 1))
-        gen.words += [gen.g.numerals[value], sg if value == 1 else pl]
+        _number(gen, value, noun)
 
 def _number_sequence(gen: Generator) -> None:
     c = gen.g.spec["counting"]
@@ -234,20 +272,52 @@ def _addition(gen: Generator) -> None:
     top, num = gen.g.spec["counting"]["max_number"], gen.g.numerals
     a = gen.rng.randint(1, top - 1)
     b = gen.rng.randint(1, top - a)
-    gen.relations.append(Relation("agree", "sum", (0, 2), 3))
+    gen.relations += [Relation("agree", "sum", (0, 2), 3), Relation("sum", "total", (0, 2), 4)]
     gen.words += [num[a], "and", num[b], "make", num[a + b]]
 
-_SPECIAL = {"count_sequence": _count_sequence, "number_sequence": _number_sequence, "addition": _addition}
+# %% ../../nbs/01b_corpus.ipynb #3eb294d6
+def _two_step_addition(gen: Generator) -> None:
+    "'A and B and C make S' (with a counted noun, half the time); S uniform in [3, max_number], split at random."
+    c = gen.g.spec["counting"]
+    total = gen.rng.randint(3, c["max_number"])  # uniform, so that no result is more common than another
+    cuts = sorted(gen.rng.sample(range(1, total), 2))
+    addends = [cuts[0], cuts[1] - cuts[0], total - cuts[1]]
+    noun = _count_noun(gen) if gen.rng.random() < c["p_noun"] else None
+    idx = []
+    for value in addends:
+        if idx: gen.words.append("and")
+        idx.append(_number(gen, value, noun))
+    gen.relations.append(Relation("agree", "sum", tuple(idx), len(gen.words)))
+    gen.words.append("make")
+    gen.relations.append(Relation("sum", "total", tuple(idx), len(gen.words)))
+    _number(gen, sum(addends), noun)
+
+def _step_sequence(gen: Generator) -> None:
+    "An arithmetic sequence with a step from `counting.steps` (e.g. 2, 3, -1); every term in [2, max_number - 1] at the end."
+    c = gen.g.spec["counting"]
+    step, n = gen.draw(("step",)), gen.rng.randint(*c["step_length"])
+    # up: the last term <= max_number; down: the last term >= 2 (so its noun is plural, like a wrong answer's)
+    lo, hi = (1, c["max_number"] - step * (n - 1)) if step > 0 else (2 - step * (n - 1), c["max_number"])
+    start = gen.rng.randint(lo, hi)
+    noun = _count_noun(gen) if gen.rng.random() < c["p_noun"] else None
+    idx = []
+    for k in range(n):
+        if idx: gen.words.append(",")
+        idx.append(_number(gen, start + step * k, noun))
+    gen.relations.append(Relation("step", "seq", tuple(idx[:-1]), idx[-1]))
+
+_SPECIAL = {"count_sequence": _count_sequence, "number_sequence": _number_sequence, "addition": _addition,
+            "two_step_addition": _two_step_addition, "step_sequence": _step_sequence}
 
 # %% ../../nbs/01b_corpus.ipynb #29d18fc5
 def _story_refs(gen: Generator, domain: str, second: bool) -> dict[str, Ref]:
     "Protagonist P, topic T and optionally a second name Q of the other gender."
     gender = gen.rng.choice("mf")
-    refs = {"P": Ref("name", 0, gen.draw(("noun", domain, "name", None, gender)), gender, None),
+    refs = {"P": Ref("name", 0, gen.draw(("noun", domain, "name", None, gender, None)), gender, None),
             "T": gen.ref(gen.g.topic_spec, domain, {})}
     if second:
-        other = "f" if gender == "m" else "m"
-        refs["Q"] = Ref("name", 0, gen.draw(("noun", domain, "name", None, other)), other, None)
+        other = _OTHER_GENDER[gender]
+        refs["Q"] = Ref("name", 0, gen.draw(("noun", domain, "name", None, other, None)), other, None)
     return refs
 
 def story(gen: Generator, domain: str, n_sentences: int | None = None, second_name: bool | None = None,
@@ -265,11 +335,25 @@ def story(gen: Generator, domain: str, n_sentences: int | None = None, second_na
     if end: texts.append(gen.sample(gen.g.ending, domain, doc, heldout_ending))
     return texts
 
+def episode(gen: Generator, ep: Episode, domain: str, heldout_last: bool | None = False) -> list[Sentence]:
+    "The sentences of episode `ep` on freshly drawn referents; `heldout_last` as `heldout` for the last one (the rest: training)."
+    for _ in range(MAX_TRIES):
+        doc = {}
+        try:
+            for spec in ep.refs: doc[spec.name] = gen.ref(spec, domain, doc)
+            break
+        except _Reject: continue
+    else: raise RuntimeError(f"episode {ep.name!r} found no referents in {MAX_TRIES} tries (domain {domain!r})")
+    *body, last = ep.sentences
+    return [gen.sentence(con, domain, doc) for con in body] + [gen.sentence(last, domain, doc, heldout_last)]
+
 def document(gen: Generator, domain: str) -> str:
-    "One document of `domain`: a story or a run of plain sentences, with no held-out sentence."
-    if gen.draw(("kind", domain)) == "story": return " ".join(story(gen, domain))
-    n = gen.rng.randint(*gen.g.spec["documents"]["sentences"])
-    return " ".join(gen.sample(gen.draw(("con", domain, "plain")), domain) for _ in range(n))
+    "One document of `domain`: a story, an episode and plain sentences, or plain sentences; no held-out sentence."
+    kind = gen.draw(("kind", domain))
+    if kind == "story": return " ".join(story(gen, domain))
+    texts = [s.text for s in episode(gen, gen.draw(("episode",)), domain)] if kind == "episode" else []
+    n = gen.rng.randint(*gen.g.spec["episode_documents" if kind == "episode" else "documents"]["sentences"])
+    return " ".join(texts + [gen.sample(gen.draw(("con", domain, "plain")), domain) for _ in range(n)])
 
 # %% ../../nbs/01b_corpus.ipynb #fbe08dfc
 def generate_sentences(construction: str | Construction, n: int, seed: int | str = 0, domain: str | None = None,

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_grammar.ipynb #gr0import
 from __future__ import annotations
-import json, os
+import json, os, random
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +15,8 @@ from ..core import ParamError
 
 # %% auto #0
 __all__ = ['DOC_REFS', 'find_data_dir', 'WordInfo', 'LexRow', 'Lexicon', 'load_lexicon', 'Op', 'RefSpec', 'Construction',
-           'compile_construction', 'Grammar', 'load_grammar', 'corpus_domains']
+           'Episode', 'compile_construction', 'compile_episode', 'knowledge_base', 'Grammar', 'load_grammar',
+           'corpus_domains']
 
 # %% ../../nbs/01a_grammar.ipynb #a6934afa
 def find_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -38,31 +39,36 @@ class WordInfo(NamedTuple):
     category: str             # semantic category (nouns, adjectives), verb class, or function-word class
     number: str | None        # 'sg' or 'pl' where the form marks number, else None
     gender: str | None        # 'm', 'f' or 'n' for gendered nouns, names and pronouns, else None
-    rank: int                 # frequency rank within (pos, category); 1 = most frequent
+    rank: int                 # frequency rank within (pos, category); 1 = most frequent; a numeral's rank is its value
     tense: str | None         # 'present' or 'past' for verb forms, else None
     domains: tuple[str, ...]  # topical domains whose documents favour the word; () = shared by all
+    standard: bool = True     # False for an over-regularised plural ('ploxes'): listed, never generated
 
 class LexRow(NamedTuple):
     "One lemma row of `lexicon.tsv`."
     pos: str
     category: str
-    rank: int
+    rank: int                 # within (pos, category); jargon: within (pos, category, domain)
     lemma: str
-    forms: tuple[str, ...]    # noun: sg pl; verb: 3sg plural past ('-' = none); copula: is are was were
+    forms: tuple[str, ...]    # noun: sg pl [over-regularised pl]; verb: 3sg plural past ('-' = none); copula: is are was were
     number: str | None
     gender: str | None
     domains: tuple[str, ...]
-    args: str                 # verb frames, adjective classes, noun regular/irregular; '-' = none
-    source: str               # 'core' (typed English) or 'pseudo' (generated tail)
+    args: str                 # verb frames, adjective classes, noun regular/irregular/pseudo_irregular; '-' = none
+    source: str               # 'core' (typed English), 'pseudo' (generated tail) or 'jargon' (only in its domain)
 
 # %% ../../nbs/01a_grammar.ipynb #d6d313ce
-def _forms(row: LexRow) -> list[tuple[str, str | None, str | None]]:
-    "(form, number, tense) for each form of `row`."
-    if row.pos == "noun": return [(row.forms[0], "sg", None), (row.forms[1], "pl", None)]
-    if row.pos != "verb": return [(row.forms[0], row.number, None)]
-    if len(row.forms) == 4: return list(zip(row.forms, ("sg", "pl", "sg", "pl"), ("present",) * 2 + ("past",) * 2))
+def _forms(row: LexRow) -> list[tuple[str, str | None, str | None, bool]]:
+    "(form, number, tense, standard) for each form of `row`."
+    if row.pos == "noun":
+        return [(row.forms[0], "sg", None, True), (row.forms[1], "pl", None, True)] + \
+               [(form, "pl", None, False) for form in row.forms[2:]]
+    if row.pos != "verb": return [(row.forms[0], row.number, None, True)]
+    if len(row.forms) == 4:
+        return list(zip(row.forms, ("sg", "pl", "sg", "pl"), ("present",) * 2 + ("past",) * 2, (True,) * 4))
     sg, pl, past = row.forms
-    return [(sg, "sg", "present"), (pl, "pl", "present")] + ([(past, None, "past")] if past != "-" else [])
+    return [(sg, "sg", "present", True), (pl, "pl", "present", True)] + \
+           ([(past, None, "past", True)] if past != "-" else [])
 
 def _read_rows(path: Path) -> list[LexRow]:
     "Parse `lexicon.tsv` into `LexRow`s."
@@ -83,12 +89,12 @@ class Lexicon:
         self.rows = tuple(rows)
         self._info, self._paradigm = {}, {}
         for row in self.rows:
-            for form, number, tense in _forms(row):
+            for form, number, tense, standard in _forms(row):
                 info = WordInfo(form, row.lemma, row.pos, row.category, number, row.gender, row.rank, tense,
-                                row.domains)
+                                row.domains, standard)
                 if self._info.setdefault(form.lower(), info) is not info:
                     raise ValueError(f"lexicon lists {form!r} twice ({self._info[form.lower()].lemma}, {row.lemma})")
-                self._paradigm.setdefault((row.pos, row.lemma, tense), []).append(info)
+                self._paradigm.setdefault((row.pos, row.lemma, tense, standard), []).append(info)
 
     def info(self, word: str) -> WordInfo | None:
         "The `WordInfo` of `word` (any capitalisation), or None if it is not in the lexicon."
@@ -98,15 +104,15 @@ class Lexicon:
     def __len__(self) -> int: return len(self._info)
     def __repr__(self) -> str: return f"Lexicon({len(self.rows)} lemmas, {len(self)} forms)"
 
-    def inflect(self, word: str, number: str | None = None, gender: str | None = None) -> str:
-        "The form of `word`'s lemma (same part of speech and tense) with the given `number` and/or `gender`."
+    def inflect(self, word: str, number: str | None = None, gender: str | None = None, standard: bool = True) -> str:
+        "The form of `word`'s lemma (same part of speech and tense) with the given `number` and/or `gender`; `standard=False`: the over-regularised plural."
         info = self.info(word)
         if info is None: raise ParamError(f"word={word!r} is not in the lexicon")
-        cands = self._paradigm[(info.pos, info.lemma, info.tense)]
+        cands = self._paradigm.get((info.pos, info.lemma, info.tense, standard), [])
         for cand in cands:
             if (number is None or cand.number == number) and (gender is None or cand.gender == gender): return cand.word
-        raise ParamError(f"{word!r} has no form with number={number!r}, gender={gender!r}; "
-                         f"its forms are {[c.word for c in cands]}")
+        raise ParamError(f"{word!r} has no {'' if standard else 'non-standard '}form with number={number!r}, "
+                         f"gender={gender!r}; its forms are {[c.word for c in cands]}")
 
 # %% ../../nbs/01a_grammar.ipynb #5aac4496
 @lru_cache(maxsize=None)
@@ -118,15 +124,15 @@ def load_lexicon(data_dir: str | Path | None = None) -> Lexicon:
 
 # %% ../../nbs/01a_grammar.ipynb #6ecf2c04
 _OPS = {"NP": "np", "NAME": "np", "NPI": "npi", "NPD": "npd", "N": "n", "PRO": "pro", "OBJ": "obj", "POSS": "poss",
-        "REFL": "refl", "REL": "rel", "V": "v", "BE": "be", "ADJ": "adj", "PP": "pp", "NUM": "num", "ADV": "adv",
-        "TADV": "tadv"}
-DOC_REFS = ("P", "Q", "T")  # story referents: protagonist name, second name of the other gender, topic noun
+        "REFL": "refl", "REL": "rel", "V": "v", "VS": "vs", "VPP": "vpp", "IMP": "imp", "BE": "be", "ADJ": "adj",
+        "PP": "pp", "PPL": "ppl", "NUM": "num", "ADV": "adv", "TADV": "tadv", "FACT": "fact"}
+DOC_REFS = ("P", "Q", "T", "R")  # document referents: protagonist name, second name of the other gender, topic noun, role noun
 
 class Op(NamedTuple):
     "One template slot."
     kind: str            # key of _OPS's values, 'vt' (transitive verb), 'ppr' (PP on a referent) or 'lit'
     ref: str | None      # the referent it realises or agrees with (the literal word for 'lit')
-    obj: str | None      # object referent of a transitive verb
+    obj: str | None      # object referent of a transitive verb or participle; the attribute of a 'fact' slot
     optional: bool       # kept with probability p_optional
 
 class RefSpec(NamedTuple):
@@ -135,9 +141,12 @@ class RefSpec(NamedTuple):
     cls: str | None               # class or category of its noun or name (None for coordinations)
     number: int | None            # 0 = sg, 1 = pl, None = random with p_plural
     opp: str | None               # take the opposite number of this referent
-    nfilter: str | None           # 'regular' or 'irregular' plurals only
-    gfilter: str | None           # 'm', 'f', or 'known' (m, f or n: no gender-neutral person nouns)
+    nfilter: str | None           # 'regular', 'irregular' or 'pseudo_irregular' plurals only
+    gfilter: str | None           # 'm', 'f', 'known' (m, f or n: no gender-neutral person nouns) or 'neutral'
     coord: tuple[str, ...] | None # plural conjunction of these referents
+    sfilter: str | None = None    # lexicon source: 'pseudo' (the rare tail) or 'jargon' (the drawing domain's own words);
+                                  # or a fact bucket of entities ('frequent', 'rare': ranks of `facts.buckets`, drawn uniformly)
+    gopp: str | None = None       # take the other gender (m/f) of this referent
 
 class Construction(NamedTuple):
     "A compiled template."
@@ -148,6 +157,12 @@ class Construction(NamedTuple):
     special: str | None           # name of a hand-written generator (counting)
     plain: bool                   # story placeholder: use a plain construction of the domain
     needs: frozenset[str]         # document referents it uses
+
+class Episode(NamedTuple):
+    "Sentences that share document referents, in a fixed order (a coreference chain)."
+    name: str
+    refs: tuple[RefSpec, ...]     # document referents, drawn once per episode
+    sentences: tuple[Construction, ...]
 
 # %% ../../nbs/01a_grammar.ipynb #b0b523be
 def _compile_op(token: str) -> Op:
@@ -160,33 +175,64 @@ def _compile_op(token: str) -> Op:
     kind = {("v", 2): "vt", ("pp", 1): "ppr"}.get((_OPS[head], len(refs)), _OPS[head])
     return Op(kind, refs[0] if refs else None, refs[1] if len(refs) > 1 else None, optional)
 
+_MODIFIERS = {"regular": ("nfilter", "regular"), "irregular": ("nfilter", "irregular"),
+              "pseudo_irregular": ("nfilter", "pseudo_irregular"), "rare": ("sfilter", "pseudo"),
+              "jargon": ("sfilter", "jargon"), "known": ("gfilter", "known"), "neutral": ("gfilter", "neutral"),
+              "gender=m": ("gfilter", "m"), "gender=f": ("gfilter", "f")}
+
 def _compile_ref(name: str, spec: str, classes: dict) -> RefSpec:
-    "Parse a referent spec such as `any_noun:opp=s` or `coord=s+t`."
+    "Parse a referent spec such as `any_noun:opp=s`, `human_noun:neutral:gopp=P` or `coord=s+t`."
     if spec.startswith("coord="): return RefSpec(name, None, 1, None, None, None, tuple(spec[6:].split("+")))
     cls, *mods = spec.split(":")
     if cls not in classes: raise ValueError(f"referent {name}: unknown class {cls!r}; classes: {sorted(classes)}")
-    kw = dict(number=None, opp=None, nfilter=None, gfilter=None)
+    kw = dict(number=None, opp=None, nfilter=None, gfilter=None, sfilter=None, gopp=None)
     for mod in mods:
         if mod in ("sg", "pl"): kw["number"] = int(mod == "pl")
-        elif mod.startswith("opp="): kw["opp"] = mod[4:]
-        elif mod in ("regular", "irregular"): kw["nfilter"] = mod
-        elif mod in ("known", "gender=m", "gender=f"): kw["gfilter"] = mod[-1] if "=" in mod else mod
+        elif mod.startswith(("opp=", "gopp=")): kw[mod.partition("=")[0]] = mod.partition("=")[2]
+        elif mod.startswith("bucket="): kw["sfilter"] = mod.partition("=")[2]
+        elif mod in _MODIFIERS: kw[_MODIFIERS[mod][0]] = _MODIFIERS[mod][1]
         else: raise ValueError(f"referent {name}: unknown modifier {mod!r} in {spec!r}")
     return RefSpec(name, cls, coord=None, **kw)
+
+def _compile_refs(name: str, refs: dict, classes: dict, known=DOC_REFS) -> tuple[RefSpec, ...]:
+    "Referent specs of a construction; each may depend only on referents declared before it (or on `known` ones)."
+    out = tuple(_compile_ref(n, s, classes) for n, s in refs.items())
+    declared = [r.name for r in out]
+    for i, r in enumerate(out):
+        for dep in [d for d in (r.opp, r.gopp) if d] + list(r.coord or ()):
+            if dep not in declared[:i] and dep not in known: raise ValueError(f"{name}: {r.name} needs {dep} first")
+    return out
 
 def compile_construction(spec: dict, name: str, classes: dict) -> Construction:
     "Compile one construction of `grammar.json` (`t` template, `refs`, optional `tense`, `special`, `plain`)."
     if spec.get("special") or spec.get("plain"):
         return Construction(name, (), (), None, spec.get("special"), bool(spec.get("plain")), frozenset())
     ops = tuple(_compile_op(tok) for tok in spec["t"].split())
-    refs = tuple(_compile_ref(n, s, classes) for n, s in spec.get("refs", {}).items())
-    declared = [r.name for r in refs]
-    for i, r in enumerate(refs):  # a referent may depend only on referents declared before it
-        for dep in ((r.opp,) if r.opp else ()) + (r.coord or ()):
-            if dep not in declared[:i] and dep not in DOC_REFS: raise ValueError(f"{name}: {r.name} needs {dep} first")
-    used = {x for op in ops if op.kind != "lit" for x in (op.ref, op.obj) if x}
-    if used - set(declared) - set(DOC_REFS): raise ValueError(f"{name}: undeclared referents {used - set(declared)}")
+    refs = _compile_refs(name, spec.get("refs", {}), classes)
+    declared = {r.name for r in refs}
+    used = {x for op in ops if op.kind != "lit" for x in (op.ref, None if op.kind == "fact" else op.obj) if x}
+    if used - declared - set(DOC_REFS): raise ValueError(f"{name}: undeclared referents {used - declared}")
     return Construction(name, ops, refs, spec.get("tense"), None, False, frozenset(used & set(DOC_REFS)))
+
+def compile_episode(spec: dict, name: str, classes: dict) -> Episode:
+    "Compile one episode of `grammar.json`: document referents (`refs`, named from `DOC_REFS`) and its `sentences`."
+    refs = _compile_refs(name, spec["refs"], classes, known=())
+    if {r.name for r in refs} - set(DOC_REFS): raise ValueError(f"{name}: episode referents must be among {DOC_REFS}")
+    sentences = tuple(compile_construction(s, f"{name}:{i}", classes) for i, s in enumerate(spec["sentences"]))
+    return Episode(name, refs, sentences)
+
+# %% ../../nbs/01a_grammar.ipynb #95ef0fb4
+def knowledge_base(spec: dict, lexicon: Lexicon) -> dict[str, dict[str, str]]:
+    "Entity name -> {attribute: value word}, in entity rank order; a fixed function of `spec['seed']` (`grammar.json` `facts`)."
+    entities = sorted((r for r in lexicon.rows if r.category == "entity"), key=lambda r: r.rank)
+    values = {}
+    for attr, a in spec["attributes"].items():
+        if "category" in a: words = [r.forms[0] for r in lexicon.rows if r.pos == "name" and r.category == a["category"]]
+        else: words = [lexicon.inflect(w, a.get("number")) for w in a["values"].split()]
+        if not words: raise ValueError(f"grammar.json: facts attribute {attr!r} has no values")
+        values[attr] = words
+    rng = random.Random(f"facts/{spec['seed']}")
+    return {e.forms[0]: {attr: rng.choice(words) for attr, words in values.items()} for e in entities}
 
 # %% ../../nbs/01a_grammar.ipynb #81ba7c73
 def _cumulate(pairs) -> tuple[tuple, np.ndarray]:
@@ -199,35 +245,46 @@ class Grammar:
     def __init__(self, spec: dict, lexicon: Lexicon):
         self.spec, self.lex = spec, lexicon
         self.domains = tuple(spec["domains"])
+        self.dialect_domains = frozenset(d for d, v in spec["domains"].items() if v.get("agreement") == "dialect")
         self.s, self.p_plural, self.p_past = spec["zipf_exponent"], spec["p_plural"], spec["p_past"]
         self.p_optional, self.p_adjective = spec["p_optional"], tuple(spec["p_adjective"])
         cats = {r.category for r in lexicon.rows if r.pos in ("noun", "name")}
+        self.name_cats = frozenset(r.category for r in lexicon.rows if r.pos == "name")  # name, entity, town
         self.classes = {c: (c,) for c in cats} | {k: tuple(v) for k, v in spec["classes"].items()}
         self.human = frozenset(self.classes["human"])
         compile = lambda c, n: compile_construction(c, n, self.classes)
         self.constructions = {n: compile(c, n) for n, c in spec["constructions"].items()}
         st = spec["story"]
-        self.story_body = {n: compile(c, n) for n, c in st["body"].items()}
+        self.story_body = {n: compile(c, f"story_{n}") for n, c in st["body"].items()}  # named apart from plain ones
         self.intro, self.ending = compile(st["intro"], "story_intro"), compile(st["ending"], "story_ending")
-        self.phenomena = {n: [compile(c, n) for c in p["constructions"]] for n, p in spec["phenomena"].items()}
+        self.episodes = {n: compile_episode(e, n, self.classes) for n, e in spec["episodes"].items()}
+        self.phenomena = {n: [self.episodes[c["episode"]] if "episode" in c else compile(c, n)
+                              for c in p["constructions"]] for n, p in spec["phenomena"].items()}
+        standard = tuple(d for d in self.domains if d not in self.dialect_domains)
+        self.phenomenon_domains = {n: tuple(p.get("domains", standard)) for n, p in spec["phenomena"].items()}
         self.numerals = {r.rank: r.forms[0] for r in lexicon.rows if r.pos == "num"}  # rank = value
         self.numbered = {r.forms[0] for r in lexicon.rows if r.pos in ("det", "num") and r.number}
         self.verbs = [(r, self._frames(r.args)) for r in lexicon.rows if r.pos == "verb" and r.lemma != "be"]
         self.pp_spec = _compile_ref("_pp", "location", self.classes)
         self.topic_spec = _compile_ref("T", st["topic"], self.classes)
+        self.facts = knowledge_base(spec["facts"], lexicon)
+        self.fact_entities = tuple(self.facts)  # in rank order: entity k is fact_entities[k - 1]
+        self.fact_buckets = {b: tuple(r) for b, r in spec["facts"]["buckets"].items()}
+        bad = {op.obj for c in self.constructions.values() for op in c.ops if op.kind == "fact"} - set(spec["facts"]["attributes"])
+        if bad: raise ValueError(f"grammar.json: FACT slots name unknown attributes {sorted(bad)}")
         self._tables = {}
 
     def expand(self, names: str) -> frozenset[str]:
         "Categories of a comma-separated list of classes and categories."
         return frozenset(c for n in names.split(",") for c in self.classes[n])
 
-    def _frames(self, args: str) -> list[tuple[frozenset, frozenset | None]]:
-        "A verb's frames as (subject categories, object categories or None for intransitive)."
+    def _frames(self, args: str) -> list[tuple[str, frozenset, frozenset | None]]:
+        "A verb's frames as (kind 'intr', 'tr' or 'par', subject categories, object categories or None)."
         frames = []
         for frame in args.split("|"):
             kind, _, roles = frame.partition(":")
             subj, _, obj = roles.partition(">")
-            frames.append((self.expand(subj), self.expand(obj) if kind == "tr" else None))
+            frames.append((kind, self.expand(subj), self.expand(obj) if kind == "tr" else None))
         return frames
 
     def table(self, key: tuple) -> tuple[tuple, np.ndarray]:
@@ -237,27 +294,45 @@ class Grammar:
 
 # %% ../../nbs/01a_grammar.ipynb #17ab1f3b
 def _weight(g: Grammar, row: LexRow, domain: str) -> float:
-    "Zipf weight of `row` times its domain factor and, for pseudo-words, `pseudo_weight`."
-    w = row.rank ** -g.s * (g.spec["pseudo_weight"] if row.source == "pseudo" else 1.0)
+    "Zipf weight of `row` times its domain factor and, for pseudo-words, `pseudo_weight`; jargon counts only in its domain."
+    if row.source == "fact": return row.rank ** -g.spec["facts"]["zipf_exponent"]
+    w = row.rank ** -g.s
+    if row.source == "jargon":
+        return w * g.spec["domains"][domain].get("jargon_weight", g.spec["jargon_weight"]) if domain in row.domains else 0.0
+    if row.source == "pseudo": w *= g.spec["pseudo_weight"] * (g.spec["pseudo_irregular_weight"]
+                                                              if row.args == "pseudo_irregular" else 1.0)
     if not row.domains: return w
     return w * (g.spec["domain_boost"] if domain in row.domains else g.spec["other_domain_factor"])
 
-def _t_cat(g, domain, cls, nfilter, gfilter):
+def _t_cat(g, domain, cls, nfilter, gfilter, sfilter):
     mult = g.spec["domains"][domain].get("categories", {})
     return [(c, g.spec["category_weights"][c] * mult.get(c, 1.0)) for c in g.classes[cls]
-            if g.table(("noun", domain, c, nfilter, gfilter))[0]]
+            if g.table(("noun", domain, c, nfilter, gfilter, sfilter))[0]]
 
-def _t_noun(g, domain, cat, nfilter, gfilter):
-    pos = "name" if cat == "name" else "noun"
+def _t_noun(g, domain, cat, nfilter, gfilter, sfilter):
+    pos = "name" if cat in g.name_cats else "noun"
+    lo, hi = g.fact_buckets.get(sfilter, (0, 0))  # a fact bucket: its entities, each as likely
     rows = [r for r in g.lex.rows if r.pos == pos and r.category == cat and (nfilter is None or r.args == nfilter)
-            and (gfilter is None or r.gender == gfilter or (gfilter == "known" and r.gender))]
-    return [((r.forms[0], r.forms[-1], r.gender), _weight(g, r, domain)) for r in rows]
+            and (gfilter is None or r.gender == gfilter or (gfilter == "known" and r.gender)
+                 or (gfilter == "neutral" and not r.gender))
+            and (sfilter is None or r.source == sfilter or lo <= r.rank <= hi)]
+    plural = 1 if pos == "noun" else 0  # a name has one form; a pseudo-irregular noun a third, never generated
+    return [((r.forms[0], r.forms[plural], r.gender), 1.0 if hi else _weight(g, r, domain)) for r in rows]
+
+def _fits(frame, subj, obj) -> bool:
+    "Does a verb frame take a subject of category `subj` and the object `obj` (a category, None or 'par')?"
+    kind, subjects, objects = frame
+    if subj not in subjects: return False
+    if obj is None or obj == "par": return kind == ("intr" if obj is None else "par")
+    return kind == "tr" and obj in objects
 
 def _t_verb(g, domain, tense, subj, obj, reflexive):
     skip = g.spec["nonreflexive_verb_classes"] if reflexive else ()  # no "the cow had itself"
+    only = g.spec["imperative_verb_classes"] if tense == "imperative" else None  # "chop the onions", not "like them"
+    def has_tense(forms): return forms[2] != "-" and (tense != "participle" or forms[2].endswith("ed"))
     return [(r.forms, _weight(g, r, domain) * g.spec["verb_class_weights"][r.category])
-            for r, frames in g.verbs if not (tense == "past" and r.forms[2] == "-") and r.category not in skip
-            and any(subj in s and (o is None if obj is None else o is not None and obj in o) for s, o in frames)]
+            for r, frames in g.verbs if (tense in ("present", "imperative") or has_tense(r.forms))
+            and r.category not in skip and (only is None or r.category in only) and any(_fits(f, subj, obj) for f in frames)]
 
 def _t_adj(g, domain, cat, predicative):
     order, excl = g.spec["adjective_order"], g.spec["predicative_exclude"] if predicative else ()
@@ -270,18 +345,23 @@ def _t_num(g): return [(g.numerals[v], 1 / (v - 1)) for v in range(2, g.spec["ma
 def _t_prep(g, kind): return list(g.spec["prepositions"][kind].items())
 def _t_adv(g, kind): return [(r.lemma, r.rank ** -g.s) for r in g.lex.rows if r.pos == "adv" and r.category == kind]
 def _t_kind(g, domain): return list(g.spec["domains"][domain]["kinds"].items())
+def _t_step(g): return [(int(step), w) for step, w in g.spec["counting"]["steps"].items()]
+def _t_episode(g): return [(e, g.spec["episodes"][n]["w"]) for n, e in g.episodes.items()]
 
 def _t_con(g, domain, group):
     if group == "plain":
         mult = g.spec["domains"][domain].get("constructions", {})
-        return [(c, g.spec["constructions"][n]["w"] * mult.get(n, 1.0)) for n, c in g.constructions.items()]
+        specs = g.spec["constructions"]
+        return [(c, specs[n]["w"] * mult.get(n, 1.0) * (domain in specs[n].get("domains", (domain,))))
+                for n, c in g.constructions.items()]
     body = g.spec["story"]["body"]
     if group == "story_q_name":  # constructions that name Q, to introduce Q before any pronoun refers to Q
         return [(c, body[n]["w"]) for n, c in g.story_body.items() if any(op[:2] == ("np", "Q") for op in c.ops)]
     return [(c, body[n]["w"]) for n, c in g.story_body.items() if group == "story_q" or "Q" not in c.needs]
 
 _TABLE_BUILDERS = {"cat": _t_cat, "noun": _t_noun, "verb": _t_verb, "adj": _t_adj, "det": _t_det, "num": _t_num,
-                   "prep": _t_prep, "adv": _t_adv, "kind": _t_kind, "con": _t_con}
+                   "prep": _t_prep, "adv": _t_adv, "kind": _t_kind, "con": _t_con, "step": _t_step,
+                   "episode": _t_episode}
 
 # %% ../../nbs/01a_grammar.ipynb #fb1b0b81
 @lru_cache(maxsize=None)

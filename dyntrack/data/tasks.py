@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import check_choice, check_range
-from .corpus import Generator, Sentence, join_words, story
-from .grammar import Lexicon, load_grammar
+from .corpus import Generator, Relation, Sentence, episode, join_words, story
+from .grammar import Episode, Grammar, load_grammar
 
 # %% auto #0
 __all__ = ['PHENOMENA', 'MinimalPair', 'make_minimal_pairs', 'make_pair_sets', 'encode', 'token_logprobs', 'sequence_logprobs',
@@ -20,48 +20,79 @@ __all__ = ['PHENOMENA', 'MinimalPair', 'make_minimal_pairs', 'make_pair_sets', '
 
 # %% ../../nbs/01c_tasks.ipynb #33305244
 PHENOMENA = ("simple_agreement", "irregular_agreement", "pp_attractor_agreement", "rc_attractor_agreement",
-             "determiner_noun", "anaphor_gender", "anaphor_number")
+             "determiner_noun", "anaphor_gender", "anaphor_number", "pp_chain_agreement", "double_rc_agreement",
+             "long_distance_agreement", "coreference_chain", "rare_noun_agreement", "pseudo_irregular_plural",
+             "two_step_addition", "sequence_continuation", "dialect_agreement", "fact_recall_frequent",
+             "fact_recall_rare")
 
 class MinimalPair(NamedTuple):
-    "A grammatical sentence and an ungrammatical one that differ in exactly one word."
+    "A grammatical text and an ungrammatical one that differ in exactly one word."
     good: str
     bad: str
     phenomenon: str
-    word: int = -1        # index of the differing word among the sentence's words (`dyntrack.data.corpus.annotate`)
+    word: int = -1        # index of the differing word among the text's words (`dyntrack.data.corpus.annotate`)
 
 # %% ../../nbs/01c_tasks.ipynb #096346ad
-def _flip(sent: Sentence, flip: str, lex: Lexicon) -> tuple[str, int]:
-    "Bad sentence text and changed word index: re-inflect the target of relation `flip` ('kind.ref:change')."
+def _value(g: Grammar, word: str) -> int: return g.lex.info(word).rank  # a numeral's rank is its value
+
+def _other_value(g: Grammar, entity: str, value: str) -> str:
+    "The value of `value`'s attribute held by the nearest entity in rank order whose value differs (below for even ranks, above for odd)."
+    attr = next(a for a, v in g.facts[entity].items() if v == value)
+    rank, n = g.lex.info(entity).rank, len(g.fact_entities)
+    step = -1 if rank % 2 == 0 else 1  # a neighbour as often more frequent as less: the value's frequency is no cue
+    for k in itertools.chain(range(rank + step, 0 if step < 0 else n + 1, step), range(rank - step, 0 if step > 0 else n + 1, -step)):
+        other = g.facts[g.fact_entities[k - 1]][attr]
+        if other != value: return other
+    raise ValueError(f"facts attribute {attr!r} has a single value")
+
+def _changed(rel: Relation, change: str, words: list[str], g: Grammar) -> tuple[int, str]:
+    "(index, new word) of the change `change` at relation `rel` of `words`."
+    lex, target = g.lex, words[rel.target]
+    if change == "regularise": return rel.controllers[0], lex.inflect(words[rel.controllers[0]], "pl", standard=False)
+    if change == "off_by_one":  # one more for odd sums, one less for even ones: as often, so size is no cue
+        total = _value(g, target)
+        return rel.target, g.numerals[total + 1 if total % 2 and total < g.spec["counting"]["max_number"] else total - 1]
+    if change == "count_up": return rel.target, g.numerals[_value(g, words[rel.controllers[-1]]) + 1]
+    if change == "swap": return rel.target, _other_value(g, words[rel.controllers[0]], target)
+    info = lex.info(target)
+    if change == "gender": return rel.target, lex.inflect(target, gender={"m": "f", "f": "m"}[info.gender])
+    number = "pl" if info.number == "sg" else "sg"
+    gender = lex.info(words[rel.controllers[0]]).gender if rel.kind == "refl" and number == "sg" else None
+    return rel.target, lex.inflect(target, number, gender)
+
+def _flip(sent: Sentence, flip: str, g: Grammar) -> tuple[str, int]:
+    "Bad sentence text and changed word index: `flip` = 'kind.ref:change' applied at the last such relation."
     (kind, ref), change = flip.split(":")[0].split("."), flip.split(":")[1]
-    rel = next(r for r in sent.relations if r.kind == kind and r.ref == ref)
+    rel = [r for r in sent.relations if r.kind == kind and r.ref == ref][-1]
     words = list(sent.words[:-1])  # without the final '.'
-    info = lex.info(words[rel.target])
-    if change == "gender":
-        new = lex.inflect(info.word, gender={"m": "f", "f": "m"}[info.gender])
-    else:
-        number = "pl" if info.number == "sg" else "sg"
-        gender = lex.info(words[rel.controllers[0]]).gender if kind == "refl" and number == "sg" else None
-        new = lex.inflect(info.word, number, gender)
-    words[rel.target] = new
-    return join_words(words), rel.target
+    index, words[index] = _changed(rel, change, words, g)
+    return join_words(words), index
 
 # %% ../../nbs/01c_tasks.ipynb #f169529e
+def _pair_sentences(gen: Generator, con, domain: str) -> list[Sentence]:
+    "The sentences of one pair's good text: a held-out sentence, or an episode whose last sentence is held out."
+    if isinstance(con, Episode): return episode(gen, con, domain, heldout_last=True)
+    return [gen.sentence(con, domain, heldout=True)]
+
 def make_minimal_pairs(phenomenon: str, n: int, seed: int = 0, data_dir=None) -> list[MinimalPair]:
     "`n` distinct held-out minimal pairs of `phenomenon`, deterministic in `seed`."
     g = load_grammar(data_dir)
     check_choice("phenomenon", phenomenon, PHENOMENA)
     check_range("n", n, lo=0)
     cons, flip = g.phenomena[phenomenon], g.spec["phenomena"][phenomenon]["flip"]
+    domains = g.phenomenon_domains[phenomenon]
     gen = Generator(f"pairs/{phenomenon}/{seed}", data_dir)
     pairs, seen = [], set()
     for i in itertools.count():
         if len(pairs) == n: return pairs
         if i > 50 * n + 1000: raise RuntimeError(f"{phenomenon}: only {len(pairs)} distinct pairs after {i} draws")
-        sent = gen.sentence(cons[len(pairs) % len(cons)], gen.rng.choice(g.domains), heldout=True)
-        if sent.text in seen: continue
-        seen.add(sent.text)
-        bad, word = _flip(sent, flip, g.lex)
-        pairs.append(MinimalPair(sent.text, bad, phenomenon, word))
+        *context, last = _pair_sentences(gen, cons[len(pairs) % len(cons)], gen.rng.choice(domains))
+        good = " ".join(s.text for s in context + [last])
+        if good in seen: continue
+        seen.add(good)
+        bad, word = _flip(last, flip, g)
+        pairs.append(MinimalPair(good, " ".join([s.text for s in context] + [bad]), phenomenon,
+                                 sum(len(s.words) for s in context) + word))
 
 def make_pair_sets(n: int, seed: int = 0, phenomena=PHENOMENA, data_dir=None) -> dict[str, list[MinimalPair]]:
     "`n` pairs of each phenomenon."

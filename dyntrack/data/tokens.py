@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01d_tokens.ipynb #0d7d0bb1
 from __future__ import annotations
-import glob, hashlib, itertools, json, os, re, zlib
+import functools, glob, hashlib, itertools, json, os, re, zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping
 
@@ -17,8 +17,9 @@ from ..core import (CorruptFileError, ParamError, atomic_path, check_choice, che
                            progress, read_json, settle, write_json)
 
 # %% auto #0
-__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'SPLITS', 'TEXT_SUFFIXES', 'train_tokenizer', 'tokenizer_hash', 'val_mask', 'build_shards',
-           'draw_windows', 'TokenShards', 'load_text_files', 'load_hub_dataset', 'play_scenes', 'load_shakespeare']
+__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'SPLITS', 'MIX_BLOCK', 'TEXT_SUFFIXES', 'train_tokenizer', 'tokenizer_hash', 'val_mask',
+           'build_shards', 'mixture_counts', 'domain_rows', 'draw_windows', 'fresh_steps', 'TokenShards',
+           'load_text_files', 'load_hub_dataset', 'play_scenes', 'load_shakespeare']
 
 # %% ../../nbs/01d_tokens.ipynb #540767e3
 EOS_TOKEN = "<|endoftext|>"  # document separator; also BOS and UNK (GPT-2 convention)
@@ -84,29 +85,34 @@ def _check_domain_name(domain) -> None:
         raise ParamError(f"domain name {domain!r} is not allowed; use a non-empty name without '/', '\\' or a leading '.'")
 
 # %% ../../nbs/01d_tokens.ipynb #5a1bb3c0
-def _encode(tokenizer, docs: list[str]) -> list[list[int]]:
-    "Token ids of each document, without special tokens (batched; parallel for fast tokenizers)."
-    return tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+def _batch_encoder(tokenizer):
+    "A function from documents to their token ids without special tokens; fast tokenizers encode a batch on all cores."
+    if not getattr(tokenizer, "is_fast", False):
+        return lambda docs: tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the caller's truncation stays theirs
+    backend.no_truncation(), backend.no_padding()
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast (tokenizers >= 0.21) skips offsets
+    return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
 
 def _join(ids: list[list[int]], eos_id: int, dtype) -> np.ndarray:
     "Concatenate documents, each followed by `eos_id`: [sum(len(doc) + 1)]."
     total = sum(len(x) + 1 for x in ids)
     return np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in ids), dtype=dtype, count=total)
 
-def _write_domain(folder: Path, domain: str, docs: list[str], tokenizer, dtype, mask: np.ndarray, bar,
-                  batch_docs: int = 1024) -> dict:
+def _write_domain(folder: Path, domain: str, docs: list[str], encode, eos_id: int, dtype, mask: np.ndarray, bar,
+                  batch_docs: int = 8192) -> dict:
     "Write `{domain}.{split}.bin` into `folder`; return {split: {n_docs, n_tokens}}."
     counts = {s: {"n_docs": int((mask == (s == "val")).sum()), "n_tokens": 0} for s in SPLITS}
     with open(folder / f"{domain}.train.bin", "wb") as f_train, open(folder / f"{domain}.val.bin", "wb") as f_val:
         for lo in range(0, len(docs), batch_docs):
-            ids = _encode(tokenizer, docs[lo:lo + batch_docs])
+            ids = encode(docs[lo:lo + batch_docs])
             for split, f in (("train", f_train), ("val", f_val)):
-                arr = _join([x for x, v in zip(ids, mask[lo:lo + batch_docs]) if v == (split == "val")],
-                            tokenizer.eos_token_id, dtype)
+                arr = _join([x for x, v in zip(ids, mask[lo:lo + batch_docs]) if v == (split == "val")], eos_id, dtype)
                 arr.tofile(f)
                 counts[split]["n_tokens"] += len(arr)
             bar.update(len(ids))
     return counts
+
 
 # %% ../../nbs/01d_tokens.ipynb #02c21708
 def _texts_hash(docs: Mapping[str, list[str]]) -> str:
@@ -149,12 +155,13 @@ def _write_shards(out_dir: Path, docs: dict[str, list[str]], tokenizer, val_frac
     "Tokenise `docs` into the shards folder `out_dir`, written under a temporary name and renamed into place."
     vocab_size = len(tokenizer)
     dtype = np.uint16 if vocab_size < 2**16 else np.uint32
-    counts = {}
+    counts, encode = {}, _batch_encoder(tokenizer)
     with atomic_path(out_dir, overwrite=overwrite) as tmp, \
          progress(total=sum(map(len, docs.values())), desc="tokenise", unit="doc") as bar:
         tmp.mkdir()
         for d, texts in docs.items():
-            counts[d] = _write_domain(tmp, d, texts, tokenizer, dtype, val_mask(len(texts), val_fraction, seed, d), bar)
+            mask = val_mask(len(texts), val_fraction, seed, d)
+            counts[d] = _write_domain(tmp, d, texts, encode, tokenizer.eos_token_id, dtype, mask, bar)
         write_json(tmp / "meta.json", dict(format="dyntrack-token-shards", version=1, key=shards_key,
                    dtype=np.dtype(dtype).name, vocab_size=vocab_size, eos_id=tokenizer.eos_token_id,
                    tokenizer=dict(name=tokenizer.name_or_path, hash=tokenizer_hash(tokenizer)),
@@ -197,13 +204,78 @@ def _missing_files(folder: Path, meta) -> list[str]:
             if not (folder / name).is_file() or (folder / name).stat().st_size != size]
 
 # %% ../../nbs/01d_tokens.ipynb #c16185d4
+MIX_BLOCK = 1 << 16  # rows per block of the domain mixture; every block holds each domain's share of rows exactly
+
+def mixture_counts(probs: np.ndarray) -> np.ndarray:
+    "Rows of each domain in a block: `probs` × `MIX_BLOCK` rounded by largest remainders, summing to `MIX_BLOCK`: [n_domains]."
+    exact = np.asarray(probs, dtype=np.float64) * MIX_BLOCK  # [n_domains]
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[:MIX_BLOCK - int(counts.sum())]] += 1  # largest remainders first
+    return counts
+
+@functools.lru_cache(maxsize=8)
+def _block_rows(seed: int, block: int, counts: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    "Domain of each row of mixture block `block` and its rank among the block's rows of that domain: ([MIX_BLOCK], [MIX_BLOCK])."
+    domain = np.random.default_rng([seed, 0, block]).permutation(np.repeat(np.arange(len(counts)), counts))
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # [MIX_BLOCK]: where each domain begins, rows sorted by domain
+    rank = np.empty(len(domain), np.int64)
+    rank[np.argsort(domain, kind="stable")] = np.arange(len(domain)) - first
+    domain.flags.writeable = rank.flags.writeable = False  # cached: shared by every call
+    return domain, rank
+
+def domain_rows(rows: np.ndarray, counts: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    "Domain of each of the run's rows `rows` [n] (a block's `counts` per domain) and its index among that domain's rows: ([n], [n])."
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != MIX_BLOCK: raise ParamError(f"counts={counts.tolist()} must sum to MIX_BLOCK={MIX_BLOCK}; use mixture_counts")
+    block, pos = np.divmod(np.asarray(rows, dtype=np.int64), MIX_BLOCK)  # [n] each
+    domain, index = np.empty_like(block), np.empty_like(block)
+    for b in np.unique(block).tolist():
+        here = block == b
+        block_domain, rank = _block_rows(seed, b, tuple(counts.tolist()))
+        domain[here] = block_domain[pos[here]]
+        index[here] = b * counts[domain[here]] + rank[pos[here]]
+    return domain, index
+
+
+# %% ../../nbs/01d_tokens.ipynb #ef0c74cd
+@functools.lru_cache(maxsize=64)
+def _epoch_windows(seed: int, domain: int, epoch: int, n_tokens: int, seq_len: int) -> tuple[int, np.ndarray]:
+    "First token of the window grid of `epoch` of a domain of `n_tokens` tokens, and the order of its windows: (offset, [n_windows])."
+    n_windows = n_tokens // (seq_len + 1)
+    rng = np.random.default_rng([seed, 1, domain, epoch])
+    offset = int(rng.integers(0, n_tokens - n_windows * (seq_len + 1) + 1))  # anywhere in the tokens the grid leaves over
+    order = rng.permutation(n_windows)
+    order.flags.writeable = False  # cached: shared by every call
+    return offset, order
+
 def draw_windows(step: int, batch_size: int, seq_len: int, lengths: np.ndarray, probs: np.ndarray,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    "Domain index and start offset of each window of the global batch at `step`: ([batch_size], [batch_size])."
-    rng = np.random.default_rng([seed, step])
-    domain = rng.choice(len(probs), size=batch_size, p=probs)  # [batch_size]
-    start = (rng.random(batch_size) * (lengths[domain] - seq_len)).astype(np.int64)  # [batch_size], < n_d - seq_len
+    "Domain index and start offset of each window of the global batch at `step`, drawn without replacement: ([batch_size], [batch_size])."
+    lengths = np.asarray(lengths, dtype=np.int64)  # [n_domains]
+    domain, index = domain_rows(step * batch_size + np.arange(batch_size), mixture_counts(probs), seed)
+    if short := sorted(set(domain[lengths[domain] <= seq_len].tolist())):
+        raise ParamError(f"seq_len={seq_len} is too long: domains {short} have fewer than seq_len + 1 tokens")
+    epoch, within = np.divmod(index, lengths[domain] // (seq_len + 1))  # [batch_size] each
+    start = np.empty(batch_size, np.int64)
+    for d, e in set(zip(domain.tolist(), epoch.tolist())):
+        offset, order = _epoch_windows(seed, d, e, int(lengths[d]), seq_len)
+        here = (domain == d) & (epoch == e)
+        start[here] = offset + order[within[here]] * (seq_len + 1)
     return domain, start
+
+def fresh_steps(batch_size: int, seq_len: int, lengths: np.ndarray, probs: np.ndarray, seed: int = 0) -> int:
+    "How many steps of `draw_windows` draw no window twice: every domain is still in its epoch 0."
+    counts, n_windows = mixture_counts(probs), np.asarray(lengths, dtype=np.int64) // (seq_len + 1)  # [n_domains] each
+    def fits(steps: int) -> bool:
+        full, part = divmod(steps * batch_size, MIX_BLOCK)
+        in_part = np.bincount(_block_rows(seed, full, tuple(counts.tolist()))[0][:part], minlength=len(counts))
+        return bool((full * counts + in_part <= n_windows).all())
+    drawn = counts > 0
+    lo, hi = 0, (int((n_windows[drawn] // counts[drawn]).min()) + 2) * MIX_BLOCK // batch_size + 1  # fits(hi) is False
+    while hi - lo > 1:
+        lo, hi = ((lo + hi) // 2, hi) if fits((lo + hi) // 2) else (lo, (lo + hi) // 2)
+    return lo
+
 
 # %% ../../nbs/01d_tokens.ipynb #9b334a07
 def _val_iter(arr: np.ndarray, seq_len: int, batch_size: int, n_windows: int) -> Iterator[torch.Tensor]:
@@ -213,7 +285,7 @@ def _val_iter(arr: np.ndarray, seq_len: int, batch_size: int, n_windows: int) ->
 
 # %% ../../nbs/01d_tokens.ipynb #61ed895f
 class TokenShards:
-    "Per-domain train/val token streams with deterministic, DDP-consistent random batches."
+    "Per-domain train/val token streams with deterministic, DDP-consistent batches of windows drawn without replacement."
     def __init__(self, files: Mapping[tuple[str, str], tuple[Path, str, int, int]], arrays: Mapping[tuple[str, str], np.ndarray],
                  domains: list[str], vocab_size: int, weights: Mapping[str, float] | None = None, path=None,
                  key: str | None = None, ranges: Mapping[str, tuple[int, int]] | None = None):
@@ -284,21 +356,30 @@ class TokenShards:
         if total == 0: raise ParamError(f"split={split!r} holds no tokens in domains {self.domains}")
         return {d: raw[d] / total for d in self.domains}
 
+    def _mixture(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        "Tokens and sampling probability of each domain in `split`: ([n_domains], [n_domains]); a drawn domain must hold a window."
+        probs = self.probs(split)
+        lengths = np.array([self.n_tokens(split, d) for d in self.domains], dtype=np.int64)
+        if short := [d for d, n in zip(self.domains, lengths) if probs[d] > 0 and n < seq_len + 1]:
+            raise ParamError(f"seq_len={seq_len} is too long: domains {short} have fewer than seq_len + 1 {split} tokens")
+        return lengths, np.array(list(probs.values()))
+
     def batch(self, step: int, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
               split: str = "train") -> torch.Tensor:
-        "Rank `rank`'s rows of the global batch of `step`: int64 [batch_size // world_size, seq_len + 1]."
+        "Rank `rank`'s rows of the global batch of `step`, windows drawn without replacement: int64 [batch_size // world_size, seq_len + 1]."
         for name, v, lo in (("step", step, 0), ("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1)):
             check_range(name, v, lo=lo)
         check_range("rank", rank, 0, world_size - 1)
         if batch_size % world_size: raise ParamError(f"batch_size={batch_size} must be divisible by world_size={world_size}")
-        probs = self.probs(split)
-        lengths = np.array([self.n_tokens(split, d) for d in self.domains])
-        if short := [d for d, n in zip(self.domains, lengths) if probs[d] > 0 and n < seq_len + 1]:
-            raise ParamError(f"seq_len={seq_len} is too long: domains {short} have fewer than seq_len + 1 {split} tokens")
-        domain, start = draw_windows(step, batch_size, seq_len, lengths, np.array(list(probs.values())), seed)
+        domain, start = draw_windows(step, batch_size, seq_len, *self._mixture(split, seq_len), seed)
         rows = range(rank * (batch_size // world_size), (rank + 1) * (batch_size // world_size))
         x = np.stack([self._array(self.domains[domain[r]], split)[start[r]:start[r] + seq_len + 1] for r in rows])
         return torch.from_numpy(x.astype(np.int64))  # [batch_size // world_size, seq_len + 1]
+
+    def fresh_steps(self, batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train") -> int:
+        "Steps of `batch(step, batch_size, seq_len, seed=seed)` that read no token twice: each domain's windows drawn once at most."
+        check_range("batch_size", batch_size, lo=1), check_range("seq_len", seq_len, lo=1)
+        return fresh_steps(batch_size, seq_len, *self._mixture(split, seq_len), seed)
 
     def val_batches(self, domain: str, seq_len: int, batch_size: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
         "Consecutive windows [b, seq_len + 1] of `domain`'s val split, each token a target once; at most `max_tokens` targets."

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/02a_presets.ipynb #df7525a8
 from __future__ import annotations
-import inspect, numbers
+import inspect, math, numbers
 from typing import Literal
 
 import torch
@@ -97,15 +97,18 @@ def config_fields(config: PretrainedConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
 
 # %% ../../nbs/02a_presets.ipynb #de25836a
-def checkpoint_schedule(total_steps: int, log_until: int | None = None, n_linear: int = 10) -> list[int]:
-    "Steps to save: 0, powers of two up to `log_until` (default `total_steps/n_linear`), `n_linear` even steps to `total_steps`."
+def checkpoint_schedule(total_steps: int, log_until: int | None = None, n_linear: int = 10, per_octave: int = 1) -> list[int]:
+    "Steps to save: 0, `per_octave` log-spaced steps per doubling up to `log_until`, then the `n_linear` even steps past it."
     check_range("total_steps", total_steps, lo=1)
     check_range("n_linear", n_linear, lo=1, hi=total_steps)
-    log_until = total_steps // n_linear if log_until is None else log_until
+    check_int("per_octave", per_octave, lo=1)
+    if log_until is None: log_until = int(total_steps / (n_linear * (2 ** (1 / per_octave) - 1)))  # spacings meet here
     check_range("log_until", log_until, lo=0)
-    powers = [2**j for j in range(min(log_until, total_steps).bit_length()) if 2**j <= log_until]
-    linear = [round(k * total_steps / n_linear) for k in range(1, n_linear + 1)]
-    return sorted({0, *powers, *linear, total_steps})
+    top = min(log_until, total_steps)
+    n_log = int(per_octave * math.log2(top)) + 2 if top >= 1 else 0  # j = n_log - 1 is past `top` already
+    logs = {round(2 ** (j / per_octave)) for j in range(n_log)}
+    linear = {round(k * total_steps / n_linear) for k in range(1, n_linear + 1)}
+    return sorted({0, *(s for s in logs if s <= top), *(s for s in linear if s >= log_until), total_steps})
 
 def pythia_steps() -> list[int]:
     "Pythia's 154 checkpoint steps: 0, 1, 2, 4, ..., 512, then every 1000 to 143000."

@@ -16,16 +16,16 @@ from torch import Tensor
 from ..acts import window_acts
 from ..core import ParamError, check_choice, check_range, progress
 from ..data.grammar import WordInfo
-from ..features import FeatureLabel, TokenWindow, label_share, labels_at, random_positions, top_infos, top_positions
+from ..features import LABEL_KINDS, FeatureLabel, TokenWindow, labels_at, random_positions, top_positions
 from ..models.suite import CheckpointSuite
 from ..sae.model import SparseAutoencoder, load_sae
 from .chain import MEASURES, SaeCheck, check_sae
 
 # %% auto #0
-__all__ = ['SIMILARITIES', 'PHASES', 'PATTERNS', 'decoder_cosines', 'decoder_pca', 'pairwise_similarity', 'mean_pairwise',
-           'progress_measure', 'progress_measures', 'formation_step', 'phase_boundaries', 'phase_of', 'label_fractions',
-           'pattern', 'pattern_counts', 'pattern_examples', 'distinct_features', 'ChainAnalysis', 'analyse_checkpoint',
-           'analyse_chain', 'feature_patterns', 'embed_2d', 'separation']
+__all__ = ['SIMILARITIES', 'PHASES', 'PATTERNS', 'LABELLED', 'decoder_cosines', 'decoder_pca', 'pairwise_similarity',
+           'mean_pairwise', 'progress_measure', 'progress_measures', 'formation_step', 'phase_boundaries', 'phase_of',
+           'label_fractions', 'pattern', 'pattern_counts', 'pattern_examples', 'distinct_features', 'ChainAnalysis',
+           'analyse_checkpoint', 'analyse_chain', 'feature_patterns', 'embed_2d', 'separation']
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #bddf323e
 def _stack_decoders(W_decs: Sequence[Tensor]) -> Tensor:
@@ -152,19 +152,20 @@ def label_fractions(kinds: Sequence[Sequence[str]], phases: Sequence[str]) -> di
     for phase in PHASES:
         counts = Counter(k for ks, ph in zip(kinds, phases) if ph == phase for k in ks)
         total = sum(counts.values())
-        out[phase] = {k: counts[k] / total for k in ("token", "concept", "unlabelled")} if total else None
+        out[phase] = {k: counts[k] / total for k in LABEL_KINDS} if total else None
     return out
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #98bfff45
 PATTERNS = ("maintaining", "shifting", "grouping", "other")
+LABELLED = ("token", "concept")  # the kinds that name a meaning
 
-def pattern(first: FeatureLabel, final: FeatureLabel, final_share_at_first: float, threshold: float = 0.6) -> str:
+def pattern(first: FeatureLabel, final: FeatureLabel) -> str:
     "Class a feature by its labels at the first and last checkpoints: 'maintaining', 'shifting', 'grouping' or 'other'."
-    check_range("threshold", threshold, lo=0, hi=1)
-    if final.kind == "unlabelled": return "other"
-    if first.kind == final.kind and final_share_at_first >= threshold: return "maintaining"
+    for name, label in (("first", first), ("final", final)):
+        if label.kind not in LABEL_KINDS: raise ParamError(f"{name}.kind={label.kind!r}; allowed: {LABEL_KINDS}")
+    if final.kind not in LABELLED or first.kind == "silent": return "other"
     if first.kind == "unlabelled": return "grouping" if final.kind == "concept" else "other"
-    return "shifting"
+    return "maintaining" if (first.kind, first.value) == (final.kind, final.value) else "shifting"
 
 def pattern_counts(patterns: Iterable[str]) -> dict[str, int]:
     "How many features follow each pattern of `PATTERNS`."
@@ -186,7 +187,7 @@ def distinct_features(final_labels: Sequence[FeatureLabel], n: int) -> list[int]
     chosen, seen = [], set()
     for i in sorted(range(len(final_labels)), key=lambda i: (-final_labels[i].purity, i)):
         label = final_labels[i]
-        if label.kind != "unlabelled" and (label.kind, label.value) not in seen and len(chosen) < n:
+        if label.kind in LABELLED and (label.kind, label.value) not in seen and len(chosen) < n:
             chosen.append(i); seen.add((label.kind, label.value))
     return chosen
 
@@ -217,7 +218,7 @@ def analyse_checkpoint(sae: SparseAutoencoder, acts: Tensor, live: Tensor, top_f
     progress_t = {"activation_cosine": _feature_progress(acts, top_final, random_pos, "cosine")}
     for kind in SIMILARITIES: progress_t[f"feature_{kind}"] = _feature_progress(z, top_final, random_pos, kind)
     values, pos = (t.T.cpu() for t in z[:, live.to(z.device)].topk(n_top, dim=0))  # SAE_t's own top positions [F, n_top]
-    return progress_t, labels_at(values, pos, infos, threshold), values, pos
+    return progress_t, labels_at(values, pos, infos, min_purity=threshold), values, pos
 
 def _live_top(sae: SparseAutoencoder, acts: Tensor, n_top: int) -> tuple[Tensor, Tensor]:
     "Latents firing at ≥ `n_top` rows of `acts` [n, d_model] under `sae`, and their top rows [F, n_top]."
@@ -248,11 +249,9 @@ def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, win
                          torch.stack(values), torch.stack(pos))
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #25bdfd54
-def feature_patterns(an: ChainAnalysis, infos: Sequence[WordInfo | None], threshold: float = 0.6) -> list[str]:
+def feature_patterns(an: ChainAnalysis) -> list[str]:
     "The `pattern` of every live feature of `an`, from its labels at the first and last checkpoints."
-    first, final = an.labels[0], an.labels[-1]
-    shares = [label_share(top_infos(v, pos, infos), label) for v, pos, label in zip(an.top_values[0], an.top_pos[0], final)]
-    return [pattern(a, b, share, threshold) for a, b, share in zip(first, final, shares)]
+    return [pattern(first, final) for first, final in zip(an.labels[0], an.labels[-1])]
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #478e2353
 def embed_2d(x: Tensor) -> np.ndarray:

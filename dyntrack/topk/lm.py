@@ -24,7 +24,7 @@ from ..models.presets import SIZES, build_model, config_fields
 from ..models.suite import CheckpointSuite
 from ..suite import Evaluation, MinimalPairs
 from ..data.embedded import corpus_key, prepare_embedded_data
-from ..train.suite import TRAIN_CODE, EmbeddedRecipe, train_config as suite_train_config
+from ..train.suite import TRAIN_CODE, EmbeddedRecipe, check_fresh_text, train_config as suite_train_config
 from ..data.tasks import lambada_accuracy, minimal_pair_accuracy
 from ..data.tokens import TokenShards
 from ..features import word_category
@@ -218,6 +218,7 @@ class TopKRuns(NamedTuple):
 def train_topk_and_dense(p: TopKParams) -> TopKRuns:
     "Train (or resume, or reuse) the TopK model and its dense twin: same data, steps and seed; only TopK differs."
     tokenizer, shards = prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)
+    check_fresh_text(p.recipe, shards)  # before training: the run must not read a token twice
     configs, dirs, train_cfgs = lm_configs(p, tokenizer), lm_run_dirs(p), lm_train_configs(p)
     results = {}
     for name in ("topk", "dense"):

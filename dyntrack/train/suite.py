@@ -4,18 +4,22 @@
 
 # %% ../../nbs/03b_embedded_suite.ipynb #04f9e6e0
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..core import cache_dir, check_choice, check_fields, check_range, digest, file_lock, module_digest
+from ..core import ParamError, cache_dir, check_choice, check_fields, check_range, digest, file_lock, module_digest
 from ..data.embedded import CORPUS_CODE, check_corpus, corpus_key, prepare_embedded_data
+from ..data.grammar import load_grammar
+from ..data.tokens import TokenShards
 from ..models.presets import ARCHS, SIZES, build_model, checkpoint_schedule, config_fields, model_config
 from ..models.suite import CheckpointSuite
 from .trainer import TrainConfig, Trainer
 
 # %% auto #0
-__all__ = ['TRAIN_CODE', 'EmbeddedRecipe', 'train_config', 'run_key', 'default_run_dir', 'train_embedded_suite']
+__all__ = ['TRAIN_CODE', 'EmbeddedRecipe', 'train_config', 'depth_override', 'run_key', 'default_run_dir', 'check_fresh_text',
+           'training_shards', 'train_embedded_suite']
 
 # %% ../../nbs/03b_embedded_suite.ipynb #feaab655
 @dataclass
@@ -31,24 +35,35 @@ class EmbeddedRecipe:
     lr: float = 1e-3                     # peak learning rate (warm-up then cosine to 10%)
     warmup_steps: int = 100              # linear warm-up steps
     n_linear: int = 12                   # evenly spaced checkpoints after the log-spaced ones
+    per_octave: int = 1                  # log-spaced checkpoints per doubling of the step before them
     seed: int = 0                        # model-initialisation and data-order seed
     compile: bool = False                # torch.compile the training forward pass
     eval_tokens: int = 65536             # validation tokens per domain; the trainer logs a quarter of them per checkpoint
+    train_domain: str = ""               # "" = the corpus's domain mixture; else train on this domain alone
+    n_layers: int = 0                    # blocks of the model; 0 = the size preset's depth
 
     PROFILES = {"smoke": dict(words_per_domain=60_000, vocab_size=1024, size="tiny", seq_len=64, batch_size=16, total_steps=60,
                               lr=3e-3, warmup_steps=5, n_linear=4, eval_tokens=2048),
-                "paper": dict(words_per_domain=3_000_000, vocab_size=8192, size="base", seq_len=256, batch_size=128,
-                              total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=12, compile=True, eval_tokens=32768)}
+                "paper": dict(words_per_domain=11_500_000, vocab_size=8192, size="base", seq_len=256, batch_size=128,
+                              total_steps=3000, lr=1e-3, warmup_steps=150, n_linear=16, per_octave=3, compile=True,
+                              eval_tokens=32768)}
 
     def __post_init__(self):
         check_fields(self)
         check_corpus(self.words_per_domain, self.corpus_seed, self.vocab_size)
         check_choice("arch", self.arch, ARCHS)
         check_choice("size", self.size, SIZES)
-        for name in ("seq_len", "batch_size", "total_steps", "eval_tokens", "n_linear"):
+        for name in ("seq_len", "batch_size", "total_steps", "eval_tokens", "n_linear", "per_octave"):
             check_range(name, getattr(self, name), lo=1)
         check_range("warmup_steps", self.warmup_steps, 0, self.total_steps)
         check_range("lr", self.lr, lo=0)
+        check_range("n_layers", self.n_layers, lo=0)
+        if self.train_domain: check_choice("train_domain", self.train_domain, load_grammar().domains)
+
+    @property
+    def depth(self) -> int:
+        "Blocks of the recipe's model."
+        return self.n_layers or SIZES[self.size]["n_layers"]
 
 # %% ../../nbs/03b_embedded_suite.ipynb #b47dd433
 TRAIN_CODE = CORPUS_CODE + ("dyntrack.train", "dyntrack.models")  # the code that makes the embedded suite's weights (whole packages)
@@ -56,22 +71,48 @@ TRAIN_CODE = CORPUS_CODE + ("dyntrack.train", "dyntrack.models")  # the code tha
 def train_config(recipe: EmbeddedRecipe) -> TrainConfig:
     "The trainer configuration of the embedded suite of `recipe`."
     r = recipe
-    steps = checkpoint_schedule(r.total_steps, n_linear=r.n_linear)
+    steps = checkpoint_schedule(r.total_steps, n_linear=r.n_linear, per_octave=r.per_octave)
     return TrainConfig(total_steps=r.total_steps, batch_size=r.batch_size, seq_len=r.seq_len, lr=r.lr,
                        warmup_steps=r.warmup_steps, seed=r.seed, data_seed=r.seed, compile=r.compile,
                        checkpoint_steps=steps, resume_every=max(r.total_steps // 4, 1), eval_tokens=r.eval_tokens // 4)
 
+def depth_override(recipe: EmbeddedRecipe) -> dict:
+    "The model-config override of `recipe.n_layers`: none for the preset's depth."
+    return dict(num_hidden_layers=recipe.n_layers) if recipe.n_layers else {}
+
 def run_key(recipe: EmbeddedRecipe) -> str:
-    "Names the embedded suite of `recipe`: arch, size and a digest of its corpus key, trainer and model configs and `TRAIN_CODE`."
+    "Names the embedded suite of `recipe`: arch, size and a digest of its corpus key, domain, trainer and model configs and `TRAIN_CODE`."
     r = recipe
-    model = config_fields(model_config(r.arch, r.size, vocab_size=r.vocab_size, max_seq_len=r.seq_len))
-    what = dict(corpus=corpus_key(r.words_per_domain, r.corpus_seed, r.vocab_size), train=train_config(r), model=model,
-                code=module_digest(*TRAIN_CODE))
+    model = config_fields(model_config(r.arch, r.size, vocab_size=r.vocab_size, max_seq_len=r.seq_len, **depth_override(r)))
+    what = dict(corpus=corpus_key(r.words_per_domain, r.corpus_seed, r.vocab_size), domain=r.train_domain,
+                train=train_config(r), model=model, code=module_digest(*TRAIN_CODE))
     return f"{r.arch}-{r.size}-{digest(what)}"
 
 def default_run_dir(recipe: EmbeddedRecipe) -> Path:
     "The cache folder of the embedded suite of `recipe`, named by `run_key`."
     return cache_dir("suites") / run_key(recipe)
+
+# %% ../../nbs/03b_embedded_suite.ipynb #e3eb4088
+def check_fresh_text(recipe: EmbeddedRecipe, shards: TokenShards) -> None:
+    "Raise `ParamError` naming `words_per_domain` unless the run of `recipe` reads no training token of `shards` twice."
+    r = recipe
+    fresh = shards.fresh_steps(r.batch_size, r.seq_len, seed=r.seed)  # the trainer draws with data_seed = seed
+    if r.total_steps <= fresh: return
+    drawn = [d for d, prob in shards.probs().items() if prob > 0]  # a probe on one domain reads that domain alone
+    needed, held = r.total_steps * r.batch_size * (r.seq_len + 1), sum(shards.n_tokens("train", d) for d in drawn)
+    enough = math.ceil(1.1 * r.words_per_domain * r.total_steps / max(fresh, 1))  # fresh steps grow with the words; 10% headroom
+    raise ParamError(f"words_per_domain={r.words_per_domain} is too small for total_steps={r.total_steps}: the run reads "
+                     f"{needed:,} training tokens (total_steps x batch_size x (seq_len + 1)) and the corpus holds {held:,}"
+                     f"{f' in train_domain={r.train_domain!r}' if r.train_domain else ''}, "
+                     f"enough for {fresh} steps without reading a token twice; raise words_per_domain to about {enough:,} "
+                     f"or lower total_steps")
+
+def training_shards(recipe: EmbeddedRecipe, shards: TokenShards) -> TokenShards:
+    "`shards` as the run of `recipe` draws them: the corpus's mixture, or weight 1 on `train_domain` (checked against `shards`)."
+    if not recipe.train_domain: return shards
+    check_choice("train_domain", recipe.train_domain, shards.domains)
+    return TokenShards.open(shards.path, weights={recipe.train_domain: 1.0})
+
 
 # %% ../../nbs/03b_embedded_suite.ipynb #925103bf
 def train_embedded_suite(recipe: EmbeddedRecipe, run_dir: str | Path = "", device: str = "auto") -> CheckpointSuite:
@@ -79,7 +120,9 @@ def train_embedded_suite(recipe: EmbeddedRecipe, run_dir: str | Path = "", devic
     r = recipe
     run_dir = Path(run_dir) if run_dir else default_run_dir(r)
     tokenizer, shards = prepare_embedded_data(r.words_per_domain, r.corpus_seed, r.vocab_size)
-    config = model_config(r.arch, r.size, vocab_size=len(tokenizer), max_seq_len=r.seq_len,
+    shards = training_shards(r, shards)
+    check_fresh_text(r, shards)
+    config = model_config(r.arch, r.size, vocab_size=len(tokenizer), max_seq_len=r.seq_len, **depth_override(r),
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     with file_lock(f"{run_dir}.lock", what=f"the suite {run_dir}"):  # a second run waits, then finds it trained
         trainer = Trainer(build_model(config, seed=r.seed), tokenizer, shards, train_config(r), run_dir, device=device)
