@@ -37,7 +37,7 @@ __all__ = ['K_START_FACTOR', 'K_ANNEAL_FRACTION', 'THRESHOLD_START_FRACTION', 'D
            'training_tokens', 'token_batches', 'fit_crosscoder', 'describe_cached', 'checkpoint_choice', 'WindowTops',
            'window_tops', 'top_by_class']
 
-# %% ../../nbs/12d_crosscoding_run.ipynb #2f5671ec
+# %% ../../nbs/12d_crosscoding_run.ipynb #902a70ec
 K_START_FACTOR = 5           # BatchTopK's k starts at this multiple of k (orig.: 1000 → 200)
 K_ANNEAL_FRACTION = 0.05     # ... and reaches k after this share of the steps (orig.: 5000 of 97,656)
 THRESHOLD_START_FRACTION = 0.01  # the inference threshold's average starts after this share (orig.: step 1000)
@@ -62,7 +62,7 @@ class CrosscodingMethod:
     ie_steps: int = 10                   # left-Riemann steps of the integrated gradients (orig.: 10)
     analysis_tokens: int = 32768         # held-out window tokens: statistics, top activations and labels
     n_top: int = 20                      # top-activating window positions that label a latent
-    label_threshold: float = 0.6         # share of top positions one lemma / property must hold to label a latent
+    label_threshold: float = 0.6         # least share of a latent's top positions holding its label's value (labels also beat chance)
     n_shown: int = 4                     # latents per class in the feature tables; top and bottom latents in the IE figure
     null_crosscoders: bool = True        # also train the null crosscoders (one checkpoint twice; two seeds) and count their classes
     null_seed: int = -1                  # embedded suite: seed of a second suite (same recipe) for the two-seed null; -1 = none
