@@ -1,5 +1,5 @@
 "Crosscoders through time: the model against a dense reference of METHODS.md §2, BatchTopK, folding, files, training through train_sae (planted data and an LM's checkpoints), exact resume, statistics."
-import copy, dataclasses, json, math
+import copy, dataclasses, json, math, subprocess, sys
 
 import pytest
 import torch
@@ -311,6 +311,18 @@ def test_save_load_round_trip_with_scales_and_buffers(kind, tmp_path):
     assert load_sae(tmp_path / "folded").folded and torch.equal(load_sae(tmp_path / "folded").W_dec, folded.W_dec)
     with pytest.raises(ParamError, match="config does not describe this crosscoder: d_latents"):
         save_sae(cc, dataclasses.replace(cc.cfg, d_latents=12), tmp_path / "other")
+
+
+def test_saved_crosscoder_loads_in_a_fresh_interpreter(tmp_path):
+    "load_sae finds the crosscoder's class from the module recorded in cfg.json; the sae layer names no method."
+    cc = randomised(Crosscoder(cfg_of()))
+    save_sae(cc, cc.cfg, tmp_path / "cc")
+    torch.save(cc.W_dec.detach(), tmp_path / "want.pt")
+    script = (f"import sys, torch\nfrom dyntrack.sae.model import load_sae\nassert 'dyntrack.crosscoding.model' not in sys.modules\n"
+              f"back = load_sae({str(tmp_path / 'cc')!r})\nprint(type(back).__name__)\n"
+              f"assert torch.equal(back.W_dec, torch.load({str(tmp_path / 'want.pt')!r}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["Crosscoder"], out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -41,7 +41,7 @@ EARLY_FAILURES = [  # (notebook, parameters, words of the error)
     ("10_suite", dict(lr=float("inf")), "lr=inf is not a finite number"),
     ("10_suite", dict(suite="run:/no/such/run"), "/no/such/run/manifest.json"),
     ("10_suite", dict(hub_steps=[0, 8]), "hub_steps=(0, 8) is not used here"),
-    ("10_suite", dict(suite="hub:toy-org/x", hub_revision="ckpt-{tokens}"), "hub_revision='ckpt-{tokens}' does not format"),
+    ("10_suite", dict(suite="hub:toy-org/x", hub_revision="ckpt-{tok}"), "hub_revision='ckpt-{tok}' does not format"),
     ("11_sae_track", dict(site_layer=99), "site_layer=99 is out of range"),
     ("11_sae_track", dict(chain_steps=[0, 3]), "chain_steps [3] are not checkpoints of the suite"),
     ("11_sae_track", dict(cold_steps=[7]), "cold_steps [7]"),

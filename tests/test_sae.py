@@ -298,7 +298,7 @@ def test_load_builds_the_class_registered_for_the_saved_format(tmp_path, monkeyp
 
     model = Tiny(TinyConfig(width=4, gain=2.5))
     save_sae(model, model.cfg, tmp_path / "tiny")
-    assert json.loads((tmp_path / "tiny" / "cfg.json").read_text()) == dict(format="test-tiny-v1", width=4, gain=2.5)
+    assert json.loads((tmp_path / "tiny" / "cfg.json").read_text()) == dict(format="test-tiny-v1", module=__name__, width=4, gain=2.5)
     back = load_sae(tmp_path / "tiny")
     assert type(back) is Tiny and back.cfg == TinyConfig(4, 2.5) and torch.equal(back.w, model.w)
     assert type(load_sae(save_sae(randomised(SparseAutoencoder(small_cfg())), small_cfg(), tmp_path / "sae"))) is SparseAutoencoder
@@ -315,7 +315,8 @@ def test_unknown_format_names_the_file_and_the_known_formats(tmp_path, saved_for
     path.write_text(json.dumps(saved if saved_format is None else {"format": saved_format, **saved}))
     with pytest.raises(CorruptFileError) as e: load_sae(tmp_path / "sae")
     message = str(e.value)
-    assert message.startswith(f"{path} has format {saved_format!r}") and "known format (dyntrack-sae-v1" in message, message
+    assert message.startswith(f"{path} has format {saved_format!r}") and "not a known format (" in message, message
+    assert "dyntrack-sae-v1" in message.split("known format (")[1], message
 
 
 # --- SAELens ----------------------------------------------------------------------------------------------------

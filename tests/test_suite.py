@@ -106,11 +106,13 @@ def test_hub_suite_in_another_revision_naming(renamed_offline):
 def test_bad_hub_revisions_are_refused():
     hub = dict(suite=f"hub:{REPO}")
     for bad, words in [("ckpt", r"hub_revision='ckpt' must name the step as \{step\}"),
-                       ("step{step}-tokens{tokens}B", r"hub_revision='step\{step\}-tokens\{tokens\}B' does not format with step=0 \(KeyError"),
+                       ("step{step}-tokens{tok}B", r"hub_revision='step\{step\}-tokens\{tok\}B' does not format with step=0 \(KeyError"),
+                       ("tokens{tokens_b}B", r"hub_revision='tokens\{tokens_b\}B' must name the step as \{step\}"),
                        ("step{}", "IndexError"), ("step{step:q}", "ValueError"), ("step{", "ValueError")]:
         with pytest.raises(ParamError, match=words): SuiteParams(**hub, hub_revision=bad)
         with pytest.raises(ParamError, match="^hub_revision="): resolve_params(SuiteParams, "smoke", dict(hub, hub_revision=bad))
     assert SuiteParams(**hub, hub_revision="ckpt_{step:05d}").hub_revision == "ckpt_{step:05d}"
+    assert SuiteParams(**hub, hub_revision="step{step}-tokens{tokens_b}B").hub_revision == "step{step}-tokens{tokens_b}B"  # OLMo
 
 
 def test_bad_suite_strings():

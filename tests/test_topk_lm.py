@@ -363,7 +363,7 @@ def test_active_tokens():
 
 from dyntrack.core import resolve_params
 from dyntrack.data.embedded import encode_eval, eval_pairs, eval_texts
-from dyntrack.data.tasks import make_lambada, token_logprobs
+from dyntrack.data.tasks import PHENOMENA, make_lambada, token_logprobs
 from dyntrack.topk.lm import (CONCEPT_POS, vocab_digest, NeuronStats, SteerTarget, TopKParams, block_outputs, concept_share,
                               continuation_ppl, dose_response, embedding_cache_path, evaluate_lm, generate_steered,
                               lm_configs, lm_run_dirs, neuron_stats, steering_prompts, steering_targets,
@@ -473,7 +473,7 @@ def test_evaluate_lm(pair):
     losses = validation_losses(model, val, p.seq_len, batch_size=32, max_tokens=256)
     assert all(math.isclose(ev.ppl[d], math.exp(l), rel_tol=1e-9) for d, l in losses.items())
     assert math.isclose(ev.ppl["mean"], math.exp(np.mean(list(losses.values()))), rel_tol=1e-9)
-    assert len(ev.pair_acc) == 8 and math.isclose(ev.pair_acc["mean"], np.mean([v for k, v in ev.pair_acc.items() if k != "mean"]))
+    assert len(ev.pair_acc) == len(PHENOMENA) + 1 and math.isclose(ev.pair_acc["mean"], np.mean([v for k, v in ev.pair_acc.items() if k != "mean"]))
     assert ev.lambada_acc in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 

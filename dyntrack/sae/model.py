@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05a_sae.ipynb #850fa4fe
 from __future__ import annotations
-import dataclasses, os
+import dataclasses, importlib, os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable, Literal, NamedTuple, Protocol
@@ -351,7 +351,7 @@ def save_sae(model: DictionaryModel, cfg, path, overwrite: bool = False) -> Path
     model.check_config(cfg)
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        write_json(tmp / "cfg.json", {"format": model.format, **dataclasses.asdict(cfg)})
+        write_json(tmp / "cfg.json", {"format": model.format, "module": type(model).__module__, **dataclasses.asdict(cfg)})
         weights = {k: (v.detach().float() if v.is_floating_point() else v).contiguous().cpu()
                    for k, v in model.state_dict().items()}
         save_file(weights, tmp / "sae.safetensors")
@@ -360,6 +360,10 @@ def save_sae(model: DictionaryModel, cfg, path, overwrite: bool = False) -> Path
 def _saved_class(path: Path, saved) -> type[DictionaryModel]:
     "The class registered for the format that `saved` (path/cfg.json's contents) names; an error naming the file else."
     name = saved.get("format") if isinstance(saved, dict) else None
+    module = saved.get("module") if isinstance(saved, dict) else None
+    if name not in FORMATS and isinstance(module, str) and module.split(".")[0] == "dyntrack":
+        try: importlib.import_module(module)  # the class registers its format when its module is imported
+        except ModuleNotFoundError: pass      # named in the error below
     if name not in FORMATS:
         raise CorruptFileError(f"{path / 'cfg.json'} has format {name!r}, which is not a known format "
                                f"({', '.join(sorted(FORMATS))}); import the package of the method that saved it, "
@@ -371,7 +375,7 @@ def load_sae(path, device=None) -> DictionaryModel:
     path = settle(path)  # train_sae replaces its sae/ folder in place
     saved, remedy = read_json(path / "cfg.json"), f"save the SAE again, or delete {path}"
     cls = _saved_class(path, saved)
-    try: cfg = check_params(cls.config_class, {k: v for k, v in saved.items() if k != "format"})
+    try: cfg = check_params(cls.config_class, {k: v for k, v in saved.items() if k not in ("format", "module")})
     except (ParamError, TypeError) as e: raise CorruptFileError(f"{path / 'cfg.json'}: {e}; {remedy}") from e
     model = cls(cfg, device=device)
     with reading(path / "sae.safetensors", remedy):
