@@ -22,6 +22,8 @@ OUT ?= results/{profile}
 ARGS ?=
 # more JupyterLab arguments for `make lab`, e.g. LAB_ARGS="--port 8890 --no-browser --ip 0.0.0.0"
 LAB_ARGS ?=
+# pytest worker processes of `make test` (pytest-xdist); 2 fits the 2-core CI machine
+TEST_WORKERS ?= 2
 # Python version of the offline GPU host, and where `make wheelhouse` puts the wheels
 PY ?= 3.12
 WHEELHOUSE ?= wheelhouse
@@ -66,7 +68,7 @@ figures: install
 
 # pytest exits 5 when it collects no tests (an empty checkout); that is not a failure.
 test: install
-	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 lab: install
