@@ -608,3 +608,16 @@ def test_repository_needs():
     order = [e.stem for e in exps]
     assert {"10_suite", "11_sae_track", "13_topk_lm"} <= set(order)
     assert all(order.index(n) < order.index(e.stem) for e in exps for n in e.needs)
+
+
+def test_run_records_the_source_commit(tmp_path):
+    "environment() names the checkout's commit; a copied tree without .git takes $DYNTRACK_COMMIT, else 'unknown'."
+    from dyntrack.reproduce.report import environment
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    if head.returncode == 0: assert environment()["commit"].removesuffix("+dirty") == head.stdout.strip()
+    shutil.copytree(REPO / "dyntrack", tmp_path / "dyntrack")
+    script = "from dyntrack.reproduce.report import source_commit; print(source_commit())"
+    for env, want in [(dict(DYNTRACK_COMMIT="5834d57"), "5834d57"), ({}, "unknown")]:
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                             env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"], **env})
+        assert out.stdout.strip() == want, out.stderr[-2000:]

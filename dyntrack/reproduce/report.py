@@ -4,7 +4,7 @@
 
 # %% ../../nbs/09b_report.ipynb #d784f240
 from __future__ import annotations
-import html, platform, re
+import html, importlib.util, os, platform, re, subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -12,8 +12,8 @@ from ..core import (
     CorruptFileError, atomic_path, device_name, read_json, settle, software_versions, write_json)
 
 # %% auto #0
-__all__ = ['failure_record', 'flatten_metrics', 'format_value', 'environment', 'collect_report', 'report_markdown', 'report_html',
-           'write_report', 'check_out']
+__all__ = ['failure_record', 'flatten_metrics', 'format_value', 'source_commit', 'environment', 'collect_report',
+           'report_markdown', 'report_html', 'write_report', 'check_out']
 
 # %% ../../nbs/09b_report.ipynb #145813f3
 def failure_record(out_dir) -> Path:
@@ -41,13 +41,22 @@ def format_value(v, max_items: int = 6) -> str:
     return str(v)
 
 # %% ../../nbs/09b_report.ipynb #d86d6e03
+def source_commit() -> str:
+    "The commit of the dyntrack checkout that runs (`+dirty` with uncommitted changes), else `$DYNTRACK_COMMIT`, else 'unknown'."
+    repo = Path(importlib.util.find_spec("dyntrack").origin).resolve().parents[1]  # the checkout holding dyntrack/
+    git = lambda *args: subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+    try: head, status = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired): head = None
+    if head is not None and head.returncode == 0: return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    return os.environ.get("DYNTRACK_COMMIT") or "unknown"  # a copied tree without .git: the copier names the commit
+
 def environment() -> dict:
-    "Software versions (python, torch, transformers, CUDA, ...) and the accelerator of this process."
+    "Software versions (python, torch, transformers, CUDA, ...), the source commit and the accelerator of this process."
     env = software_versions()
     for pkg in ("dyntrack", "papermill", "datasets"):
         try: env[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError: pass
-    return {**env, "platform": platform.platform(), "device": device_name("auto")}
+    return {**env, "commit": source_commit(), "platform": platform.platform(), "device": device_name("auto")}
 
 _SCRATCH = re.compile(r"^\.(.+)\.(?:tmp|old)-\d+-[0-9a-f]+$")  # what core.atomic_path leaves when its writer dies
 
