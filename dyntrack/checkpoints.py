@@ -109,10 +109,12 @@ def _tokens_axis(ax, rows):
 
 def plot_metric_curves(rows: list[dict], prefix: str, ylabel: str, chance: float | None = None, title: str = ""):
     "One curve per `prefix*` column of `rows` against tokens seen."
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    keys = [k for k in rows[0] if k.startswith(prefix)]
+    fig, ax = plt.subplots(figsize=(6.4, 4 if len(keys) <= 10 else 5.5))
     tokens = [r["tokens"] for r in rows]
-    for key in [k for k in rows[0] if k.startswith(prefix)]:
-        ax.plot(tokens, [r[key] for r in rows], marker="o", ms=3, label=key[len(prefix):])
+    for i, key in enumerate(keys):  # past the 10 colours of the cycle, a line style and marker tell curves apart
+        ax.plot(tokens, [r[key] for r in rows], ls=("-", "--", ":")[i // 10 % 3], marker="os^"[i // 10 % 3], ms=3,
+                label=key[len(prefix):])
     if chance is not None: ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
     _tokens_axis(ax, rows)
     ax.set_ylabel(ylabel); ax.set_title(title); ax.legend(fontsize=7, ncol=2)
