@@ -4,19 +4,24 @@
 
 # %% ../nbs/08_suite.ipynb #7f0c3faa
 from __future__ import annotations
-import dataclasses, string
+import dataclasses, itertools, string
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple
+
+from torch import Tensor
 
 from .core import PROFILES, Composed, ParamError, check_fields, check_range, compose, pick_device, profile_row
 from .models.presets import SIZES, pythia_steps
+from .data.corpus import generate_corpus
+from .data.embedded import encode_eval, prepare_embedded_data
+from .data.tokens import TokenShards
 from .models.suite import REVISION_FIELDS, CheckpointSuite
 from .train.suite import EmbeddedRecipe, train_config, train_embedded_suite
 
 # %% auto #0
 __all__ = ['TRAINING_FIELDS', 'HUB_FIELDS', 'SuiteParams', 'refuse_unused', 'check_revision_format', 'SuiteSource', 'Evaluation',
-           'Site', 'MinimalPairs', 'Similarity', 'SuiteRules', 'open_suite', 'resolve_site', 'SuitePlan', 'suite_plan',
-           'check_suite_params']
+           'Site', 'MinimalPairs', 'Similarity', 'SuiteRules', 'open_suite', 'resolve_site', 'method_tokens',
+           'endless_batches', 'SuitePlan', 'suite_plan', 'check_suite_params']
 
 # %% ../nbs/08_suite.ipynb #7b48bbb9
 def _preset_values(cls, name: str) -> list:
@@ -152,6 +157,18 @@ def resolve_site(suite: CheckpointSuite | SuitePlan, layer: int) -> int:
     layer = n // 2 if layer == -1 else layer
     if not 0 <= layer < n: raise ParamError(f"site_layer={layer} is out of range; the suite has blocks [0, {n - 1}]")
     return layer
+
+# %% ../nbs/08_suite.ipynb #6c4310b1
+def method_tokens(p: SuiteParams, suite: CheckpointSuite, context: int, texts: dict[str, list[str]] | None = None) -> TokenShards:
+    "Tokens to train on: the embedded suite's shards, else `texts` (default: the generated corpus) in `suite`'s tokenizer."
+    if p.suite == "embedded": return prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)[1]
+    texts = generate_corpus(p.words_per_domain, seed=p.corpus_seed) if texts is None else texts
+    return TokenShards.from_arrays(encode_eval(suite.load_tokenizer(), texts, context))
+
+def endless_batches(shards: TokenShards, context: int, n_seqs: int, seed: int) -> Iterator[Tensor]:
+    "Endless windows [n_seqs, context] of the training split of `shards`, the same for the same `seed`."
+    for step in itertools.count(): yield shards.batch(step, n_seqs, context - 1, seed=seed)
+
 
 # %% ../nbs/08_suite.ipynb #2b7dc8c3
 class SuitePlan(NamedTuple):

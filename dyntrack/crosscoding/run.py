@@ -26,7 +26,7 @@ from ..data.tokens import TokenShards
 from ..features import TokenWindow
 from ..models.suite import Checkpoint, CheckpointSuite, unwrap_model
 from ..sae.model import load_sae
-from ..suite import (Evaluation, MinimalPairs, Similarity, Site, SuitePlan, SuiteRules, SuiteSource,
+from ..suite import (endless_batches, method_tokens, Evaluation, MinimalPairs, Similarity, Site, SuitePlan, SuiteRules, SuiteSource,
                             check_suite_params)
 from ..train.suite import EmbeddedRecipe
 
@@ -34,8 +34,7 @@ from ..train.suite import EmbeddedRecipe
 __all__ = ['K_START_FACTOR', 'K_ANNEAL_FRACTION', 'THRESHOLD_START_FRACTION', 'DEAD_FRACTION_OF_RUN', 'CrosscodingParams',
            'CROSSCODER_FIELDS', 'CROSSCODER_CODE', 'HARVEST_TOKENS', 'SCALE_BATCHES', 'DESCRIBE_CODE',
            'CrosscodingMethod', 'CrosscodingRules', 'crosscoder_config', 'check_crosscoding_params', 'crosscoder_key',
-           'training_tokens', 'token_batches', 'fit_crosscoder', 'describe_cached', 'checkpoint_choice', 'WindowTops',
-           'window_tops', 'top_by_class']
+           'fit_crosscoder', 'describe_cached', 'checkpoint_choice', 'WindowTops', 'window_tops', 'top_by_class']
 
 # %% ../../nbs/12d_crosscoding_run.ipynb #902a70ec
 K_START_FACTOR = 5           # BatchTopK's k starts at this multiple of k (orig.: 1000 → 200)
@@ -169,16 +168,6 @@ def crosscoder_key(p: CrosscodingParams, checkpoints: Sequence[Checkpoint], laye
 HARVEST_TOKENS = 8192  # tokens per token batch the activation buffer harvests
 SCALE_BATCHES = 2      # token batches the activation scales are measured on
 
-def training_tokens(p: CrosscodingParams, suite: CheckpointSuite) -> TokenShards:
-    "Tokens the crosscoders train on: the embedded suite's shards, else the generated corpus in the suite's tokenizer."
-    if p.suite == "embedded": return prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)[1]
-    texts = generate_corpus(p.words_per_domain, seed=p.corpus_seed)
-    return TokenShards.from_arrays(encode_eval(suite.load_tokenizer(), texts, p.cc_context))
-
-def token_batches(shards: TokenShards, context: int, n_seqs: int, seed: int) -> Iterator[Tensor]:
-    "Endless random windows [n_seqs, context] of the training split of `shards`, the same for the same `seed`."
-    for step in itertools.count(): yield shards.batch(step, n_seqs, context - 1, seed=seed)
-
 def fit_crosscoder(models: Sequence[nn.Module], layer: int, p: CrosscodingParams, shards: TokenShards, out_dir,
                    device=None) -> Crosscoder:
     "The crosscoder of `models` (one per checkpoint) at the input of block `layer`: trained into `out_dir` if not there, then loaded."
@@ -186,8 +175,8 @@ def fit_crosscoder(models: Sequence[nn.Module], layer: int, p: CrosscodingParams
     with file_lock(f"{out_dir}.lock", what=f"the crosscoder {out_dir}"):  # a second run waits, then loads it
         if not settle(out_dir / "sae").exists():
             cfg = crosscoder_config(p, unwrap_model(models[0]).config.hidden_size, len(models))
-            scale = list(itertools.islice(token_batches(shards, p.cc_context, n_seqs, p.cc_seed + 1), SCALE_BATCHES))
-            train_crosscoder(models, layer, token_batches(shards, p.cc_context, n_seqs, p.cc_seed), cfg, out_dir,
+            scale = list(itertools.islice(endless_batches(shards, p.cc_context, n_seqs, p.cc_seed + 1), SCALE_BATCHES))
+            train_crosscoder(models, layer, endless_batches(shards, p.cc_context, n_seqs, p.cc_seed), cfg, out_dir,
                              scale_batches=scale, buffer_tokens=max(cfg.batch_size, min(2**16, cfg.n_tokens)), device=device)
         return load_sae(out_dir / "sae", device=device)
 

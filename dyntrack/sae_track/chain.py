@@ -20,7 +20,7 @@ from ..data.corpus import generate_corpus
 from ..models.suite import Checkpoint, CheckpointSuite
 from ..sae.model import SaeConfig, SparseAutoencoder, evaluate_sae, load_sae
 from ..sae.train import splice_eval, train_sae
-from ..suite import Evaluation, Site, SuitePlan, SuiteRules, SuiteSource, check_suite_params
+from ..suite import Evaluation, Site, SuitePlan, endless_batches, method_tokens, SuiteRules, SuiteSource, check_suite_params
 from ..train.suite import EmbeddedRecipe
 from ..data.embedded import encode_eval, prepare_embedded_data
 from ..data.tokens import TokenShards, load_text_files
@@ -28,9 +28,9 @@ from ..features import TokenWindow
 
 # %% auto #0
 __all__ = ['MEASURES', 'SaeTrackParams', 'CHAIN_FIELDS', 'CHAIN_CODE', 'SaeTrackMethod', 'SaeTrackRules', 'sae_configs',
-           'chain_key', 'resolve_steps', 'check_sae_track_params', 'training_shards', 'chain_batches',
-           'activation_scales', 'train_chain', 'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve',
-           'tokens_to_match', 'warm_cold_curves']
+           'chain_key', 'resolve_steps', 'check_sae_track_params', 'training_shards', 'activation_scales',
+           'train_chain', 'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve', 'tokens_to_match',
+           'warm_cold_curves']
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #045fa231
 MEASURES = ("activation_cosine", "feature_cosine", "feature_jaccard", "feature_weighted_jaccard")
@@ -170,14 +170,8 @@ def check_sae_track_params(p: SaeTrackParams) -> SuitePlan:
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #34e8a142
 def training_shards(p: SaeTrackParams, suite: CheckpointSuite) -> TokenShards:
-    "Tokens to train the chain on: the embedded suite's shards, else `p.sae_text` or the generated corpus in the suite's tokenizer."
-    if p.suite == "embedded": return prepare_embedded_data(p.words_per_domain, p.corpus_seed, p.vocab_size)[1]
-    texts = load_text_files(p.sae_text) if p.sae_text else generate_corpus(p.words_per_domain, seed=p.corpus_seed)
-    return TokenShards.from_arrays(encode_eval(suite.load_tokenizer(), texts, p.sae_context))
-
-def chain_batches(shards: TokenShards, context: int, n_seqs: int, seed: int) -> Iterator[Tensor]:
-    "Endless random windows [n_seqs, context] of the training split of `shards`, the same for the same `seed`."
-    for step in itertools.count(): yield shards.batch(step, n_seqs, context - 1, seed=seed)
+    "Tokens to train the chain on: `dyntrack.suite.method_tokens`, with the text files of `p.sae_text` when given."
+    return method_tokens(p, suite, p.sae_context, load_text_files(p.sae_text) if p.sae_text else None)
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #3f7642ba
 def activation_scales(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
