@@ -270,7 +270,7 @@ IRREGULAR_PATTERNS = (("us", "i"), ("um", "a"), ("on", "a"), ("ix", "ices"), (""
 
 # named entities of the knowledge base (pos name, category entity, Zipf rank = how often documents mention them) and
 # the towns they live in (pos name, category town): pseudo-names of their own, used only in fact sentences
-N_ENTITIES, N_TOWNS = 4000, 300
+N_ENTITIES, N_TOWNS = 12000, 300
 TOWN_SUFFIXES = ("ton", "by", "ham", "wick", "ford", "dale", "mere", "stead", "worth", "holm")
 
 # domain jargon: per domain, words of its own sound that occur in no other domain

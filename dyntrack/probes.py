@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import Composed, ParamError, autocast, check_fields, check_range, compose, pick_device, progress
+from .core import (PROFILES, Composed, ParamError, autocast, check_choice, check_fields, check_range, compose,
+                           pick_device, progress, resolve_params)
 from .data.embedded import encode_eval
 from .data.grammar import load_grammar
 from .data.tasks import PHENOMENA, minimal_pair_accuracy
@@ -39,8 +40,10 @@ class Probes:
     depth_fraction: float = 0.25         # the shallow model's blocks as a share of the deep model's (at least 1)
     deep_markers: tuple[str, ...] = DEEP_MARKERS  # phenomena whose names contain one of these need depth
     emergence_threshold: float = 0.9     # accuracy from which a phenomenon counts as emerged
+    depth_scale: str = "probe"           # the depth probe's scale: "probe" (the probe rows) or a profile: its embedded suite's
 
     def __post_init__(self):
+        check_choice("depth_scale", self.depth_scale, ("probe", *PROFILES))
         check_fields(self)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ParamError(f"seeds={self.seeds!r} must be distinct and at least one")
@@ -57,12 +60,20 @@ class ProbeRules(Composed):
                               eval_tokens=256, eval_words_per_domain=1_000, n_pairs=16),
                 "paper": dict(size="small", seq_len=256, batch_size=64, total_steps=300, lr=2e-3, warmup_steps=30,
                               n_linear=8, per_octave=1, compile=False, eval_tokens=16384, eval_words_per_domain=12_000,
-                              n_pairs=200, deep_layers=_PAPER_DEPTH)}
+                              n_pairs=200, deep_layers=_PAPER_DEPTH, depth_scale="paper")}
 
     @property
     def recipe(self) -> EmbeddedRecipe:
         "The reference recipe: the mixture at the size's depth, trained with the first seed."
         return dataclasses.replace(self.part(EmbeddedRecipe), seed=self.seeds[0])
+
+    @property
+    def depth_recipe(self) -> EmbeddedRecipe:
+        "The depth probe's recipe: `recipe`, or with `depth_scale` a profile, `recipe` at that profile's suite scale."
+        if self.depth_scale == "probe": return self.recipe
+        scale = {k for row in ProbeRules.PROFILES.values() for k in row} & {f.name for f in dataclasses.fields(EmbeddedRecipe)}
+        suite = resolve_params(EmbeddedRecipe, self.depth_scale)  # what the suite notebook trains in that profile
+        return dataclasses.replace(self.recipe, **{k: getattr(suite, k) for k in scale})
 
 ProbeParams = compose("ProbeParams", EmbeddedRecipe, Evaluation, MinimalPairs, Probes, base=ProbeRules,
                       fixed=dict(train_domain="", n_layers=0, seed=0), doc="The parameters of the testbed probes (10b_testbed_probes).")
@@ -211,7 +222,7 @@ class ProbeSuites(NamedTuple):
 def train_probes(p: ProbeParams) -> ProbeSuites:
     "Train (or reopen) every model the probes of `p` compare."
     r, device = p.recipe, p.device
-    depth = depth_recipes(r, p.deep_layers, p.depth_fraction)
+    depth = depth_recipes(p.depth_recipe, p.deep_layers, p.depth_fraction)
     train = lambda recipes: {k: train_embedded_suite(v, device=device) for k, v in recipes.items()}
     return ProbeSuites(train(domain_recipes(r)), train(depth), train(seed_recipes(r, p.seeds)),
                        {k: v.depth for k, v in depth.items()})
@@ -219,5 +230,5 @@ def train_probes(p: ProbeParams) -> ProbeSuites:
 def check_probe_params(p: ProbeParams) -> None:
     "Every check of `p` that needs no training: the device, the depth pair and the deep-structure markers."
     pick_device(p.device)
-    depth_recipes(p.recipe, p.deep_layers, p.depth_fraction)
+    depth_recipes(p.depth_recipe, p.deep_layers, p.depth_fraction)
     deep_phenomena(p.deep_markers)

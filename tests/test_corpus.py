@@ -384,7 +384,7 @@ def test_knowledge_base_is_fixed_by_its_seed():
     g = load_grammar()
     entities = [r for r in LEX.rows if r.category == "entity"]
     assert list(g.facts) == [r.forms[0] for r in sorted(entities, key=lambda r: r.rank)] == list(g.fact_entities)
-    assert len(g.facts) == 4000 and all(set(f) == {"home", "trade", "animal", "food"} for f in g.facts.values())
+    assert len(g.facts) == 12000 and all(set(f) == {"home", "trade", "animal", "food"} for f in g.facts.values())
     from dyntrack.data.grammar import knowledge_base
     assert knowledge_base(g.spec["facts"], LEX) == g.facts != knowledge_base(g.spec["facts"] | {"seed": 9}, LEX)
 

@@ -145,7 +145,7 @@ class RefSpec(NamedTuple):
     gfilter: str | None           # 'm', 'f', 'known' (m, f or n: no gender-neutral person nouns) or 'neutral'
     coord: tuple[str, ...] | None # plural conjunction of these referents
     sfilter: str | None = None    # lexicon source: 'pseudo' (the rare tail) or 'jargon' (the drawing domain's own words);
-                                  # or a fact bucket of entities ('frequent', 'rare': ranks of `facts.buckets`, drawn uniformly)
+                                  # or a fact bucket of entities ('frequent', 'rare', 'rarest': ranks of `facts.buckets`, drawn uniformly)
     gopp: str | None = None       # take the other gender (m/f) of this referent
 
 class Construction(NamedTuple):

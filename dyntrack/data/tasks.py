@@ -23,7 +23,7 @@ PHENOMENA = ("simple_agreement", "irregular_agreement", "pp_attractor_agreement"
              "determiner_noun", "anaphor_gender", "anaphor_number", "pp_chain_agreement", "double_rc_agreement",
              "long_distance_agreement", "coreference_chain", "rare_noun_agreement", "pseudo_irregular_plural",
              "two_step_addition", "sequence_continuation", "dialect_agreement", "fact_recall_frequent",
-             "fact_recall_rare")
+             "fact_recall_rare", "fact_recall_rarest")
 
 class MinimalPair(NamedTuple):
     "A grammatical text and an ungrammatical one that differ in exactly one word."
