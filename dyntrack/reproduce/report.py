@@ -136,6 +136,21 @@ def _sections(report: dict):
         rows = [(k, format_value(v)) for k, v in flatten_metrics(n["metrics"]).items()]
         yield n, facts, rows
 
+def _time_line(report: dict) -> str | None:
+    "Which notebooks the total time goes to, the largest first, with its share: what to make faster first."
+    timed = sorted(((n["wall_s"], n["stem"]) for n in report["notebooks"] if n["wall_s"]), reverse=True)
+    if not timed: return None
+    total = sum(w for w, _ in timed)
+    parts = ", ".join(f"{stem} {w / 60:.1f} min ({w / total:.0%})" for w, stem in timed)
+    return f"Time by notebook: {parts}; {timed[0][1]} dominates."
+
+def _budget_warning(report: dict) -> str | None:
+    "A warning when the notebooks' total time passes the run's budget (`dyntrack-reproduce --budget`)."
+    budget = (report.get("run") or {}).get("budget_s")
+    if not budget or report["total_wall_s"] <= budget: return None
+    return (f"OVER BUDGET: the notebooks took {report['total_wall_s'] / 60:.1f} min in all, more than the "
+            f"{budget / 60:.0f} min budget of this run (--budget).")
+
 def _summary(report: dict) -> list[tuple[str, bool]]:
     "The lines under the title, each with whether it is a warning: the banner, the failed notebooks, totals, versions."
     failed = [n["stem"] for n in report["notebooks"] if n["failure"]]
@@ -143,9 +158,9 @@ def _summary(report: dict) -> list[tuple[str, bool]]:
              (f"FAILED: {', '.join(failed)} (each section says when, why, and where its partial notebook is)" if failed else None, True),
              (f"Profiles: {', '.join(report['profiles']) or '-'}; total notebook time {report['total_wall_s']:.1f} s "
               "(whole notebooks, as run.json records them).", False),
+             (_time_line(report), False), (_budget_warning(report), True),
              ("Report written with: " + "; ".join(f"{k} {v}" for k, v in report["environment"].items()), False)]
     return [(text, warn) for text, warn in lines if text]
-
 
 # %% ../../nbs/09b_report.ipynb #1a0090cd
 def report_markdown(report: dict) -> str:

@@ -20,7 +20,7 @@ _log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['RESERVED', 'QUIET_ENV', 'KERNEL_ARGS', 'AUTO_PROFILE', 'ExperimentNotebook', 'parameter_defaults',
+__all__ = ['RESERVED', 'QUIET_ENV', 'KERNEL_ARGS', 'AUTO_PROFILE', 'BUDGET_MIN', 'ExperimentNotebook', 'parameter_defaults',
            'parameter_comments', 'parse_needs', 'order_by_needs', 'find_experiments', 'parse_value', 'plan_overrides',
            'parameter_class', 'describe_parameters', 'check_parameters', 'NotebookFailed', 'drop_redraws',
            'normalise_notebook', 'data_dir', 'source_digest', 'has_outputs', 'is_complete', 'check_ours', 'environ',
@@ -371,6 +371,7 @@ class ReproduceResult(NamedTuple):
     report: Path            # report.md
 
 AUTO_PROFILE = dict(cuda="paper", cpu="smoke")  # what profile "auto" resolves to, with and without CUDA
+BUDGET_MIN = dict(paper=25)  # minutes every notebook of a profile may take in all (DESIGN.md: the paper profile on one H200)
 
 def profile_names() -> tuple[str, ...]:
     "What `--profile` accepts: the profiles of `core.PROFILES`, and `auto`."
@@ -421,7 +422,6 @@ def missing_needs(selected, out, profile: str) -> list[tuple[str, str]]:
     return [(e.stem, need) for e in selected for need in e.needs
             if need not in chosen and not has_outputs(Path(out) / need, profile)]
 
-
 # %% ../../nbs/09_reproduce.ipynb #a8dc66a8
 def _recorded_digest(folder: Path) -> str | None:
     "The `source_digest` in `folder`'s run.json, if any."
@@ -440,10 +440,10 @@ def _reproduce_one(exp, folder: Path, profile: str, overrides: dict, force: bool
     _log.info("%s: done in %.1f s", tag, wall_s)
     return NotebookRun(exp.stem, "ran", wall_s, folder)
 
-def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str) -> ReproduceResult:
+def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str, budget_s: float | None) -> ReproduceResult:
     "Run or skip each of `exps` in order, rewriting the report after each; its banner goes only when all are done."
     run = dict(state="in progress", pid=os.getpid(), started=_now(), profile=profile, selected=[e.stem for e in exps],
-               pending=[e.stem for e in exps])
+               pending=[e.stem for e in exps], budget_s=budget_s)
     write_report(out, run)
     runs = []
     try:
@@ -461,10 +461,13 @@ def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str
     finally:
         run["finished"] = _now()
         report = write_report(out, run)
+        total = read_json(out / "report.json")["total_wall_s"]
+        if budget_s and total > budget_s:
+            _log.warning("the notebooks in %s took %.1f min in all, over the %.0f min budget (--budget)", out, total / 60, budget_s / 60)
     return ReproduceResult(profile, out, runs, report)
 
 def reproduce(profile: str, out, overrides: dict | None = None, only=None, force: bool = False,
-              kernel: str = "python3", nbs_dir=None) -> ReproduceResult:
+              kernel: str = "python3", nbs_dir=None, budget_min: float | None = None) -> ReproduceResult:
     "Run the experiment notebooks with `profile` into `out`, skipping finished ones unless `force`; write the report."
     profile, out = resolve_profile(profile), Path(out)
     exps = select(find_experiments(nbs_dir or default_nbs_dir()), only)
@@ -478,8 +481,8 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
     if (py := kernel_python(kernel)) != sys.executable:
         _log.warning("kernel %r runs %s, not this interpreter %s: the notebooks may see other packages", kernel, py, sys.executable)
     with file_lock(out / ".lock", wait=False, what=f"--out {out}"):  # a second run into `out` stops here
-        return _run_all(exps, plan, profile, out, force, kernel)
-
+        budget = BUDGET_MIN.get(profile) if budget_min is None else budget_min
+        return _run_all(exps, plan, profile, out, force, kernel, budget * 60 if budget else None)
 
 # %% ../../nbs/09_reproduce.ipynb #def7fd2e
 def _parser() -> argparse.ArgumentParser:
@@ -494,6 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the experiment notebooks in run order, their needs and parameters, then exit")
     p.add_argument("--nbs", help="notebook folder (default: the repository's nbs/)")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    p.add_argument("--budget", type=float, metavar="MIN", help=f"warn when the notebooks take more minutes in all (default: {BUDGET_MIN}; 0 = none)")
     return p
 
 def main(argv=None) -> int:
@@ -515,7 +519,8 @@ def _cli(args) -> int:
         overrides = {name: parse_value(text, name) for name, text in args.param}
         profile = resolve_profile(args.profile)
         if args.profile == "auto": print(f"profile auto -> {profile} ({device_name('auto')})", file=sys.stderr)
-        res = reproduce(profile, args.out.replace("{profile}", profile), overrides, args.only, args.force, args.kernel, nbs)
+        res = reproduce(profile, args.out.replace("{profile}", profile), overrides, args.only, args.force, args.kernel, nbs,
+                        args.budget)
     except (ParamError, CorruptFileError, Busy, ImportError, FileNotFoundError, FileExistsError) as e:
         print(f"dyntrack-reproduce: error: {e}", file=sys.stderr)
         return 2
@@ -524,7 +529,6 @@ def _cli(args) -> int:
         return 1
     print(f"report: {res.report}", file=sys.stderr)
     return 0
-
 
 # %% ../../nbs/09_reproduce.ipynb #318e6f60
 if __name__ == "__main__" and "get_ipython" not in globals(): sys.exit(main())
