@@ -236,33 +236,36 @@ class Candidates(NamedTuple):
     base_rate: Tensor            # share of the analysed positions holding it: [C]
     names: list[tuple[str, str]] # (kind, value) of each candidate, as FeatureLabel writes them: [C]
 
-def candidates(fields: Sequence[FieldCodes], top_pos: Tensor, min_purity: float, min_lemmas: int) -> Candidates:
+def candidates(fields: Sequence[FieldCodes], top_pos: Tensor, min_purity: float, min_lemmas: int,
+               token_ids: Tensor | None = None) -> Candidates:
     "Counts, base rates and tail probabilities of every value of `fields` (lemma first) at top positions `top_pos` [F, k]."
     if fields[0].field != "lemma": raise ParamError(f"fields must start with 'lemma'; got {fields[0].field!r}")
     n, k = len(fields[0].codes), top_pos.shape[1]
-    lemmas_top = fields[0].codes[top_pos]                                       # [F, k]
+    spreads = [fields[0].codes[top_pos]] + ([token_ids[top_pos]] if token_ids is not None else [])  # lemmas (, tokens) [F, k]
     log_ps, counts, rates, names = [], [], [], []
     for f in fields:
         top = f.codes[top_pos]                                                  # [F, k]
         n_with = value_counts(f.codes[None], len(f.values))[0]                  # [V]
         count = value_counts(top, len(f.values))                                # [F, V]
         allowed = count >= math.ceil(min_purity * k - 1e-9)
-        if f.field != "lemma": allowed &= lemma_spread(top, lemmas_top, len(f.values)) >= min_lemmas
+        if f.field != "lemma":
+            for ids in spreads: allowed &= lemma_spread(top, ids, len(f.values)) >= min_lemmas
         log_ps.append(torch.where(allowed, hypergeom_log_tail(n, k, n_with).gather(0, count), torch.inf))
         counts.append(count); rates.append(n_with / n)
         names += [("token", v) if f.field == "lemma" else ("concept", f"{f.field}={v}") for v in f.values]
     return Candidates(torch.cat(log_ps, 1), torch.cat(counts, 1), torch.cat(rates), names)
 
 def null_log_p(fields: Sequence[FieldCodes], top_pos: Tensor, min_purity: float, min_lemmas: int, n_shuffles: int,
-               seed: int = 0) -> Tensor:
+               seed: int = 0, token_ids: Tensor | None = None) -> Tensor:
     "Each feature's best candidate log p with the window's entries shuffled across positions, `n_shuffles` times: [n_shuffles, F]."
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_shuffles):
         perm = torch.randperm(len(fields[0].codes), generator=gen)  # moves whole entries: lemma and properties together
-        out.append(candidates([f._replace(codes=f.codes[perm]) for f in fields], top_pos, min_purity, min_lemmas).log_p.min(1).values)
+        shuffled = [f._replace(codes=f.codes[perm]) for f in fields]
+        ids = None if token_ids is None else token_ids[perm]  # a position's token goes with its entry
+        out.append(candidates(shuffled, top_pos, min_purity, min_lemmas, ids).log_p.min(1).values)
     return torch.stack(out)
-
 
 # %% ../nbs/06_features.ipynb #9d3438fa
 def _label(cand: Candidates, feature: int, best: int, k: int) -> FeatureLabel:
@@ -272,7 +275,8 @@ def _label(cand: Candidates, feature: int, best: int, k: int) -> FeatureLabel:
                         math.exp(cand.log_p[feature, best].item()))
 
 def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | None], min_purity: float = 0.6,
-              level: float = 0.01, min_lemmas: int = 3, n_shuffles: int = 8, seed: int = 0) -> list[FeatureLabel]:
+              level: float = 0.01, min_lemmas: int = 3, n_shuffles: int = 8, seed: int = 0,
+              token_ids: Tensor | None = None) -> list[FeatureLabel]:
     "Label every feature from its top values and positions [F, k] among the analysed positions' entries `infos` [n]."
     if top_values.shape != top_pos.shape or top_pos.ndim != 2:
         raise ParamError(f"top_values {tuple(top_values.shape)} and top_pos {tuple(top_pos.shape)} must both be [F, k]")
@@ -280,13 +284,15 @@ def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | No
     check_range("level", level, lo=1e-12, hi=0.5)
     check_range("min_lemmas", min_lemmas, lo=1)
     check_range("n_shuffles", n_shuffles, lo=1)
+    if token_ids is not None and (token_ids.ndim != 1 or len(token_ids) != len(infos)):
+        raise ParamError(f"token_ids {tuple(token_ids.shape)} must be [n] for the {len(infos)} entries of infos")
     top_pos, k = top_pos.cpu().long(), top_pos.shape[1]
+    token_ids = None if token_ids is None else token_ids.cpu().long()
     fields = [field_codes(infos, f) for f in LABEL_FIELDS]
-    cand, silent = candidates(fields, top_pos, min_purity, min_lemmas), (top_values.cpu() > 0).sum(1) < k
+    cand, silent = candidates(fields, top_pos, min_purity, min_lemmas, token_ids), (top_values.cpu() > 0).sum(1) < k
     if not cand.names: return [FeatureLabel("silent" if s else "unlabelled", "") for s in silent.tolist()]  # no entries
-    null = null_log_p(fields, top_pos, min_purity, min_lemmas, n_shuffles, seed).flatten().sort().values
+    null = null_log_p(fields, top_pos, min_purity, min_lemmas, n_shuffles, seed, token_ids).flatten().sort().values
     bar = min(math.log(level / len(cand.names)), null[int(level * len(null))].item())  # Bonferroni, and beat the null
     best_log_p, best = cand.log_p.min(1).values, cand.log_p.argmin(1)
     return [FeatureLabel("silent", "") if s else _label(cand, f, b, k) if lp < bar else FeatureLabel("unlabelled", "")
             for f, (s, lp, b) in enumerate(zip(silent.tolist(), best_log_p.tolist(), best.tolist()))]
-
