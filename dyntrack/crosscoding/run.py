@@ -14,9 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..acts import window_acts
-from ..checkpoints import SuiteDescription, describe_suite
 from ..core import (ParamError, check_choice, check_fields, check_range, compose, digest, file_lock,
-                           module_digest, read_json, settle, write_json)
+                           module_digest, settle)
 from .analysis import CheckpointChoice, choose_checkpoints
 from .model import Crosscoder, CrosscoderConfig, train_crosscoder
 from ..data.corpus import generate_corpus
@@ -32,9 +31,9 @@ from ..train.suite import EmbeddedRecipe
 
 # %% auto #0
 __all__ = ['K_START_FACTOR', 'K_ANNEAL_FRACTION', 'THRESHOLD_START_FRACTION', 'DEAD_FRACTION_OF_RUN', 'CrosscodingParams',
-           'CROSSCODER_FIELDS', 'CROSSCODER_CODE', 'HARVEST_TOKENS', 'SCALE_BATCHES', 'DESCRIBE_CODE',
-           'CrosscodingMethod', 'CrosscodingRules', 'crosscoder_config', 'check_crosscoding_params', 'crosscoder_key',
-           'fit_crosscoder', 'describe_cached', 'checkpoint_choice', 'WindowTops', 'window_tops', 'top_by_class']
+           'CROSSCODER_FIELDS', 'CROSSCODER_CODE', 'HARVEST_TOKENS', 'SCALE_BATCHES', 'CrosscodingMethod',
+           'CrosscodingRules', 'crosscoder_config', 'check_crosscoding_params', 'crosscoder_key', 'fit_crosscoder',
+           'checkpoint_choice', 'WindowTops', 'window_tops', 'top_by_class']
 
 # %% ../../nbs/12d_crosscoding_run.ipynb #902a70ec
 K_START_FACTOR = 5           # BatchTopK's k starts at this multiple of k (orig.: 1000 → 200)
@@ -181,22 +180,6 @@ def fit_crosscoder(models: Sequence[nn.Module], layer: int, p: CrosscodingParams
         return load_sae(out_dir / "sae", device=device)
 
 # %% ../../nbs/12d_crosscoding_run.ipynb #43786d98
-DESCRIBE_CODE = ("dyntrack.checkpoints", "dyntrack.acts", "dyntrack.data.tasks", "dyntrack.data.embedded",
-                 "dyntrack.train.trainer")  # the code that measures a suite
-
-def describe_cached(suite: CheckpointSuite, texts: dict[str, list[str]], pairs: dict, layer: int, seq_len: int,
-                    sim_tokens: int, eval_tokens: int, folder, device="auto") -> SuiteDescription:
-    "`describe_suite` of these arguments, read from `folder` if measured before (a file named by their digest), else measured and saved."
-    what = dict(checkpoints=[(c.source, c.revision) for c in suite], layer=layer, texts=digest(texts), pairs=digest(pairs),
-                sizes=(seq_len, sim_tokens, eval_tokens), code=module_digest(*DESCRIBE_CODE))
-    path = Path(folder) / f"description-{digest(what)}.json"
-    if path.exists():
-        saved = read_json(path)
-        return SuiteDescription(saved["rows"], np.array(saved["similarity"]), saved["layer"])
-    desc = describe_suite(suite, texts, pairs, layer, seq_len, sim_tokens, eval_tokens, device=device)
-    write_json(path, desc._asdict())
-    return desc
-
 def checkpoint_choice(rows: Sequence[dict], similarity: np.ndarray, phenomenon: str, pair_steps: Sequence[int] = (),
                       triplet_steps: Sequence[int] = ()) -> CheckpointChoice:
     "The pair and triplet of `choose_checkpoints`, each replaced by its given steps (checkpoints of `rows`) when there are any."
