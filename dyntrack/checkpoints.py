@@ -4,13 +4,14 @@
 
 # %% ../nbs/07_checkpoints.ipynb #ca626262
 from __future__ import annotations
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from .core import autocast, pick_device, progress
+from .core import autocast, digest, module_digest, pick_device, progress, read_json, write_json
 from .data.embedded import encode_eval
 from .data.tasks import minimal_pair_accuracy
 from .data.tokens import TokenShards
@@ -19,8 +20,9 @@ from .train.trainer import validation_losses
 from .acts import window_acts
 
 # %% auto #0
-__all__ = ['CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription', 'describe_suite',
-           'emergence_tokens', 'testbed_checks', 'plot_metric_curves', 'plot_similarity']
+__all__ = ['DESCRIBE_CODE', 'CheckpointEval', 'evaluate_checkpoint', 'activation_similarity', 'SuiteDescription',
+           'describe_suite', 'describe_cached', 'emergence_tokens', 'testbed_checks', 'plot_metric_curves',
+           'plot_similarity']
 
 # %% ../nbs/07_checkpoints.ipynb #febd0779
 class CheckpointEval(NamedTuple):
@@ -72,6 +74,23 @@ def describe_suite(suite: CheckpointSuite, texts: dict[str, list[str]], pairs: d
                          **{f"acc_{ph}": v for ph, v in ev.acc_by_phenomenon.items()}))
         acts.append(ev.acts)
     return SuiteDescription(rows, activation_similarity(acts), layer)
+
+# %% ../nbs/07_checkpoints.ipynb #8751ae5f
+DESCRIBE_CODE = ("dyntrack.checkpoints", "dyntrack.acts", "dyntrack.data.tasks", "dyntrack.data.embedded",
+                 "dyntrack.train.trainer")  # the code that measures a suite
+
+def describe_cached(suite: CheckpointSuite, texts: dict[str, list[str]], pairs: dict, layer: int, seq_len: int,
+                    sim_tokens: int, eval_tokens: int, folder, device="auto") -> SuiteDescription:
+    "`describe_suite` of these arguments, read from `folder` if measured before (a file named by their digest), else measured and saved."
+    what = dict(checkpoints=[(c.source, c.revision) for c in suite], layer=layer, texts=digest(texts), pairs=digest(pairs),
+                sizes=(seq_len, sim_tokens, eval_tokens), code=module_digest(*DESCRIBE_CODE))
+    path = Path(folder) / f"description-{digest(what)}.json"
+    if path.exists():
+        saved = read_json(path)
+        return SuiteDescription(saved["rows"], np.array(saved["similarity"]), saved["layer"])
+    desc = describe_suite(suite, texts, pairs, layer, seq_len, sim_tokens, eval_tokens, device=device)
+    write_json(path, desc._asdict())
+    return desc
 
 # %% ../nbs/07_checkpoints.ipynb #86472abd
 def emergence_tokens(rows: list[dict], key: str, threshold: float = 0.9) -> int | None:

@@ -1,4 +1,4 @@
-"The crosscoding experiment (dyntrack.crosscoding.run and nbs/12_crosscoding.ipynb): parameter checks that name the parameter before any work, the crosscoders' cache key, and a smoke run of the notebook on a Hub-like suite."
+"The crosscoding experiment (dyntrack.crosscoding.run and nbs/12_crosscoding.ipynb): parameter checks that name the parameter before any work, the crosscoders' cache key, the SAE-Track chain file and when it is refused, and a smoke run of the notebook on a Hub-like suite (with a chain to match)."
 import dataclasses, json
 from pathlib import Path
 
@@ -6,8 +6,11 @@ import pytest
 
 from conftest import toy_hub
 from dyntrack.core import ParamError, resolve_params
-from dyntrack.crosscoding.run import (CROSSCODER_FIELDS, CrosscodingParams, check_crosscoding_params, crosscoder_config,
-                                      crosscoder_key)
+from dyntrack.crosscoding.run import (CHAIN_FEATURES_FORMAT, CROSSCODER_FIELDS, CrosscodingParams, chain_decoders,
+                                      chain_features, check_crosscoding_params, crosscoder_config, crosscoder_key,
+                                      formation_of)
+from dyntrack.core import write_json
+from dyntrack.sae.model import SaeConfig, SparseAutoencoder, save_sae
 from dyntrack.models.suite import Checkpoint
 
 NB = Path(__file__).parent.parent / "nbs" / "12_crosscoding.ipynb"
@@ -104,6 +107,52 @@ def test_key_names_its_checkpoints_and_site():
                 _key([CKPTS[0], dataclasses.replace(CKPTS[1], source="/runs/b/step8")])}) == 6
 
 
+# --- the SAE-Track chain's features: read only when made on the same suite and site ---------------------------------
+
+def write_chain(folder: Path, steps, source, revision_format, d_model=64, d_sae=32, layer=1, formation=None):
+    "A chain_features.json as 11_sae_track writes it, with random SAEs (one per step), into `folder`."
+    paths = []
+    for s in steps:
+        cfg = SaeConfig(d_model=d_model, d_sae=d_sae, seed=s)
+        paths.append(str(save_sae(SparseAutoencoder(cfg), cfg, folder / "chain" / f"step{s}")))
+    latents = list(range(0, d_sae, 2))
+    formation = formation or [steps[i % len(steps)] if i % 3 else None for i in range(len(latents))]
+    write_json(folder / "chain_features.json", dict(
+        format=CHAIN_FEATURES_FORMAT, notebook="11_sae_track", profile="smoke", suite="test",
+        checkpoints=[dict(step=s, source=source(s), revision=revision_format and revision_format.format(step=s)) for s in steps],
+        site="resid_pre", site_layer=layer, d_model=d_model, d_sae=d_sae, steps=list(steps), sae_paths=paths,
+        formation_measure="activation_cosine", formation_fraction=0.5, latents=latents, formation_steps=formation,
+        final_labels=[dict(kind="silent", value="")] * len(latents)))
+    return folder
+
+
+RUN = [Checkpoint(s, s * 10, f"/runs/a/step{s}") for s in (0, 4, 8)]
+
+
+def test_chain_features_missing_file_skips_with_a_message(tmp_path):
+    info, msg = chain_features(tmp_path / "11_sae_track", RUN, 1, 64)
+    assert info is None and "no " in msg and "chain_features.json" in msg and "skipped" in msg
+
+
+def test_chain_features_read_on_the_same_suite_and_site(tmp_path):
+    write_chain(tmp_path, (0, 8, 16), lambda s: f"/runs/a/step{s}", None)
+    info, msg = chain_features(tmp_path, RUN, 1, 64)
+    assert info is not None and "steps [0, 8] shared" in msg, msg
+    decoders = chain_decoders(info, [c.step for c in RUN])
+    assert decoders[1] is None and decoders[0].shape == decoders[2].shape == (32, 64)
+    assert formation_of(info, __import__("torch").tensor([0, 1, 2, 4])) == [None, None, 8, 16]
+
+
+@pytest.mark.parametrize("change, words", [(dict(layer=0), "another site"), (dict(d_model=32), "another site"),
+                                           (dict(source=lambda s: f"/runs/b/step{s}"), "another suite"),
+                                           (dict(steps=(1, 2)), "has none of the steps")])
+def test_chain_features_refuses_another_suite_or_site(tmp_path, change, words):
+    args = dict(steps=(0, 8, 16), source=lambda s: f"/runs/a/step{s}", revision_format=None) | change
+    write_chain(tmp_path, **args)
+    info, msg = chain_features(tmp_path, RUN, 1, 64)
+    assert info is None and words in msg and "skipped" in msg, msg
+
+
 # --- the notebook: stops in its parameter cell; runs in smoke on a Hub-like suite ------------------------------------
 
 def _execute(tmp_path, **params):
@@ -147,6 +196,7 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path / "cache"))
+    write_chain(tmp_path / "11_sae_track", (0, 8, 16), lambda s: REPO, "step{step}")  # beside out_dir: found by default
     _execute(tmp_path, suite=f"hub:{REPO}", hub_steps=[0, 8, 16], **TINY)
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (record["notebook"], record["profile"]) == ("12_crosscoding", "smoke")
@@ -167,6 +217,14 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     for rho in (*m["ablation_spearman_relie"].values(), *m["ablation_spearman_reldec"].values(),
                 *m["null_ablation_spearman_relie"]["same_checkpoint"].values()):
         assert rho is None or -1 <= rho <= 1  # None: undefined (fewer than two latents, or a constant share)
-    for name in FIGURES: assert (tmp_path / "out" / f"crosscoding_fig_{name}.png").stat().st_size > 1000, name
+    match = m["sae_track_match"]
+    assert match["sae_track_dir"] == str((tmp_path / "11_sae_track").resolve()) and set(match["crosscoders"]) == {"pair", "triplet"}
+    for name, cc in match["crosscoders"].items():
+        assert cc["steps"] == (m["pair_steps"] if name == "pair" else m["triplet_steps"])
+        assert sum(c["n_live"] for c in cc["classes"].values()) == m["n_live"][name]
+        for c in cc["classes"].values():
+            assert c["n_formed"] == len(c["formation_steps"]) <= c["n_matched"] <= c["n_live"]
+            assert set(c["formation_steps"]) <= {0, 8, 16}
+    for name in FIGURES + ("sae_track_formation",): assert (tmp_path / "out" / f"crosscoding_fig_{name}.png").stat().st_size > 1000, name
     crosscoders = [d for d in (tmp_path / "cache" / "crosscoding").iterdir() if d.is_dir() and d.name.startswith("l1-")]
     assert len(crosscoders) == 3 and all((d / "sae" / "cfg.json").exists() for d in crosscoders)

@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerFast
 from dyntrack.acts import blocks
 from dyntrack.core import ParamError
 from dyntrack.crosscoding.analysis import (
-    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, choose_checkpoints,
+    _splice, ablation_check, ablation_deltas, ablation_validation, average_ranks, best_matches, choose_checkpoints,
+    match_latents, random_rotation,
     class_counts, class_names, classify, indirect_effects, logit_diff, pair_effects, pair_tokens, rel_dec, rel_ie,
     site_codes, spearman, spliced_logit_diff, top_latents)
 from dyntrack.crosscoding.model import Crosscoder, CrosscoderConfig, fold_scales
@@ -440,3 +441,53 @@ def test_batchtopk_crosscoder_with_its_inference_threshold(pairs):
     delta = ablation_deltas(lms, cc, 1, pairs, TOK, top_latents(task.ie, 3))
     assert delta.shape[0] == 2 and (delta != 0).any()
     assert ablation_deltas(lms, cc, 1, pairs, TOK, []).shape == (2, 0)
+
+
+# --- matching latents to another dictionary by decoder cosine ----------------------------------------------------------
+
+def test_best_matches_finds_planted_identical_directions():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(500, 48, generator=g)
+    order = torch.randperm(500, generator=g)[:40]
+    idx, cos = best_matches(0.3 * target[order], target, chunk=7)  # any scale, any chunking
+    assert idx.tolist() == order.tolist() and torch.allclose(cos, torch.ones(40), atol=1e-5)
+    with pytest.raises(ParamError, match="must share d"): best_matches(target, torch.randn(5, 47))
+
+
+def test_random_rotation_is_orthogonal_and_seeded():
+    q = random_rotation(40, seed=2)
+    torch.testing.assert_close(q @ q.T, torch.eye(40), atol=1e-5, rtol=0)
+    assert torch.equal(q, random_rotation(40, seed=2)) and not torch.equal(q, random_rotation(40, seed=3))
+
+
+def test_match_latents_planted_and_the_null_gives_chance():
+    g = torch.Generator().manual_seed(4)
+    h, d, m = 400, 48, 300
+    targets = [torch.randn(m, d, generator=g) for _ in range(3)]
+    W = torch.randn(h, 3, d, generator=g)
+    norms = torch.rand(h, 3, generator=g)
+    for c in range(3):  # 10 planted latents per checkpoint, at home there
+        rows = slice(10 * c, 10 * c + 10)
+        W[rows, c] = targets[c][50:60]
+        norms[rows] = 0.1
+        norms[rows, c] = 1.0
+    match = match_latents(W, norms, targets, seed=0, quantile=0.95)
+    assert match.home[:30].tolist() == [c for c in range(3) for _ in range(10)]
+    assert match.index[:30].tolist() == list(range(50, 60)) * 3 and match.matched[:30].all()
+    rate = match.matched[30:].float().mean().item()  # random latents: the same law as the null's
+    assert 0.01 <= rate <= 0.10, rate  # chance 5% of 370
+    assert (match.null_cosine > match.threshold).float().mean().item() == pytest.approx(0.05, abs=0.01)
+    # a rotated null of a planted dictionary does not find the planted rows
+    rotated = match_latents(W, norms, [t @ random_rotation(d, 9) for t in targets], seed=0, quantile=0.95)
+    assert rotated.matched[:30].float().mean() < 0.2
+
+
+def test_match_latents_without_a_target_leaves_latents_unmatched():
+    W, norms = torch.randn(20, 2, 8), torch.rand(20, 2)
+    match = match_latents(W, norms, [torch.randn(30, 8), None])
+    away = match.home == 1
+    assert (match.index[away] == -1).all() and match.cosine[away].isnan().all() and not match.matched[away].any()
+    assert (match.index[~away] >= 0).all()
+    everything_missing = match_latents(W, norms, [None, None])
+    assert math.isnan(everything_missing.threshold) and not everything_missing.matched.any()
+    with pytest.raises(ParamError, match="one entry per checkpoint"): match_latents(W, norms, [None])

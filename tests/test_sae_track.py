@@ -520,3 +520,9 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
                  "saetrack_fig_decoder_pca_trajectories", "saetrack_fig_progress_measure", "saetrack_fig_phases",
                  "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
+    chain = json.loads((out / "chain_features.json").read_text())  # what 12_crosscoding matches its latents to
+    assert (chain["format"], chain["site"], chain["site_layer"], chain["steps"]) == ("dyntrack-chain-features-v1", "resid_pre", 1, [0, 8, 16])
+    assert [(c["step"], c["source"], c["revision"]) for c in chain["checkpoints"]] == [(s, REPO, f"step{s}") for s in (0, 8, 16)]
+    assert all((Path(path) / "cfg.json").exists() for path in chain["sae_paths"]) and len(chain["sae_paths"]) == 3
+    assert len(chain["latents"]) == len(chain["formation_steps"]) == len(chain["final_labels"]) == metrics["n_live_features"]
+    assert chain["formation_steps"] == metrics["formation_steps"] and chain["d_model"] == 64
