@@ -144,7 +144,7 @@ def average_parameters(models_or_state_dicts: Iterable, weights: Sequence[float]
     model.load_state_dict(merged)
     return model
 
-# %% ../../nbs/02c_siblings.ipynb #29a22ec1
+# %% ../../nbs/02c_siblings.ipynb #597be00b
 def _tensor_files(folder) -> dict[str, object]:
     "Where each tensor of the safetensors weights in `folder` lives: {key: path}."
     files = sorted(Path(folder).glob("*.safetensors"))
