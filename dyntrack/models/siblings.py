@@ -169,14 +169,18 @@ def stream_average(folders: Sequence, weights: Sequence[float] | None = None) ->
         for key, path in where[0].items():
             first = handles[0][path].get_tensor(key)
             if not first.is_floating_point(): merged[key] = first; continue
-            total = first.to(torch.float64) * weights[0]
+            dtype = first.dtype
+            total = torch.zeros(first.shape, dtype=torch.float64).add_(first, alpha=weights[0])  # no float64 copies of inputs
+            del first
             for folder, w, h, wt in zip(folders[1:], where[1:], handles[1:], weights[1:]):
                 t = h[w[key]].get_tensor(key)
-                if t.shape != first.shape or t.dtype != first.dtype:
-                    raise ParamError(f"key {key!r} is {t.dtype} {tuple(t.shape)} in {folder} but {first.dtype} {tuple(first.shape)} in {folders[0]}")
-                total.add_(t.to(torch.float64), alpha=wt)
+                if t.shape != total.shape or t.dtype != dtype:
+                    raise ParamError(f"key {key!r} is {t.dtype} {tuple(t.shape)} in {folder} but {dtype} "
+                                     f"{tuple(total.shape)} in {folders[0]}")
+                total.add_(t, alpha=wt)
                 del t
-            merged[key] = total.to(first.dtype)
+            merged[key] = total.to(dtype)
+            del total
     return merged
 
 def _average(self, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
