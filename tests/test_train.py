@@ -584,3 +584,37 @@ def test_ddp_options_reach_ddp_and_a_grown_model_trains_under_it(tmp_path):
     assert set(ddp_weights) == set(single.model.state_dict())
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp_weights[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_init_from_continues_the_full_state_of_another_run(tmp_path):
+    "A unit run with init_from equals loading the seed's weights and AdamW state by hand and taking the same updates."
+    seed_cfg = make_config(total_steps=6, checkpoint_steps=[6], min_lr_ratio=0.1)
+    Trainer(make_model(), None, make_data(), seed_cfg, tmp_path / "seed").fit()
+    unit_data = make_data().subset(["down"])
+    unit_cfg = make_config(total_steps=4, warmup_steps=0, schedule="constant", lr=seed_cfg.lr_at(5), checkpoint_steps=[4],
+                           weight_decay=0.05, init_from=str(tmp_path / "seed/trainer_state"), data_seed=3)
+    Trainer(make_model(seed=9), None, unit_data, unit_cfg, tmp_path / "unit").fit()
+    unit = load_file(tmp_path / "unit/trainer_state/model.safetensors")
+    # the known answer: seed state loaded by hand, then the unit's 4 batches with the unit's recipe
+    model = make_model(seed=5).train()
+    opt = torch.optim.AdamW(train_mod.param_groups(model, 0.1), lr=1.0, betas=(0.9, 0.95))
+    from dyntrack.train.state import load_run_state
+    load_run_state(tmp_path / "seed/trainer_state", model, opt, "", restore_rng=False)
+    assert all(s["step"] == 6 for s in opt.state.values())  # the seed's AdamW step count comes along
+    opt.param_groups[0]["weight_decay"] = 0.05
+    for step in range(4):
+        for g in opt.param_groups: g["lr"] = unit_cfg.lr
+        lm_loss(model, unit_data.batch(step, 8, 16, seed=3)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), opt.zero_grad(set_to_none=True)
+    for k, v in model.state_dict().items(): torch.testing.assert_close(unit[k], v, rtol=0, atol=1e-6)
+    # without the moments (a fresh AdamW on the seed's weights) the answer differs
+    fresh = make_config(total_steps=4, warmup_steps=0, schedule="constant", lr=seed_cfg.lr_at(5), checkpoint_steps=[4],
+                        weight_decay=0.05, data_seed=3)
+    seed_model = CheckpointSuite.from_run(tmp_path / "seed").load_model(step=6).train()
+    Trainer(seed_model, None, unit_data, fresh, tmp_path / "fresh").fit()
+    other = load_file(tmp_path / "fresh/trainer_state/model.safetensors")
+    assert max((other[k] - unit[k]).abs().max().item() for k in unit) > 1e-4
+    assert json.loads((tmp_path / "unit/train_config.json").read_text())["init_from"] == unit_cfg.init_from
+    with pytest.raises(ParamError, match="init_from"):
+        Trainer(make_model(), None, unit_data, dataclasses.replace(unit_cfg, init_from=str(tmp_path)), tmp_path / "bad").fit()

@@ -4,12 +4,13 @@
 
 # %% ../../nbs/02c_siblings.ipynb #a0b2adaa
 from __future__ import annotations
-import copy, math, numbers
+import contextlib, copy, math, numbers
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from ..core import ParamError
@@ -17,7 +18,7 @@ from .presets import config_fields
 from .suite import Checkpoint, CheckpointSuite, unwrap_model
 
 # %% auto #0
-__all__ = ['ModelSet', 'average_parameters']
+__all__ = ['ModelSet', 'average_parameters', 'stream_average']
 
 # %% ../../nbs/02c_siblings.ipynb #e4ad3a3d
 def _differing(want: dict, got: dict) -> list[str]:
@@ -142,3 +143,52 @@ def average_parameters(models_or_state_dicts: Iterable, weights: Sequence[float]
     model = copy.deepcopy(unwrap_model(first))
     model.load_state_dict(merged)
     return model
+
+# %% ../../nbs/02c_siblings.ipynb #597be00b
+def _tensor_files(folder) -> dict[str, object]:
+    "Where each tensor of the safetensors weights in `folder` lives: {key: path}."
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files: raise ParamError(f"{folder} holds no *.safetensors weights")
+    where = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f: where.update(dict.fromkeys(f.keys(), path))
+    return where
+
+def stream_average(folders: Sequence, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    "Weighted average of the float tensors of the safetensors weights in `folders`, read one tensor at a time; others copied from the first."
+    folders = [Path(f) for f in folders]
+    if not folders: raise ParamError("folders is empty; give at least one checkpoint folder")
+    weights = _check_weights(weights, len(folders)) or [1 / len(folders)] * len(folders)
+    where = [_tensor_files(f) for f in folders]
+    for folder, keys in zip(folders[1:], where[1:]):
+        if diff := sorted(keys.keys() ^ where[0].keys()):
+            raise ParamError(f"{folder} and {folders[0]} hold different tensors (e.g. {diff[:3]}); average siblings only")
+    merged = {}
+    with contextlib.ExitStack() as stack:
+        handles = [{p: stack.enter_context(safe_open(str(p), "pt")) for p in set(w.values())} for w in where]
+        for key, path in where[0].items():
+            first = handles[0][path].get_tensor(key)
+            if not first.is_floating_point(): merged[key] = first; continue
+            dtype = first.dtype
+            total = torch.zeros(first.shape, dtype=torch.float64).add_(first, alpha=weights[0])  # no float64 copies of inputs
+            del first
+            for folder, w, h, wt in zip(folders[1:], where[1:], handles[1:], weights[1:]):
+                t = h[w[key]].get_tensor(key)
+                if t.shape != total.shape or t.dtype != dtype:
+                    raise ParamError(f"key {key!r} is {t.dtype} {tuple(t.shape)} in {folder} but {dtype} "
+                                     f"{tuple(total.shape)} in {folders[0]}")
+                total.add_(t, alpha=wt)
+                del t
+            merged[key] = total.to(dtype)
+            del total
+    return merged
+
+def _average(self, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    "The members' weighted parameter average (`stream_average` of their local folders), once their configs match."
+    self.config  # refuses members that are no siblings, naming the fields
+    if remote := [n for n, c in self.members.items() if c.revision is not None]:
+        raise ParamError(f"member(s) {remote} are Hub checkpoints; download them (a local folder each) to average them")
+    return stream_average([c.source for c in self.members.values()], weights)
+
+ModelSet.average = _average
+

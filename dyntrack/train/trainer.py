@@ -59,6 +59,7 @@ class TrainConfig:
     eval_steps: list[int] | None = None  # steps with per-domain validation; None = checkpoint_steps
     eval_tokens: int = 65536            # validation tokens per domain per evaluation; 0 = whole split
     log_every: int = 10                 # steps between log.jsonl records (eval steps are always logged)
+    init_from: str | None = None        # a fresh run starts from this saved trainer_state: weights, AdamW moments and step
 
     def __post_init__(self):
         check_fields(self)  # types, choices and finiteness first: "256", NaN or inf never reach the ranges below
@@ -256,6 +257,7 @@ class Trainer:
         for cb in self.callbacks: cb.on_fit_start(self)
         self.setup()
         if state: load_run_state(self.state_dir, self.model, self.optimizer, self.remedy)
+        elif self.cfg.init_from: self.continue_from(self.cfg.init_from)
         if not self.rank: truncate_log(self.log_path, self.step if state else -1)
         t0, tokens0, self.bar = time.perf_counter(), self.tokens_seen, self.progress_bar()
         self.last_log = (t0, self.tokens_seen)
@@ -283,6 +285,15 @@ class Trainer:
                 find_unused_parameters=cfg.ddp_find_unused_parameters, static_graph=cfg.ddp_static_graph)
         self.forward_model = self.ddp or self.model
         if cfg.compile: self.forward_model = torch.compile(self.forward_model)
+
+    def continue_from(self, state_dir):
+        "Take the weights and AdamW state (moments, per-parameter step) of another run's `state_dir`; keep this recipe's LR, betas, decay."
+        state_dir = Path(state_dir)
+        if not (state_dir / "state.json").is_file():
+            raise ParamError(f"init_from={str(state_dir)!r} holds no trainer state (no state.json); give a run's trainer_state folder")
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        load_run_state(state_dir, self.model, self.optimizer, f"train the run of {state_dir.parent} again", restore_rng=False)
+        for group, hyper in zip(self.optimizer.param_groups, mine): group.update(hyper)
 
     def replace_parameters(self, model, copied: dict[str, str] | None = None):
         "Train `model` from now on; each `copied` parameter {new name: old name} takes its source's AdamW state."
