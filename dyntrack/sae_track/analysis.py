@@ -211,14 +211,14 @@ def _feature_progress(reps: Tensor, top: Tensor, rand: Tensor, kind: str, chunk:
 @torch.no_grad()
 def analyse_checkpoint(sae: SparseAutoencoder, acts: Tensor, live: Tensor, top_final: Tensor, random_pos: Tensor,
                        infos: Sequence[WordInfo | None], n_top: int,
-                       threshold: float) -> tuple[dict[str, Tensor], list[FeatureLabel], Tensor, Tensor]:
+                       threshold: float, token_ids: Tensor | None = None) -> tuple[dict[str, Tensor], list[FeatureLabel], Tensor, Tensor]:
     "Progress measures [F], labels, top values and top positions [F, n_top] of the live features under SAE_t; `acts` [n, d_model]."
     z = sae.encode(acts).latents                                         # [n, d_sae]
     top_final, random_pos = top_final.to(acts.device), random_pos.to(acts.device)
     progress_t = {"activation_cosine": _feature_progress(acts, top_final, random_pos, "cosine")}
     for kind in SIMILARITIES: progress_t[f"feature_{kind}"] = _feature_progress(z, top_final, random_pos, kind)
     values, pos = (t.T.cpu() for t in z[:, live.to(z.device)].topk(n_top, dim=0))  # SAE_t's own top positions [F, n_top]
-    return progress_t, labels_at(values, pos, infos, min_purity=threshold), values, pos
+    return progress_t, labels_at(values, pos, infos, min_purity=threshold, token_ids=token_ids), values, pos
 
 def _live_top(sae: SparseAutoencoder, acts: Tensor, n_top: int) -> tuple[Tensor, Tensor]:
     "Latents firing at ≥ `n_top` rows of `acts` [n, d_model] under `sae`, and their top rows [F, n_top]."
@@ -242,7 +242,8 @@ def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, win
             live, top_final = _live_top(sae, acts, n_top)
             random_pos = random_positions(len(acts), n_random, seed)
         check = check_sae(model, sae, acts, splice_ids, layer, scales[ckpt.step])
-        out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold)))
+        out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold,
+                                                    window.token_ids)))
     checks, prog, labels, values, pos = zip(*out[::-1])
     return ChainAnalysis(suite.steps, list(checks), live, top_final, random_pos,
                          {m: torch.stack([pr[m] for pr in prog]) for m in MEASURES}, list(labels),
