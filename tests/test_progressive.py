@@ -255,7 +255,7 @@ def test_bad_parameters_name_the_parameter(bad, name):
 def test_profiles_and_runs():
     paper = resolve_params(ProgressiveParams, "paper")
     assert (paper.words_per_domain, paper.corpus_seed, paper.vocab_size) == (11_500_000, 0, 8192)
-    assert paper.stages == (1, 3, 6, 12) and paper.starts == (0, 50, 100, 250)
+    assert paper.stages == (1, 3, 6, 12) and paper.starts == (0, 40, 80, 200)
     specs = run_specs(paper)
     assert list(specs) == ["scratch", "apollo_lvps", "apollo_uniform", "apollo_edge", "stacking", "no_lessons",
                            "scratch_L3", "scratch_L6"]
