@@ -169,25 +169,23 @@ def test_flops_follow_the_depth_run_at_every_micro_batch(tmp_path):
 
 
 class Moments(Callback):
-    "Around each switch: the AdamW moments by name before (first in the list) and after (last)."
-    def __init__(self, switches): self.switches, self.before, self.after = switches, {}, {}
+    "At each switch step's start, the AdamW second moments by parameter name (placed first: before growth; last: after)."
+    def __init__(self, switches): self.switches, self.seen = switches, {}
     def on_step_start(self, trainer, step):
-        if step not in self.switches: return
-        params = dict(trainer.model.named_parameters())
-        store = self.after if step in self.before else self.before
-        store[step] = {n: trainer.optimizer.state[p]["exp_avg_sq"].clone() for n, p in params.items() if p in trainer.optimizer.state}
+        if step in self.switches:
+            self.seen[step] = {n: trainer.optimizer.state[p]["exp_avg_sq"].clone()
+                               for n, p in trainer.model.named_parameters() if p in trainer.optimizer.state}
 
 
 def test_growth_carries_optimiser_moments_to_the_copies(tmp_path):
     first, last = Moments({2, 4}), Moments({2, 4})
-    last.before = {2: None, 4: None}  # so it records into `after`
     trainer, schedule = make_trainer(tmp_path / "run", callbacks=[last])
-    trainer.callbacks.insert(0, first)
+    trainer.callbacks.insert(0, first)  # before the schedule grows the model
     trainer.fit()
     for step, (n_old, n_new) in zip((2, 4), [(1, 2), (2, 4)]):
         src = growth_sources("interpolation", n_old, n_new)
-        old, new = first.before[step], last.after[step]
-        assert set(new) == {n for n, _ in trainer.model.named_parameters()} or len(new) > len(old)
+        old, new = first.seen[step], last.seen[step]
+        assert len(new) > len(old) and all(f"model.blocks.{j}.mlp.up_proj.weight" in new for j in range(n_new))
         for name, moment in new.items():
             parts = name.split(".")
             if parts[:2] == ["model", "blocks"]: parts[2] = str(src[int(parts[2])])
