@@ -497,7 +497,7 @@ def dose_response(model, judge, tokenizer, prompts: Tensor, target: SteerTarget,
     return DoseResponse(*map(list, zip(*rows)))
 
 
-# %% ../../nbs/13b_topk_lm.ipynb #c9ce5ff9
+# %% ../../nbs/13b_topk_lm.ipynb #7841aefc
 def posthoc_topk(acts: Tensor, k: int) -> Tensor:
     "The dense baseline's code of the same sparsity: per position (last dim of `acts`), ReLU of the `k` largest entries, the rest 0."
     check_range("k", k, lo=1, hi=acts.shape[-1])
@@ -539,7 +539,7 @@ def sae_latents(sae: SparseAutoencoder, acts: Tensor, batch: int = 4096) -> Tens
     return torch.cat([sae.encode(x.to(sae.device)).latents.to(acts.device) for x in acts.split(batch)])
 
 
-# %% ../../nbs/13b_topk_lm.ipynb #5204914c
+# %% ../../nbs/13b_topk_lm.ipynb #c305e6f2
 def _unit_columns(mass: Tensor) -> Tensor:
     "Columns of `mass` [n_types, n] scaled to unit length (all-zero columns stay 0)."
     return mass / mass.norm(dim=0).clamp(min=1e-30)
@@ -574,7 +574,7 @@ def trace_across_layers(acts: Tensor, token_ids: Tensor, vocab_size: int, layers
     return {l: trace_pair(masses[l], masses[l + 1], n_null, seed + l) for l in layers}
 
 
-# %% ../../nbs/13b_topk_lm.ipynb #1ebec518
+# %% ../../nbs/13b_topk_lm.ipynb #e26a4dce
 LATE_PHENOMENA = ("double_rc_agreement", "pseudo_irregular_plural", "two_step_addition", "fact_recall_frequent",
                   "fact_recall_rare", "fact_recall_rarest")  # the testbed's late-emerging phenomena
 
@@ -590,7 +590,7 @@ def separating_phenomena(evals: dict[str, LMEval], reference: str = "dense", bel
     return out
 
 
-# %% ../../nbs/13b_topk_lm.ipynb #7cc13208
+# %% ../../nbs/13b_topk_lm.ipynb #d9696ecb
 def ablation_params(p: TopKParams) -> TopKParams:
     "The annealing ablation: the same parameters with `anneal_fraction` = 0 (pure TopK from the first step)."
     return replace(p, anneal_fraction=0.0, anneal_ablation=False)

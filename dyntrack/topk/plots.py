@@ -76,8 +76,9 @@ def plot_entropy_distributions(stats: dict[str, NeuronStats], layers: Sequence[i
     return fig
 
 def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: int, neurons: Sequence[int],
-                   ablation: tuple[Sequence[int], Sequence[NeuronStats]] | None = None):
-    "Token and semantic entropy across checkpoints: chosen neurons of `layer` (top) and quartiles over all its neurons (bottom); `ablation` (steps, stats) adds the run without annealing's median."
+                   ablation: tuple[Sequence[int], Sequence[NeuronStats]] | None = None, title_layer: int | None = None):
+    "Token and semantic entropy across checkpoints: chosen neurons of row `layer` (top) and quartiles over all its neurons (bottom); `ablation` (steps, stats) adds the run without annealing's median; `title_layer`: the block that row is (default `layer`)."
+    shown = layer if title_layer is None else title_layer
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True, layout="constrained")
     for col, (field, label) in enumerate([("token_entropy", "token entropy (nats)"), ("semantic_entropy", "semantic entropy (bits)")]):
         values = torch.stack([getattr(s, field)[layer] for s in stats])  # [n_checkpoints, d_model]
@@ -89,8 +90,8 @@ def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: in
             a_steps, a_stats = ablation
             a_vals = torch.stack([getattr(st, field)[layer] for st in a_stats]).numpy()
             axes[1, col].plot(a_steps, np.nanquantile(a_vals, 0.5, axis=1), "s--", ms=3, label="median, no annealing")
-        axes[0, col].set(ylabel=label, title=f"block {layer}: chosen neurons")
-        axes[1, col].set(ylabel=label, xlabel="training step", title=f"block {layer}: all neurons")
+        axes[0, col].set(ylabel=label, title=f"block {shown}: chosen neurons")
+        axes[1, col].set(ylabel=label, xlabel="training step", title=f"block {shown}: all neurons")
         for ax in axes[:, col]:
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks(steps, [str(s) for s in steps]); ax.minorticks_off()
@@ -111,12 +112,16 @@ def plot_dose_response(responses: dict[str, DoseResponse], multiples: Sequence[f
         ax_f.errorbar(ppl, share, yerr=[share - s_lo, s_hi - share], fmt="o-", ms=3, color=line.get_color(), capsize=2)
         for m, x, y in zip(multiples, ppl, share):
             if m in (min(multiples), 0, max(multiples)): ax_f.annotate(f"{m:g}×", (x, y), fontsize=6)
-    for ax in (ax_s, ax_p): ax.set_xscale("symlog", linthresh=0.05); ax.axvline(0, color="grey", lw=0.5)
+    for ax in (ax_s, ax_p):
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xticks(list(multiples), [f"{m:g}" for m in multiples], rotation=60, fontsize=6)
+        ax.minorticks_off(); ax.axvline(0, color="grey", lw=0.5)
     ax_s.set(xlabel="δ / neuron's largest activation", ylabel="share of words in the concept", title="dose–response")
     ax_p.set(xlabel="δ / neuron's largest activation", ylabel="perplexity under the dense model", title="fluency",
              yscale="log")
     ax_f.set(xlabel="perplexity under the dense model", ylabel="share of words in the concept", xscale="log",
              title="concept share against fluency")
+    ax_f.xaxis.set_minor_formatter(plt.NullFormatter())
     ax_s.legend(fontsize=6)
     return fig
 
@@ -129,8 +134,10 @@ def plot_layer_trace(traces: dict[str, dict[int, LayerTrace]]):
         ax_c.plot(ls, [float(t.null.mean()) for t in by_layer.values()], "x--", color=line.get_color(), label=f"{name}: random pairs")
         ax_a.plot(ls, [t.above_null for t in by_layer.values()], "o-", color=line.get_color(), label=name)
     ax_a.axhline(0.05, color="grey", ls=":", label="chance")
-    ax_c.set(xlabel="block l (vs l + 1)", ylabel="cosine of token-mass vectors", title="neuron i at block l and l + 1")
-    ax_a.set(xlabel="block l (vs l + 1)", ylabel="share above the null's 95th percentile", ylim=(0, 1.05),
+    ticks = sorted({l for by_layer in traces.values() for l in by_layer})
+    for ax in (ax_c, ax_a): ax.set_xticks(ticks, [f"{l}→{l + 1}" for l in ticks])
+    ax_c.set(xlabel="blocks", ylabel="cosine of token-mass vectors", title="neuron i at block l and l + 1")
+    ax_a.set(xlabel="blocks", ylabel="share above the null's 95th percentile", ylim=(0, 1.05),
              title="indices that keep their token profile")
     ax_c.legend(fontsize=7); ax_a.legend(fontsize=7)
     return fig
