@@ -121,7 +121,10 @@ def plot_dose_response(responses: dict[str, DoseResponse], multiples: Sequence[f
              yscale="log")
     ax_f.set(xlabel="perplexity under the dense model", ylabel="share of words in the concept", xscale="log",
              title="concept share against fluency")
-    ax_f.xaxis.set_minor_formatter(plt.NullFormatter())
+    every = [x for r in responses.values() for x in r.ppl if np.isfinite(x) and x > 0]
+    if every:  # a few labelled ticks across the range, also when it spans less than a decade
+        ax_f.set_xticks(np.geomspace(min(every), max(every), 4) if max(every) > min(every) else every[:1])
+        ax_f.xaxis.set_major_formatter(plt.FormatStrFormatter("%.3g")); ax_f.xaxis.set_minor_formatter(plt.NullFormatter())
     ax_s.legend(fontsize=6)
     return fig
 
