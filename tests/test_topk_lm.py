@@ -1,5 +1,6 @@
 "Tests of dyntrack.topk.model and dyntrack.topk.lm: TopK exactness, exempt blocks, annealing, gradients, save/load, generate, steering, entropies, training."
 import copy, json, math, os, re, subprocess, sys
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -624,3 +625,130 @@ def test_vocab_embeddings_cache_without_package(pair, embedded, monkeypatch, tmp
     with pytest.raises(ParamError, match="this tokenizer is"): vocab_embeddings(tok, tmp_path / "other.safetensors")
     save_file({"embeddings": emb[:10]}, str(tmp_path / "short.safetensors"), metadata={"tokenizer": vocab_digest(tok)})
     with pytest.raises(ParamError, match="holds 10 rows"): vocab_embeddings(tok, tmp_path / "short.safetensors")
+
+
+# --- the controls (issue 17): baselines of the same k, cross-layer tracing, intervals, separating tasks, ablation ----
+
+from dyntrack.topk.lm import (LATE_PHENOMENA, LMEval, ablation_params, ablation_run_dir, baseline_sae_dir, bootstrap_ci,
+                              concept_counts, labelled_targets, posthoc_topk, sae_latents, separating_phenomena,
+                              trace_pair, train_ablation, train_baseline_sae)
+
+
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_posthoc_mask_keeps_exactly_k_per_position(k):
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(k)).abs() + 0.1  # all positive: ReLU drops nothing
+    y = posthoc_topk(x, k)
+    assert ((y != 0).sum(-1) == k).all()
+    kept = y.topk(k, dim=-1).values
+    torch.testing.assert_close(kept, x.topk(k, dim=-1).values)  # the k largest, unchanged
+    mixed = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    z = posthoc_topk(mixed, k)
+    assert ((z != 0).sum(-1) <= k).all() and (z >= 0).all()  # ReLU first: a kept negative entry is 0
+    with pytest.raises(ParamError, match="k=17 is out of range"): posthoc_topk(x, 17)
+
+
+def test_cross_layer_null_is_at_chance_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(200, 64, generator=g) ** 6, torch.rand(200, 64, generator=g) ** 6
+    rnd = trace_pair(a, b, n_null=8000)
+    assert abs(rnd.same.mean().item() - rnd.null.mean().item()) < 0.02 and rnd.above_null < 0.15  # 0.05 expected
+    same = trace_pair(a, a + 0.01 * torch.rand(200, 64, generator=g))
+    assert same.above_null == 1.0 and (same.same > 0.99).all()  # a copy keeps every index
+    a[:, 5] = 0  # a neuron silent at one block is left out of both
+    assert len(trace_pair(a, b).same) == 63
+    with pytest.raises(ParamError, match="fewer than two neurons"): trace_pair(torch.zeros(4, 3), torch.ones(4, 3))
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(64, generator=g)
+    mean, lo, hi = bootstrap_ci(x, n_boot=2000, level=0.95, seed=1)
+    assert lo < mean < hi and math.isclose(mean, x.double().mean().item())
+    assert hi - lo < 4 * x.std().item() / math.sqrt(64) * 1.5  # about ±2 standard errors
+    narrow = bootstrap_ci(x, n_boot=2000, level=0.5, seed=1)
+    assert hi - lo > narrow[2] - narrow[1]  # a lower level, a narrower interval
+    hits, words = [1, 0, 3, 2], [4, 5, 6, 5]
+    ratio, rlo, rhi = bootstrap_ci(hits, words, n_boot=500)
+    assert ratio == 6 / 20 and rlo <= ratio <= rhi
+    assert bootstrap_ci(x, n_boot=100, seed=3) == bootstrap_ci(x, n_boot=100, seed=3)  # seeded
+    with pytest.raises(ParamError, match="n_boot=0"): bootstrap_ci(x, n_boot=0)
+    with pytest.raises(ParamError, match=r"num \(2,\) and den \(3,\)"): bootstrap_ci([1, 2], [1, 2, 3])
+
+
+def test_concept_counts_read_labels_and_categories():
+    assert concept_counts(["The dogs ran.", "A red apple."], "number=pl") == ([1, 0], [3, 3])
+    assert concept_counts(["The dog and the cat ran."], "category=animal") == ([2], [6])
+    assert concept_counts(["The dog and the cat ran."], "noun:animal") == ([2], [6])
+    assert concept_counts(["..."], "pos=noun") == ([0], [0])
+
+
+def test_separating_phenomena_keep_the_unsaturated_and_late_ones():
+    acc = lambda **v: LMEval({}, v | {"mean": 0.0}, 0.0)
+    evals = {"TopK": acc(a=1.0, b=0.6, two_step_addition=0.99), "dense": acc(a=0.97, b=0.7, two_step_addition=1.0)}
+    sep = separating_phenomena(evals, below=0.95)
+    assert list(sep) == ["b", "two_step_addition", "mean"] and sep["b"] == {"TopK": 0.6, "dense": 0.7}
+    assert list(separating_phenomena(evals, below=0.98)) == ["a", "b", "two_step_addition", "mean"]
+    assert separating_phenomena({"dense": acc(a=1.0)}) == {}  # nothing separates: no mean either
+    assert "two_step_addition" in LATE_PHENOMENA and set(LATE_PHENOMENA) <= set(PHENOMENA)
+    with pytest.raises(ParamError, match="below=1.5"): separating_phenomena(evals, below=1.5)
+
+
+def test_new_parameters_are_checked():
+    paper = resolve_params(TopKParams, "paper")
+    assert paper.anneal_ablation and paper.n_prompts >= 64 and min(paper.steer_deltas) < 0 < min(d for d in paper.steer_deltas if d > 0) < 0.1
+    assert not resolve_params(TopKParams, "smoke").anneal_ablation and paper.sae_blocks == [5]
+    for bad, words in [(dict(sae_layers=(4,)), r"sae_layers entry=4 is out of range; allowed: \[-1, 3\]"),
+                       (dict(sae_layers=(-2,)), "sae_layers entry=-2"), (dict(n_boot=0), "n_boot=0"),
+                       (dict(ci_level=1.0), "ci_level=1.0"), (dict(sae_tokens=100, sae_batch=512), "sae_tokens=100"),
+                       (dict(unsaturated_below=2.0), "unsaturated_below=2.0"), (dict(min_lemmas=0), "min_lemmas=0"),
+                       (dict(anneal_ablation="yes"), "anneal_ablation")]:
+        with pytest.raises(ParamError, match=words): TopKParams(size="tiny", n_layers=4, **bad)
+    assert TopKParams(size="tiny", n_layers=4, sae_layers=(-1, 0, 1)).sae_blocks == [0, 1]
+
+
+def test_baseline_sae_is_a_topk_code_and_cached(pair):
+    p, runs = pair
+    q = replace(p, sae_tokens=2048, sae_batch=128, sae_expansion=2)
+    from dyntrack.data.embedded import prepare_embedded_data
+    shards = prepare_embedded_data(q.words_per_domain, q.corpus_seed, q.vocab_size)[1]
+    dense = runs.dense.load_model()
+    sae = train_baseline_sae(q, dense, 1, shards, k=4)
+    assert sae.cfg.kind == "topk" and sae.cfg.k == 4 and sae.cfg.d_sae == 128 and sae.cfg.n_steps == 16
+    x = residual_at(dense, torch.randint(0, 300, (2, 32)), 1, site="resid_post").flatten(0, 1)
+    z = sae_latents(sae, x, batch=7)
+    assert z.shape == (64, 128) and ((z != 0).sum(-1) <= 4).all()
+    folder = baseline_sae_dir(q, sae.cfg, 1)
+    assert folder.parent == lm_run_dirs(q)["dense"].parent and "block1" in folder.name
+    assert baseline_sae_dir(q, sae.cfg, 0) != folder and baseline_sae_dir(replace(q, seed=1), sae.cfg, 1) != folder
+    stamp = (folder / "sae").stat().st_mtime_ns
+    again = train_baseline_sae(q, dense, 1, shards, k=4)  # read back, not retrained
+    assert (folder / "sae").stat().st_mtime_ns == stamp and torch.equal(again.W_dec, sae.W_dec)
+
+
+def test_labelled_targets_find_a_planted_concept(pair):
+    p, runs = pair
+    from dyntrack.features import token_window
+    window = token_window(runs.tokenizer, eval_texts(p.eval_words_per_domain, p.corpus_seed), 32, 1024, drop_first=0,
+                          rounding="down")
+    nouns = torch.tensor([w is not None and w.pos == "noun" for w in window.infos])
+    acts = torch.zeros(1, window.ids.numel(), 6)
+    acts[0, nouns, 2] = 1.0 + torch.rand(int(nouns.sum()), generator=torch.Generator().manual_seed(0))
+    acts[0, torch.arange(0, window.ids.numel(), 9), 4] = 1.0  # every ninth position: no concept
+    stats = concept_stats([0.1] * 6, [0] * 6, [50] * 6)
+    found = labelled_targets(stats, acts, window, runs.tokenizer, 0, n=3, top=16, min_lemmas=3, min_active=0)
+    assert [t.neuron for t in found] == [2] and found[0].purity >= 0.6 and found[0].n_lemmas >= 3
+    assert found[0].concept.split("=")[0] in ("category", "pos", "number", "gender")
+    assert labelled_targets(stats, acts, window, runs.tokenizer, 0, n=3, top=16, min_active=10**6) == []
+
+
+def test_ablation_is_trained_without_annealing(pair):
+    p, runs = pair
+    abl = train_ablation(p, [0, 4])
+    assert abl.steps == [0, 4, 10] and ablation_params(p).anneal_fraction == 0.0
+    records = [json.loads(line) for line in (ablation_run_dir(p, [0, 4]) / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 10
+    model = abl.load_model()
+    assert model.config.topk_alpha == 0.0 and lm_run_dirs(ablation_params(p))["topk"] != lm_run_dirs(p)["topk"]
+    nz = layer_sparsity(model, torch.randint(0, 300, (2, 16)))
+    assert (nz[:2] <= model.config.topk_k).all()
+    with pytest.raises(ParamError, match=r"steps \[3\]"): train_ablation(p, [3])

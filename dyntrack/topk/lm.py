@@ -5,7 +5,7 @@
 # %% ../../nbs/13b_topk_lm.ipynb #303c1068
 from __future__ import annotations
 import hashlib, importlib.util, itertools, json, math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
 
@@ -16,29 +16,35 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import LlamaConfig
 
-from ..acts import blocks, residuals_at
-from ..core import Composed, ParamError, atomic_path, autocast, cache_dir, check_choice, check_fields, check_range, compose, digest, file_lock, module_digest
+from ..acts import ActivationBuffer, blocks, residuals_at
+from ..core import Composed, ParamError, atomic_path, autocast, cache_dir, check_choice, check_fields, check_range, compose, digest, file_lock, module_digest, settle
 from ..data.corpus import annotate
 from ..data.grammar import Lexicon, load_lexicon
 from ..models.presets import SIZES, build_model, config_fields
 from ..models.suite import CheckpointSuite
-from ..suite import Evaluation, MinimalPairs
+from ..suite import Evaluation, MinimalPairs, endless_batches
 from ..data.embedded import corpus_key, prepare_embedded_data
 from ..train.suite import TRAIN_CODE, EmbeddedRecipe, check_fresh_text, train_config as suite_train_config
 from ..data.tasks import lambada_accuracy, minimal_pair_accuracy
 from ..data.tokens import TokenShards
-from ..features import word_category
+from ..features import labels_at, word_category
+from ..models.suite import unwrap_model
+from ..sae.model import SaeConfig, SparseAutoencoder, load_sae
+from ..sae.train import train_sae
 from .model import (
-    TOPK_ACTS, TopKAnnealing, dense_config, steer, topk_config)
+    TOPK_ACTS, TopKAnnealing, dense_config, steer, topk_activation, topk_config)
 from ..train.trainer import TrainConfig, Trainer, validation_losses
 
 # %% auto #0
-__all__ = ['TopKParams', 'TOPK_CODE', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'token_mass', 'mass_entropy', 'token_entropy',
-           'CategoryPurity', 'category_purity', 'active_tokens', 'semantic_entropy', 'TopKMethod', 'TopKRules',
-           'lm_configs', 'lm_run_dirs', 'lm_train_configs', 'TopKRuns', 'train_topk_and_dense', 'LMEval', 'evaluate_lm',
-           'vocab_texts', 'vocab_digest', 'embedding_cache_path', 'vocab_embeddings', 'block_outputs', 'NeuronStats',
-           'neuron_stats', 'SteerTarget', 'steering_targets', 'steering_prompts', 'generate_steered',
-           'continuation_ppl', 'concept_share', 'DoseResponse', 'dose_response']
+__all__ = ['TopKParams', 'TOPK_CODE', 'EMBEDDING_MODEL', 'CONCEPT_POS', 'SAE_CODE', 'LATE_PHENOMENA', 'token_mass',
+           'mass_entropy', 'token_entropy', 'CategoryPurity', 'category_purity', 'active_tokens', 'semantic_entropy',
+           'TopKMethod', 'TopKRules', 'lm_configs', 'lm_run_dirs', 'lm_train_configs', 'TopKRuns',
+           'train_topk_and_dense', 'LMEval', 'evaluate_lm', 'vocab_texts', 'vocab_digest', 'embedding_cache_path',
+           'vocab_embeddings', 'block_outputs', 'NeuronStats', 'neuron_stats', 'SteerTarget', 'steering_targets',
+           'labelled_targets', 'steering_prompts', 'generate_steered', 'continuation_nll', 'continuation_ppl',
+           'concept_counts', 'concept_share', 'bootstrap_ci', 'DoseResponse', 'dose_response', 'posthoc_topk',
+           'baseline_sae_config', 'baseline_sae_dir', 'train_baseline_sae', 'sae_latents', 'LayerTrace', 'trace_pair',
+           'trace_across_layers', 'separating_phenomena', 'ablation_params', 'ablation_run_dir', 'train_ablation']
 
 # %% ../../nbs/13b_topk_lm.ipynb #76424198
 def token_mass(acts: Tensor, token_ids: Tensor, vocab_size: int) -> Tensor:
@@ -122,35 +128,54 @@ class TopKMethod:
     max_active: int = 256                # active tokens per neuron (a seeded sample) kept for semantic entropy
     sim_bins: int = 20                   # equal-width bins of the cosine similarity range [-1, 1]
     min_active: int = 20                 # a steering candidate is active on at least this many tokens
-    steer_min_purity: float = 0.2        # ... and has at least this share of its mass on its concept category
+    steer_min_purity: float = 0.6        # ... and its concept label holds at least this share of its top positions
     n_steer: int = 3                     # low-semantic-entropy neurons to steer
-    steer_deltas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)  # δ in units of the neuron's largest activation
+    steer_deltas: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # δ in units of the neuron's largest activation
     n_prompts: int = 8                   # prompts per δ (sampled continuations, same seed for every δ)
     prompt_tokens: int = 4               # tokens of an evaluation document that start each prompt
     gen_tokens: int = 32                 # tokens generated per prompt
     n_lambada: int = 200                 # LAMBADA-style items
     embeddings: str = ""                 # vocabulary-embedding cache file; "" = the cache named by the tokenizer
+    label_top: int = 32                  # top positions per neuron its chance-corrected label is read from
+    min_lemmas: int = 3                  # distinct lemmas a concept label needs among those positions
+    n_boot: int = 1000                   # bootstrap resamples of the prompts for the steering intervals
+    ci_level: float = 0.95               # coverage of those intervals
+    unsaturated_below: float = 0.95      # a phenomenon separates the models when the dense twin scores below this
+    sae_layers: tuple[int, ...] = (-1,)  # dense blocks a TopK SAE of the same k is trained on (-1 = the steered block)
+    sae_expansion: int = 4               # SAE latents per residual dimension
+    sae_tokens: int = 4_000_000          # activations each SAE trains on
+    sae_batch: int = 4096                # activations per SAE step
+    n_null_pairs: int = 4096             # random (i, j) index pairs of the cross-layer null
+    anneal_ablation: bool = False        # also train a TopK model without annealing (anneal_fraction = 0)
 
 
     PROFILES = {"smoke": dict(n_formation=4, entropy_tokens=2048, max_active=64, min_active=5, n_steer=2,
-                              n_prompts=4, gen_tokens=16, n_lambada=40),
-                "paper": dict(n_formation=8, entropy_tokens=16384, n_steer=4, n_prompts=16, gen_tokens=40, n_lambada=300)}
+                              n_prompts=4, gen_tokens=16, n_lambada=40, label_top=16, n_boot=200,
+                              sae_expansion=2, sae_tokens=65536, sae_batch=512, n_null_pairs=512),
+                "paper": dict(n_formation=8, entropy_tokens=8192, max_active=128, n_steer=4, n_prompts=64, gen_tokens=40,
+                              n_lambada=300, anneal_ablation=True)}
 
     def __post_init__(self):
         check_choice("act", self.act, TOPK_ACTS)  # before the type checks: this message lists the choices
         check_fields(self)
         check_range("anneal_fraction", self.anneal_fraction, 0, 1)
         for name in ("n_formation", "entropy_tokens", "max_active", "sim_bins", "n_steer", "n_prompts",
-                     "prompt_tokens", "gen_tokens", "n_lambada"):
+                     "prompt_tokens", "gen_tokens", "n_lambada", "label_top", "min_lemmas", "n_boot", "sae_expansion",
+                     "n_null_pairs"):
             check_range(name, getattr(self, name), lo=1)
         check_range("n_formation", self.n_formation, lo=2)
         check_range("min_active", self.min_active, lo=2)
         check_range("steer_min_purity", self.steer_min_purity, 0, 1)
+        check_range("ci_level", self.ci_level, 0.5, 0.999)
+        check_range("unsaturated_below", self.unsaturated_below, 0, 1)
+        check_range("sae_batch", self.sae_batch, lo=2)
+        check_range("sae_tokens", self.sae_tokens, lo=self.sae_batch)
         check_range("act_threshold", self.act_threshold)  # any finite number
         for delta in self.steer_deltas: check_range("steer_deltas entry", delta)
         if not self.steer_deltas: raise ParamError("steer_deltas must hold at least one δ")
         for name in ("k", "n_nontopk"): check_range(name, getattr(self, name), lo=0)
         check_range("site_layer", self.site_layer, lo=-1)
+        for layer in self.sae_layers: check_range("sae_layers entry", layer, lo=-1)
 
 class TopKRules(Composed):
     "What spans the parts of `TopKParams`: the checks that need the model's depth or width, and views of the flat values."
@@ -163,6 +188,7 @@ class TopKRules(Composed):
         check_range("k", self.k, 0, width)
         check_range("n_nontopk", self.n_nontopk, 0, depth - 1)  # at least one TopK block
         check_range("site_layer", self.site_layer, -1, depth - 1)
+        for layer in self.sae_layers: check_range("sae_layers entry", layer, -1, depth - 1)
 
     @property
     def recipe(self) -> EmbeddedRecipe:
@@ -178,6 +204,11 @@ class TopKRules(Composed):
     def steer_layer(self) -> int:
         "Block whose output is steered: `site_layer`, or the last TopK block for -1."
         return self.depth - self.n_nontopk - 1 if self.site_layer == -1 else self.site_layer
+
+    @property
+    def sae_blocks(self) -> list[int]:
+        "Dense blocks the baseline SAEs read: `sae_layers` with -1 as the steered block, sorted, once each."
+        return sorted({self.steer_layer if layer == -1 else layer for layer in self.sae_layers})
 
 TopKParams = compose("TopKParams", EmbeddedRecipe, Evaluation, MinimalPairs, TopKMethod, base=TopKRules,
                      fixed=dict(arch="llama", train_domain=""), doc="The parameters of the TopK experiment (13_topk_lm).")
@@ -327,14 +358,22 @@ def neuron_stats(acts: Tensor, token_ids: Tensor, token_category: Tensor, vocab_
 class SteerTarget(NamedTuple):
     layer: int               # block whose output is steered
     neuron: int              # coordinate of the residual stream
-    concept: str             # ground-truth category carrying most of its mass ('pos:category')
-    purity: float            # share of its mass on that category
+    concept: str             # its concept: a label 'field=value' (labels_at), or a ground-truth category 'pos:category'
+    purity: float            # share of its top positions holding that value (labelled), or of its mass on that category
     semantic_entropy: float  # bits
     token_entropy: float     # nats
     top_tokens: list[str]    # token types with the most activation mass, heaviest first
     scale: float             # its largest activation on the window: the unit of δ
+    n_lemmas: int = 0        # distinct lemmas among its top positions holding the concept (0: not from a label)
+    p_value: float = math.nan  # the label's hypergeometric tail probability (NaN: not from a label)
 
 CONCEPT_POS = ("noun", "name", "adj", "verb", "adv", "num")  # parts of speech whose categories are concepts
+
+def _top_tokens(acts: Tensor, token_ids: Tensor, tokenizer, neuron: int, n_top: int) -> list[str]:
+    "The `n_top` token types carrying the most of `neuron`'s positive mass in `acts` [n_tokens, d_model]."
+    mass = torch.zeros(len(tokenizer), dtype=torch.float64).index_add_(
+        0, token_ids.flatten().cpu(), acts[:, neuron].clamp(min=0).double().cpu())
+    return [tokenizer.decode([t]) for m, t in zip(*mass.topk(min(n_top, len(mass)))) if m > 0]
 
 def steering_targets(stats: NeuronStats, acts: Tensor, token_ids: Tensor, tokenizer, names: list[str], layer: int,
                      n: int, min_active: int = 20, min_purity: float = 0.2, n_top: int = 6) -> list[SteerTarget]:
@@ -347,11 +386,31 @@ def steering_targets(stats: NeuronStats, acts: Tensor, token_ids: Tensor, tokeni
                                 f"min_purity={min_purity} of its mass is active on min_active={min_active} tokens; lower "
                                 "min_active or min_purity, or steer another block (site_layer)")
     chosen = sorted(ok, key=lambda i: (h[i].item(), -purity[i].item()))[:n]  # ties: purer first
-    mass = token_mass(acts[layer], token_ids.flatten().to(acts.device), len(tokenizer))  # [vocab, d_model]
     return [SteerTarget(layer, i, names[int(stats.category[layer, i])], purity[i].item(), h[i].item(),
-                        stats.token_entropy[layer, i].item(),
-                        [tokenizer.decode([t]) for m, t in zip(*mass[:, i].topk(n_top)) if m > 0], stats.scale[layer, i].item())
+                        stats.token_entropy[layer, i].item(), _top_tokens(acts[layer], token_ids, tokenizer, i, n_top),
+                        stats.scale[layer, i].item())
             for i in chosen]
+
+def labelled_targets(stats: NeuronStats, acts: Tensor, window, tokenizer, layer: int, n: int, top: int = 32,
+                     min_purity: float = 0.6, min_lemmas: int = 3, min_active: int = 20, seed: int = 0,
+                     n_top: int = 6) -> list[SteerTarget]:
+    "Up to `n` neurons of `layer` with a chance-corrected concept label (`features.labels_at`, given the token ids), purest first, then most lemmas."
+    a = acts[layer]  # [n_tokens, d_model] on the window's analysed positions
+    check_range("top", top, lo=1, hi=a.shape[0])
+    values, pos = a.topk(top, dim=0)  # [top, d_model]
+    infos, token_ids = window.infos, window.token_ids
+    if len(infos) != a.shape[0]: raise ParamError(f"acts hold {a.shape[0]} positions, the window analyses {len(infos)}")
+    labels = labels_at(values.T.cpu(), pos.T.cpu(), infos, min_purity, min_lemmas=min_lemmas, seed=seed, token_ids=token_ids)
+    rows = []
+    for i, lab in enumerate(labels):
+        if lab.kind != "concept" or stats.n_active[layer, i] < min_active: continue
+        field, value = lab.value.split("=", 1)
+        lemmas = {infos[q].lemma for q in pos[:, i].tolist() if infos[q] is not None and str(getattr(infos[q], field)) == value}
+        rows.append((field != "category", -lab.purity, -len(lemmas), i, lab, len(lemmas)))  # categories first
+    return [SteerTarget(layer, i, lab.value, lab.purity, stats.semantic_entropy[layer, i].item(),
+                        stats.token_entropy[layer, i].item(), _top_tokens(a, token_ids, tokenizer, i, n_top),
+                        stats.scale[layer, i].item(), n_lemmas, lab.p_value)
+            for *_, i, lab, n_lemmas in sorted(rows)[:n]]
 
 def steering_prompts(tokenizer, texts: dict[str, list[str]], n: int, n_tokens: int) -> Tensor:
     "EOS and the first `n_tokens` tokens of `n` documents, one domain after another: [n, 1 + n_tokens]."
@@ -374,31 +433,183 @@ def generate_steered(model, prompts: Tensor, layer: int, neuron: int, delta: flo
     return out[:, prompts.shape[1]:].cpu()
 
 @torch.no_grad()
-def continuation_ppl(model, prompts: Tensor, generated: Tensor) -> float:
-    "Perplexity of `generated` [n, m] after `prompts` [n, p] under `model`: exp of the mean NLL of the generated tokens."
+def continuation_nll(model, prompts: Tensor, generated: Tensor) -> Tensor:
+    "Mean negative log-likelihood (nats) of each row of `generated` [n, m] after `prompts` [n, p] under `model`: [n]."
     device = next(model.parameters()).device
     ids = torch.cat([prompts, generated], 1).to(device)
     logits = model(input_ids=ids, use_cache=False).logits[:, prompts.shape[1] - 1:-1].float()  # [n, m, vocab]
-    return math.exp(F.cross_entropy(logits.flatten(0, 1), generated.to(device).flatten()).item())
+    return F.cross_entropy(logits.transpose(1, 2), generated.to(device), reduction="none").mean(1).cpu()
+
+def continuation_ppl(model, prompts: Tensor, generated: Tensor) -> float:
+    "Perplexity of `generated` [n, m] after `prompts` [n, p] under `model`: exp of the mean NLL of the generated tokens."
+    return math.exp(continuation_nll(model, prompts, generated).mean().item())
+
+def _has_concept(info, concept: str) -> bool:
+    "Whether lexicon entry `info` is in `concept`: 'field=value' (a label) or 'pos:category'."
+    if "=" not in concept: return word_category(info) == concept
+    field, value = concept.split("=", 1)
+    return info is not None and str(getattr(info, field, None)) == value
+
+def concept_counts(texts: Sequence[str], concept: str, lexicon: Lexicon | None = None) -> tuple[list[int], list[int]]:
+    "Per text, (words in `concept`, words), punctuation excluded; `concept` is 'pos:category' or a label 'field=value'."
+    lex = lexicon or load_lexicon()
+    words = [[w.info for w in annotate(t, lex) if w.text[0].isalpha()] for t in texts]
+    return [sum(_has_concept(i, concept) for i in ws) for ws in words], [len(ws) for ws in words]
 
 def concept_share(texts: Sequence[str], concept: str, lexicon: Lexicon | None = None) -> float:
-    "Share of the words of `texts` (punctuation excluded) whose ground-truth category is `concept`; NaN without words."
-    lex = lexicon or load_lexicon()
-    cats = [word_category(w.info) for t in texts for w in annotate(t, lex) if w.text[0].isalpha()]
-    return sum(c == concept for c in cats) / len(cats) if cats else math.nan
+    "Share of the words of `texts` (punctuation excluded) in `concept` ('pos:category' or 'field=value'); NaN without words."
+    hits, n = concept_counts(texts, concept, lexicon)
+    return sum(hits) / sum(n) if sum(n) else math.nan
+
+def bootstrap_ci(num: Sequence[float], den: Sequence[float] | None = None, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    "(Σnum/Σden, and its percentile bootstrap interval at `level` over resampled items); `den` None = a mean. NaN without data."
+    check_range("n_boot", n_boot, lo=1)
+    check_range("level", level, 0, 1)
+    x = torch.as_tensor(num, dtype=torch.float64)
+    d = torch.ones_like(x) if den is None else torch.as_tensor(den, dtype=torch.float64)
+    if x.shape != d.shape or x.ndim != 1: raise ParamError(f"num {tuple(x.shape)} and den {tuple(d.shape)} must be one [n] each")
+    if not len(x) or d.sum() <= 0: return math.nan, math.nan, math.nan
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
+    boot = x[idx].sum(1) / d[idx].sum(1)
+    boot = boot[boot.isfinite()]
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return (x.sum() / d.sum()).item(), lo, hi
 
 class DoseResponse(NamedTuple):
-    deltas: list[float]        # δ added, absolute
-    share: list[float]         # share of generated words in the concept's category, per δ
-    ppl: list[float]           # perplexity of the generations under the judge (dense) model, per δ
-    samples: list[list[str]]   # generated texts, per δ
+    deltas: list[float]                    # δ added, absolute
+    share: list[float]                     # share of generated words in the concept, all prompts pooled, per δ
+    ppl: list[float]                       # perplexity of the generations under the judge (dense) model, per δ
+    samples: list[list[str]]               # generated texts, per δ
+    share_ci: list[tuple[float, float]]    # bootstrap interval of `share` over prompts, per δ
+    ppl_ci: list[tuple[float, float]]      # bootstrap interval of `ppl` over prompts, per δ
 
 def dose_response(model, judge, tokenizer, prompts: Tensor, target: SteerTarget, deltas: Sequence[float], n_new: int,
-                  seed: int = 0, lexicon: Lexicon | None = None) -> DoseResponse:
-    "Steer `target` by each δ of `deltas` while generating; the concept share and the `judge`'s perplexity per δ."
+                  seed: int = 0, lexicon: Lexicon | None = None, n_boot: int = 1000, level: float = 0.95) -> DoseResponse:
+    "Steer `target` by each δ of `deltas` while generating; the concept share and the `judge`'s perplexity per δ, with bootstrap intervals over prompts."
     rows = []
     for delta in deltas:
         gen = generate_steered(model, prompts, target.layer, target.neuron, delta, n_new, seed)
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
-        rows.append((float(delta), concept_share(texts, target.concept, lexicon), continuation_ppl(judge, prompts, gen), texts))
+        share, s_lo, s_hi = bootstrap_ci(*concept_counts(texts, target.concept, lexicon), n_boot=n_boot, level=level, seed=seed)
+        nll, n_lo, n_hi = bootstrap_ci(continuation_nll(judge, prompts, gen), n_boot=n_boot, level=level, seed=seed)
+        rows.append((float(delta), share, math.exp(nll), texts, (s_lo, s_hi), (math.exp(n_lo), math.exp(n_hi))))
     return DoseResponse(*map(list, zip(*rows)))
+
+
+# %% ../../nbs/13b_topk_lm.ipynb #7841aefc
+def posthoc_topk(acts: Tensor, k: int) -> Tensor:
+    "The dense baseline's code of the same sparsity: per position (last dim of `acts`), ReLU of the `k` largest entries, the rest 0."
+    check_range("k", k, lo=1, hi=acts.shape[-1])
+    return topk_activation(acts, k, "relu", alpha=0.0)
+
+SAE_CODE = ("dyntrack.sae.model", "dyntrack.sae.train", "dyntrack.acts")  # the code that makes a baseline SAE
+
+def baseline_sae_config(p: TopKParams, d_model: int, k: int) -> SaeConfig:
+    "The TopK SAE (AuxK on) of the dense twin's block output: `k` of `sae_expansion`·d_model latents, `sae_tokens` activations."
+    steps = p.sae_tokens // p.sae_batch
+    return SaeConfig(d_model=d_model, expansion=p.sae_expansion, kind="topk", k=k, batch_size=p.sae_batch,
+                     n_tokens=p.sae_tokens, warmup_steps=max(1, steps // 20), dead_tokens=max(p.sae_batch, p.sae_tokens // 20),
+                     seed=p.seed)
+
+def baseline_sae_dir(p: TopKParams, cfg: SaeConfig, layer: int) -> Path:
+    "Folder of the baseline SAE of dense block `layer`: named by the dense run, the block, the SAE config and `SAE_CODE`."
+    dense = lm_run_dirs(p)["dense"]
+    key = digest(dict(dense=dense.name, layer=layer, sae=asdict(cfg), context=p.seq_len, code=module_digest(*SAE_CODE)))
+    return dense.parent / f"sae-{dense.name}-block{layer}-{key}"
+
+def train_baseline_sae(p: TopKParams, dense_model: nn.Module, layer: int, shards: TokenShards, k: int,
+                       device=None) -> SparseAutoencoder:
+    "Train (or reuse) a TopK SAE with `k` active latents on the output of block `layer` of `dense_model`, from the training shards."
+    cfg = baseline_sae_config(p, unwrap_model(dense_model).config.hidden_size, k)
+    out = baseline_sae_dir(p, cfg, layer)
+    with file_lock(f"{out}.lock", what=f"the baseline SAE {out}"):
+        if not settle(out / "sae").exists():
+            n_seqs = max(1, cfg.batch_size // (p.seq_len - 1))
+            tokens = itertools.islice(endless_batches(shards, p.seq_len, n_seqs, seed=p.seed + 1 + layer),
+                                      -(-cfg.n_tokens // (n_seqs * (p.seq_len - 1))) + 1)
+            acts = ActivationBuffer(dense_model, layer, tokens, buffer_tokens=max(cfg.batch_size, min(2**16, cfg.n_tokens)),
+                                    batch_size=cfg.batch_size, seed=cfg.seed, site="resid_post", device=device)
+            train_sae(SparseAutoencoder(cfg, device=device), acts, cfg, out)
+    return load_sae(out / "sae", device=device)
+
+@torch.no_grad()
+def sae_latents(sae: SparseAutoencoder, acts: Tensor, batch: int = 4096) -> Tensor:
+    "The SAE's latents of activations `acts` [n_tokens, d_model], dense: [n_tokens, d_sae], on `acts`' device."
+    return torch.cat([sae.encode(x.to(sae.device)).latents.to(acts.device) for x in acts.split(batch)])
+
+
+# %% ../../nbs/13b_topk_lm.ipynb #c305e6f2
+def _unit_columns(mass: Tensor) -> Tensor:
+    "Columns of `mass` [n_types, n] scaled to unit length (all-zero columns stay 0)."
+    return mass / mass.norm(dim=0).clamp(min=1e-30)
+
+class LayerTrace(NamedTuple):
+    same: Tensor        # cosine of the token-mass vectors of index i at both blocks, per index firing at both: [n_same]
+    null: Tensor        # the same cosine for random index pairs (i, j), i ≠ j, both firing: [n_null]
+    null_q95: float     # 95th percentile of the null
+    above_null: float   # share of `same` above that percentile (chance: 0.05)
+
+def trace_pair(mass_a: Tensor, mass_b: Tensor, n_null: int = 4096, seed: int = 0) -> LayerTrace:
+    "Does index i mean the same at two blocks? Cosine of token-mass columns `mass_a[:, i]` and `mass_b[:, i]` [vocab, n] against random pairs."
+    if mass_a.shape != mass_b.shape or mass_a.ndim != 2:
+        raise ParamError(f"mass_a {tuple(mass_a.shape)} and mass_b {tuple(mass_b.shape)} must both be [vocab, n_neurons]")
+    check_range("n_null", n_null, lo=1)
+    ua, ub = _unit_columns(mass_a.double()), _unit_columns(mass_b.double())
+    alive = (mass_a.sum(0) > 0) & (mass_b.sum(0) > 0)
+    idx = alive.nonzero().flatten()
+    if len(idx) < 2: raise ParamError("fewer than two neurons fire at both blocks: nothing to trace")
+    same = (ua[:, idx] * ub[:, idx]).sum(0)
+    gen = torch.Generator().manual_seed(seed)
+    i = idx[torch.randint(len(idx), (n_null,), generator=gen)]
+    j = idx[(torch.searchsorted(idx, i) + torch.randint(1, len(idx), (n_null,), generator=gen)) % len(idx)]  # j ≠ i
+    null = (ua[:, i.to(ua.device)] * ub[:, j.to(ub.device)]).sum(0)
+    q95 = torch.quantile(null.float().cpu(), 0.95).item()
+    return LayerTrace(same.float().cpu(), null.float().cpu(), q95, (same.cpu() > q95).double().mean().item())
+
+def trace_across_layers(acts: Tensor, token_ids: Tensor, vocab_size: int, layers: Sequence[int], n_null: int = 4096,
+                        seed: int = 0) -> dict[int, LayerTrace]:
+    "For each block l of `layers` (and l + 1), `trace_pair` of their token masses on `acts` [n_layers, n_tokens, d]: {l: LayerTrace}."
+    masses = {l: token_mass(acts[l], token_ids.flatten(), vocab_size) for l in sorted({*layers, *(l + 1 for l in layers)})}
+    return {l: trace_pair(masses[l], masses[l + 1], n_null, seed + l) for l in layers}
+
+
+# %% ../../nbs/13b_topk_lm.ipynb #e26a4dce
+LATE_PHENOMENA = ("double_rc_agreement", "pseudo_irregular_plural", "two_step_addition", "fact_recall_frequent",
+                  "fact_recall_rare", "fact_recall_rarest")  # the testbed's late-emerging phenomena
+
+def separating_phenomena(evals: dict[str, LMEval], reference: str = "dense", below: float = 0.95,
+                         always: Sequence[str] = LATE_PHENOMENA) -> dict[str, dict[str, float]]:
+    "Minimal-pair accuracy of every model on the phenomena the `reference` model scores below `below`, plus `always` (where present): {phenomenon: {model: acc}}, and 'mean' over them."
+    check_choice("reference", reference, tuple(evals))
+    check_range("below", below, 0, 1)
+    ref = evals[reference].pair_acc
+    chosen = [ph for ph in ref if ph != "mean" and (ref[ph] < below or ph in always)]
+    out = {ph: {name: e.pair_acc[ph] for name, e in evals.items()} for ph in chosen}
+    if chosen: out["mean"] = {name: sum(e.pair_acc[ph] for ph in chosen) / len(chosen) for name, e in evals.items()}
+    return out
+
+
+# %% ../../nbs/13b_topk_lm.ipynb #d9696ecb
+def ablation_params(p: TopKParams) -> TopKParams:
+    "The annealing ablation: the same parameters with `anneal_fraction` = 0 (pure TopK from the first step)."
+    return replace(p, anneal_fraction=0.0, anneal_ablation=False)
+
+def ablation_run_dir(p: TopKParams, steps: Sequence[int]) -> Path:
+    "Run folder of the annealing ablation keeping checkpoints `steps`: the TopK run's name for `anneal_fraction` = 0, and the steps' digest."
+    run = lm_run_dirs(ablation_params(p))["topk"]
+    return run.with_name(f"{run.name}-ckpt{digest(sorted({*steps, p.total_steps}))}")
+
+def train_ablation(p: TopKParams, steps: Sequence[int]) -> CheckpointSuite:
+    "Train (or reuse) the TopK model without annealing, same data, steps and seed; it keeps the checkpoints `steps` only."
+    q = ablation_params(p)
+    tokenizer, shards = prepare_embedded_data(q.words_per_domain, q.corpus_seed, q.vocab_size)
+    bad = [s for s in steps if s not in lm_train_configs(q)["topk"].checkpoint_steps]
+    if bad: raise ParamError(f"steps {bad} are not checkpoint steps of the TopK schedule")
+    cfg = replace(lm_train_configs(q)["topk"], checkpoint_steps=sorted({*steps, q.total_steps}))
+    run = ablation_run_dir(p, steps)
+    with file_lock(f"{run}.lock", what=f"the TopK experiment's run {run}"):
+        model = build_model(lm_configs(q, tokenizer)["topk"], seed=q.seed)
+        Trainer(model, tokenizer, shards, cfg, run, [TopKAnnealing(0.0)], device=q.device).fit()
+    return CheckpointSuite.from_run(run)
+

@@ -11,11 +11,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .lm import DoseResponse, LMEval, NeuronStats
+from .lm import DoseResponse, LMEval, LayerTrace, NeuronStats
 
 # %% auto #0
 __all__ = ['plot_eval_table', 'plot_entropy_by_layer', 'plot_entropy_distributions', 'plot_formation', 'plot_dose_response',
-           'plot_steering_samples', 'plot_training']
+           'plot_layer_trace', 'plot_separating', 'plot_steering_samples', 'plot_training']
 
 # %% ../../nbs/13c_topk_plots.ipynb #tk73c9533e16
 def plot_eval_table(evals: dict[str, LMEval]):
@@ -36,36 +36,49 @@ def _dense_span(ax, n_layers: int, n_nontopk: int) -> None:
     "Shade the last `n_nontopk` blocks, which both models leave dense."
     if n_nontopk: ax.axvspan(n_layers - n_nontopk - 0.5, n_layers - 0.5, color="grey", alpha=0.15, lw=0)
 
-def plot_entropy_by_layer(stats: dict[str, NeuronStats], n_nontopk: int):
-    "Mean token entropy, semantic entropy and category purity over each block's neurons, per model (shaded: dense blocks)."
+def _rows(values, name: str, at: dict | None, n_layers: int):
+    "Block indices of the rows of `values` [n_rows, ...] for model `name`: `at[name]`, or every block."
+    return list(at[name]) if at and name in at else list(range(n_layers))
+
+def plot_entropy_by_layer(stats: dict[str, NeuronStats], n_nontopk: int, at: dict[str, Sequence[int]] | None = None):
+    "Mean token entropy, semantic entropy and category purity over each block's neurons, per model; `at` gives the blocks of a model measured on some only (shaded: dense blocks)."
     panels = [("token_entropy", "token entropy (nats)"), ("semantic_entropy", "semantic entropy (bits)"),
               ("purity", "top-category share of mass")]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), layout="constrained")
+    n_layers = max(len(s.token_entropy) for name, s in stats.items() if not (at and name in at))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), layout="constrained")
     for ax, (field, label) in zip(axes, panels):
         for name, s in stats.items():
-            values = getattr(s, field)  # [n_layers, d_model]
-            ax.plot(range(len(values)), values.nanmean(1), "o-", label=name)
-        _dense_span(ax, len(values), n_nontopk)
-        ax.set(xlabel="block", ylabel=label, xticks=range(len(values)))
-    axes[0].legend(title="shaded: dense blocks", fontsize=8, title_fontsize=7)
-    fig.suptitle("Neuron selectivity by layer (mean over neurons that fire)")
+            values = getattr(s, field)  # [n_rows, n_neurons]
+            partial_rows = bool(at and name in at)
+            ax.plot(_rows(values, name, at, n_layers), values.nanmean(1), "s--" if partial_rows else "o-", label=name,
+                    ms=7 if partial_rows else 5)
+        _dense_span(ax, n_layers, n_nontopk)
+        ax.set(xlabel="block", ylabel=label, xticks=range(n_layers))
+    axes[0].legend(title="shaded: dense blocks", fontsize=7, title_fontsize=7)
+    fig.suptitle("Neuron selectivity by layer (mean over neurons that fire): TopK model, dense twin and its k-sparse codes")
     return fig
 
-def plot_entropy_distributions(stats: dict[str, NeuronStats], layers: Sequence[int]):
-    "Histograms over the neurons of `layers` (the TopK blocks) of token and semantic entropy, per model."
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+def plot_entropy_distributions(stats: dict[str, NeuronStats], layers: Sequence[int], at: dict[str, Sequence[int]] | None = None):
+    "Histograms over the neurons of `layers` (the TopK blocks) of token and semantic entropy, per model (a model in `at`: its measured blocks among them)."
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     for ax, field, label in zip(axes, ("token_entropy", "semantic_entropy"), ("token entropy (nats)", "semantic entropy (bits)")):
-        pooled = {name: getattr(s, field)[list(layers)].flatten() for name, s in stats.items()}
+        pooled = {}
+        for name, s in stats.items():
+            rows = [i for i, l in enumerate(_rows(None, name, at, len(s.token_entropy))) if l in layers]
+            if rows: pooled[name] = getattr(s, field)[rows].flatten()
         finite = torch.cat([v[v.isfinite()] for v in pooled.values()])
         bins = np.linspace(0, float(finite.max()) if len(finite) else 1.0, 30)
-        for name, v in pooled.items(): ax.hist(v[v.isfinite()].numpy(), bins=bins, alpha=0.5, label=name)
-        ax.set(xlabel=label, ylabel="neurons")
-    axes[0].legend()
-    fig.suptitle(f"Entropy of the neurons of blocks {list(layers)}")
+        for name, v in pooled.items():
+            ax.hist(v[v.isfinite()].numpy(), bins=bins, alpha=0.45, label=name, density=True, histtype="stepfilled")
+        ax.set(xlabel=label, ylabel="density over neurons")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Entropy of the neurons of blocks {list(layers)} (SAE: its blocks among them)")
     return fig
 
-def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: int, neurons: Sequence[int]):
-    "Token and semantic entropy across checkpoints: chosen neurons of `layer` (top) and quartiles over all its neurons (bottom)."
+def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: int, neurons: Sequence[int],
+                   ablation: tuple[Sequence[int], Sequence[NeuronStats]] | None = None, title_layer: int | None = None):
+    "Token and semantic entropy across checkpoints: chosen neurons of row `layer` (top) and quartiles over all its neurons (bottom); `ablation` (steps, stats) adds the run without annealing's median; `title_layer`: the block that row is (default `layer`)."
+    shown = layer if title_layer is None else title_layer
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True, layout="constrained")
     for col, (field, label) in enumerate([("token_entropy", "token entropy (nats)"), ("semantic_entropy", "semantic entropy (bits)")]):
         values = torch.stack([getattr(s, field)[layer] for s in stats])  # [n_checkpoints, d_model]
@@ -73,8 +86,12 @@ def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: in
         q = np.nanquantile(values.numpy(), [0.25, 0.5, 0.75], axis=1)
         axes[1, col].fill_between(steps, q[0], q[2], alpha=0.3, label="quartiles")
         axes[1, col].plot(steps, q[1], "o-", ms=3, label="median")
-        axes[0, col].set(ylabel=label, title=f"block {layer}: chosen neurons")
-        axes[1, col].set(ylabel=label, xlabel="training step", title=f"block {layer}: all neurons")
+        if ablation is not None:
+            a_steps, a_stats = ablation
+            a_vals = torch.stack([getattr(st, field)[layer] for st in a_stats]).numpy()
+            axes[1, col].plot(a_steps, np.nanquantile(a_vals, 0.5, axis=1), "s--", ms=3, label="median, no annealing")
+        axes[0, col].set(ylabel=label, title=f"block {shown}: chosen neurons")
+        axes[1, col].set(ylabel=label, xlabel="training step", title=f"block {shown}: all neurons")
         for ax in axes[:, col]:
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks(steps, [str(s) for s in steps]); ax.minorticks_off()
@@ -82,16 +99,63 @@ def plot_formation(steps: Sequence[int], stats: Sequence[NeuronStats], layer: in
     return fig
 
 def plot_dose_response(responses: dict[str, DoseResponse], multiples: Sequence[float]):
-    "Concept share of the generated words and their perplexity under the dense model against δ, one line per neuron."
-    fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    "Concept share and perplexity under the dense model against δ (bootstrap intervals over prompts), and share against perplexity, one line per neuron."
+    fig, (ax_s, ax_p, ax_f) = plt.subplots(1, 3, figsize=(14, 3.6), layout="constrained")
     for label, r in responses.items():
-        ax_s.plot(multiples, r.share, "o-", label=label)
-        ax_p.plot(multiples, r.ppl, "o-", label=label)
-    top = max([v for r in responses.values() for v in r.share if v == v] or [0.0])  # NaN-safe
-    ax_s.set(xlabel="δ / neuron's largest activation", ylabel="share of words in the concept's category",
-             title="dose–response", ylim=(0, max(0.05, 1.1 * top)))
-    ax_p.set(xlabel="δ / neuron's largest activation", ylabel="perplexity under the dense model", title="fluency")
-    ax_s.legend(fontsize=7)
+        share, ppl = np.array(r.share, float), np.array(r.ppl, float)
+        s_lo, s_hi = np.array(r.share_ci, float).T
+        p_lo, p_hi = np.array(r.ppl_ci, float).T
+        line, = ax_s.plot(multiples, share, "o-", ms=3, label=label)
+        ax_s.fill_between(multiples, s_lo, s_hi, color=line.get_color(), alpha=0.2)
+        ax_p.plot(multiples, ppl, "o-", ms=3, color=line.get_color())
+        ax_p.fill_between(multiples, p_lo, p_hi, color=line.get_color(), alpha=0.2)
+        ax_f.errorbar(ppl, share, yerr=[share - s_lo, s_hi - share], fmt="o-", ms=3, color=line.get_color(), capsize=2)
+        for m, x, y in zip(multiples, ppl, share):
+            if m in (min(multiples), 0, max(multiples)): ax_f.annotate(f"{m:g}×", (x, y), fontsize=6)
+    for ax in (ax_s, ax_p):
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xticks(list(multiples), [f"{m:g}" for m in multiples], rotation=60, fontsize=6)
+        ax.minorticks_off(); ax.axvline(0, color="grey", lw=0.5)
+    ax_s.set(xlabel="δ / neuron's largest activation", ylabel="share of words in the concept", title="dose–response")
+    ax_p.set(xlabel="δ / neuron's largest activation", ylabel="perplexity under the dense model", title="fluency",
+             yscale="log")
+    ax_f.set(xlabel="perplexity under the dense model", ylabel="share of words in the concept", xscale="log",
+             title="concept share against fluency")
+    every = [x for r in responses.values() for x in r.ppl if np.isfinite(x) and x > 0]
+    if every:  # a few labelled ticks across the range, also when it spans less than a decade
+        ax_f.set_xticks(np.geomspace(min(every), max(every), 4) if max(every) > min(every) else every[:1])
+        ax_f.xaxis.set_major_formatter(plt.FormatStrFormatter("%.3g")); ax_f.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax_s.legend(fontsize=6)
+    return fig
+
+def plot_layer_trace(traces: dict[str, dict[int, LayerTrace]]):
+    "Per block pair (l, l+1): mean cosine of index i's token profiles at both (points) against random index pairs (null, dashed), per model."
+    fig, (ax_c, ax_a) = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    for name, by_layer in traces.items():
+        ls = list(by_layer)
+        line, = ax_c.plot(ls, [float(t.same.mean()) for t in by_layer.values()], "o-", label=f"{name}: same index")
+        ax_c.plot(ls, [float(t.null.mean()) for t in by_layer.values()], "x--", color=line.get_color(), label=f"{name}: random pairs")
+        ax_a.plot(ls, [t.above_null for t in by_layer.values()], "o-", color=line.get_color(), label=name)
+    ax_a.axhline(0.05, color="grey", ls=":", label="chance")
+    ticks = sorted({l for by_layer in traces.values() for l in by_layer})
+    for ax in (ax_c, ax_a): ax.set_xticks(ticks, [f"{l}→{l + 1}" for l in ticks])
+    ax_c.set(xlabel="blocks", ylabel="cosine of token-mass vectors", title="neuron i at block l and l + 1")
+    ax_a.set(xlabel="blocks", ylabel="share above the null's 95th percentile", ylim=(0, 1.05),
+             title="indices that keep their token profile")
+    ax_c.legend(fontsize=7); ax_a.legend(fontsize=7)
+    return fig
+
+def plot_separating(sep: dict[str, dict[str, float]]):
+    "Minimal-pair accuracy per model on the phenomena that separate them (`lm.separating_phenomena`), with their mean."
+    names = list(next(iter(sep.values()))) if sep else []
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sep) + 2), 3.6), layout="constrained")
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        ax.bar(np.arange(len(sep)) + j * width, [v[name] for v in sep.values()], width, label=name)
+    ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+    ax.set_xticks(np.arange(len(sep)) + width * (len(names) - 1) / 2, list(sep), rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="minimal-pair accuracy", ylim=(0, 1.02), title="Phenomena the dense twin has not saturated, and the late ones")
+    ax.legend(fontsize=7)
     return fig
 
 def plot_steering_samples(samples: dict[str, dict[float, str]], width: int = 110):
