@@ -42,13 +42,14 @@ def format_value(v, max_items: int = 6) -> str:
 
 # %% ../../nbs/09b_report.ipynb #d86d6e03
 def source_commit() -> str:
-    "The commit of the dyntrack checkout that runs (`+dirty` with uncommitted changes), else `$DYNTRACK_COMMIT`, else 'unknown'."
+    "`$DYNTRACK_COMMIT` when set (the copier of a tree names its commit), else the checkout's (`+dirty` with changes), else 'unknown'."
+    if os.environ.get("DYNTRACK_COMMIT"): return os.environ["DYNTRACK_COMMIT"]  # a copied tree's .git may be stale
     repo = Path(importlib.util.find_spec("dyntrack").origin).resolve().parents[1]  # the checkout holding dyntrack/
     git = lambda *args: subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
     try: head, status = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired): head = None
     if head is not None and head.returncode == 0: return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-    return os.environ.get("DYNTRACK_COMMIT") or "unknown"  # a copied tree without .git: the copier names the commit
+    return "unknown"
 
 def environment() -> dict:
     "Software versions (python, torch, transformers, CUDA, ...), the source commit and the accelerator of this process."
