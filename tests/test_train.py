@@ -232,6 +232,10 @@ def test_flops_count_matches_parameters():
         assert block_params(model.config) == sum(p.numel() for p in block.parameters() if p.ndim == 2)
         n, d = model.config.num_hidden_layers, model.config.hidden_size
         assert flops_per_token(model.config, 16) == 6 * n * block_params(model.config) + 6 * n * 16 * d
+    from transformers import LlamaConfig
+    class DerivedConfig(LlamaConfig): model_type = "derived_llama"  # our own types (TopK, layer plans) derive from Llama
+    llama = model_config("llama", "tiny", vocab_size=64, max_seq_len=64)
+    assert block_params(DerivedConfig(**llama.to_dict())) == block_params(llama)  # a gated MLP: 3 matrices, not 2
 
 
 def test_continued_pretraining_from_a_seed(tmp_path):

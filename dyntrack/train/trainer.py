@@ -100,12 +100,16 @@ GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "ge
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
+def _gated(config) -> bool:
+    "A gated MLP (3 matrices): the config's model type, or one it derives from (our TopK and layer-plan Llamas), is gated."
+    return any(getattr(c, "model_type", None) in GATED_MLP for c in type(config).__mro__)
+
 def block_params(config) -> int:
     "Weights in one transformer block's attention and MLP matrices, from a HF `config` (biases, norms ignored)."
     d, heads, hd = config.hidden_size, config.num_attention_heads, _head_dim(config)
     kv = getattr(config, "num_key_value_heads", None) or heads
     ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-    return 2 * d * heads * hd + 2 * d * kv * hd + (3 if config.model_type in GATED_MLP else 2) * d * ff
+    return 2 * d * heads * hd + 2 * d * kv * hd + (3 if _gated(config) else 2) * d * ff
 
 def flops_per_token(config, seq_len: int, n_layers: int | None = None, logits: bool = False) -> float:
     "Training FLOPs per token, 6N + 6·n_layer·seq_len·d_attn (Kaplan et al. 2020); `logits` adds 6·d·V."
