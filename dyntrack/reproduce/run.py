@@ -4,7 +4,8 @@
 
 # %% ../../nbs/09_reproduce.ipynb #82f489cb
 from __future__ import annotations
-import argparse, ast, contextlib, importlib, io, json, logging, math, os, re, shutil, sys, time, tokenize, typing
+import argparse, ast, importlib, io, json, logging, math, os, re, shutil, sys, time, tokenize, typing
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,8 +13,8 @@ import nbformat
 import yaml
 
 from ..core import (
-    PROFILES, Busy, CorruptFileError, ParamError, atomic_path, check_choice, device_name, digest, file_lock, file_sha256,
-    module_digest, read_json, resolve_params, settle, write_json)
+    PROFILES, Busy, CorruptFileError, ParamError, atomic_path, check_choice, check_range, device_name, digest, file_lock,
+    file_sha256, module_digest, read_json, resolve_params, settle, write_json)
 from .report import check_out, environment, failure_record, write_report
 
 _log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ _log = logging.getLogger(__name__)
 __all__ = ['RESERVED', 'QUIET_ENV', 'KERNEL_ARGS', 'AUTO_PROFILE', 'BUDGET_MIN', 'ExperimentNotebook', 'parameter_defaults',
            'parameter_comments', 'parse_needs', 'order_by_needs', 'find_experiments', 'parse_value', 'plan_overrides',
            'parameter_class', 'describe_parameters', 'check_parameters', 'NotebookFailed', 'drop_redraws',
-           'normalise_notebook', 'data_dir', 'source_digest', 'has_outputs', 'is_complete', 'check_ours', 'environ',
-           'remove_failure', 'run_notebook', 'NotebookRun', 'ReproduceResult', 'profile_names', 'resolve_profile',
-           'default_nbs_dir', 'check_package', 'kernel_python', 'select', 'missing_needs', 'reproduce', 'main']
+           'normalise_notebook', 'data_dir', 'source_digest', 'has_outputs', 'is_complete', 'check_ours',
+           'kernel_manager', 'remove_failure', 'run_notebook', 'NotebookRun', 'ReproduceResult', 'profile_names',
+           'resolve_profile', 'default_nbs_dir', 'check_package', 'kernel_python', 'select', 'missing_needs',
+           'slot_envs', 'reproduce', 'main']
 
 # %% ../../nbs/09_reproduce.ipynb #4e367c40
 class ExperimentNotebook(NamedTuple):
@@ -296,26 +298,26 @@ KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 # themselves) and warns "Unable to parse line" for every comment with an `=` in it ("0 = derive it").
 logging.getLogger("papermill.translators").setLevel(logging.ERROR)
 
-@contextlib.contextmanager
-def environ(**values: str):
-    "Set environment variables while the block runs (a kernel started inside inherits them), then restore them."
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try: yield
-    finally:
-        for k, v in saved.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+def kernel_manager(env: dict[str, str]):
+    """A jupyter kernel-manager class whose kernels start with this process's environment plus `env`.
+    The environment is given to each kernel, never set on this process, so notebooks running at once in threads
+    (`--jobs`) each get their own (a GPU each with `--gpus`)."""
+    from jupyter_client import AsyncKernelManager
+    class EnvKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw["env"] = {**kw.get("env", os.environ), **env}
+            return await super().start_kernel(**kw)
+    return EnvKernelManager
 
-def _execute(exp: ExperimentNotebook, stage: Path, profile: str, overrides: dict, kernel: str) -> tuple[float, str | None]:
+def _execute(exp: ExperimentNotebook, stage: Path, profile: str, overrides: dict, kernel: str,
+             env: dict | None = None) -> tuple[float, str | None]:
     "Run `exp` with papermill, writing into `stage`; return its wall time and what went wrong (None: it completed)."
     import papermill as pm
     executed, t0 = stage / f"{exp.stem}.ipynb", time.perf_counter()
     try:
-        with environ(**QUIET_ENV):
-            pm.execute_notebook(exp.path, executed, parameters=dict(profile=profile, out_dir=str(stage), **overrides),
-                                kernel_name=kernel, cwd=str(exp.path.parent), progress_bar=False, log_output=False,
-                                extra_arguments=KERNEL_ARGS)
+        pm.execute_notebook(exp.path, executed, parameters=dict(profile=profile, out_dir=str(stage), **overrides),
+                            kernel_name=kernel, cwd=str(exp.path.parent), progress_bar=False, log_output=False,
+                            extra_arguments=KERNEL_ARGS, kernel_manager_class=kernel_manager({**QUIET_ENV, **(env or {})}))
         detail = None if (stage / "metrics.json").exists() else "it finished without writing metrics.json"
     except pm.PapermillExecutionError as e: detail = _failure_detail(e)
     except Exception as e: detail = f"{type(e).__name__}: {e}"  # e.g. the kernel died (out of memory)
@@ -323,7 +325,6 @@ def _execute(exp: ExperimentNotebook, stage: Path, profile: str, overrides: dict
         wall_s = time.perf_counter() - t0
         if executed.exists(): normalise_notebook(executed)
     return wall_s, detail
-
 
 # %% ../../nbs/09_reproduce.ipynb #455ad3f6
 def _now() -> str:
@@ -340,22 +341,24 @@ def remove_failure(out_dir) -> None:
     record = settle(failure_record(out_dir))
     if record.exists(): shutil.rmtree(record)
 
-def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict, kernel: str = "python3") -> float:
-    "Execute `exp` in a staging folder that replaces `out_dir` only if it completes; return its wall time in seconds."
+def run_notebook(exp: ExperimentNotebook, out_dir, profile: str, overrides: dict, kernel: str = "python3",
+                 env: dict | None = None) -> float:
+    """Execute `exp` in a staging folder that replaces `out_dir` only if it completes; return its wall time in seconds.
+    `env`: more environment variables for its kernel (recorded in run.json), e.g. `CUDA_VISIBLE_DEVICES`."""
     out_dir = Path(out_dir).resolve()
     check_ours(out_dir)
     run = dict(notebook=exp.path.name, profile=profile, overrides=_jsonish(overrides), kernel=kernel,
                source_digest=source_digest(exp.path),
-               environment=environment())  # the kernel runs on this machine, with this interpreter
+               environment=environment(),  # the kernel runs on this machine, with this interpreter
+               **(dict(env=env) if env else {}))
     with atomic_path(out_dir, overwrite=True) as stage:
         stage.mkdir()
-        wall_s, detail = _execute(exp, stage, profile, overrides, kernel)
+        wall_s, detail = _execute(exp, stage, profile, overrides, kernel, env)
         run.update(status="failed" if detail else "complete", wall_s=round(wall_s, 2), finished=_now())
         if detail: raise NotebookFailed(exp.stem, _keep_failure(stage, out_dir, exp.stem, {**run, "error": detail}), detail)
         write_json(stage / "run.json", run)
     remove_failure(out_dir)
     return wall_s
-
 
 # %% ../../nbs/09_reproduce.ipynb #7bccfd2c
 class NotebookRun(NamedTuple):
@@ -427,49 +430,88 @@ def _recorded_digest(folder: Path) -> str | None:
     "The `source_digest` in `folder`'s run.json, if any."
     return read_json(folder / "run.json").get("source_digest") if (folder / "run.json").exists() else None
 
-def _reproduce_one(exp, folder: Path, profile: str, overrides: dict, force: bool, kernel: str, tag: str) -> NotebookRun:
-    "Skip `exp` if `folder` holds its complete outputs for these settings, else run it."
+def _reproduce_one(exp, folder: Path, profile: str, overrides: dict, force: bool, kernel: str, tag: str,
+                   env: dict | None = None) -> NotebookRun:
+    "Skip `exp` if `folder` holds its complete outputs for these settings, else run it (its kernel gets `env`)."
     if not force and is_complete(folder, profile, overrides, source_digest(exp.path)):
         remove_failure(folder)  # an earlier attempt with other settings failed; what is asked for now is complete
         _log.info("%s: complete from an earlier run, skipped (--force reruns it)", tag)
         return NotebookRun(exp.stem, "skipped", read_json(folder / "run.json").get("wall_s", 0.0), folder)
     if not force and is_complete(folder, profile, overrides, _recorded_digest(folder)):
         _log.info("%s: the notebook, the dyntrack library or data/ changed since its earlier run", tag)
-    _log.info("%s: running (profile %s)", tag, profile)
-    wall_s = run_notebook(exp, folder, profile, overrides, kernel)
+    where = f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if env and "CUDA_VISIBLE_DEVICES" in env else ""
+    _log.info("%s: running (profile %s%s)", tag, profile, where)
+    wall_s = run_notebook(exp, folder, profile, overrides, kernel, env)
     _log.info("%s: done in %.1f s", tag, wall_s)
     return NotebookRun(exp.stem, "ran", wall_s, folder)
 
-def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str, budget_s: float | None) -> ReproduceResult:
-    "Run or skip each of `exps` in order, rewriting the report after each; its banner goes only when all are done."
+def slot_envs(jobs: int, gpus: typing.Sequence[str] | None = None) -> list[dict]:
+    "The kernel environment of each of `jobs` slots: with `gpus`, slot i sees only GPU `gpus[i % len(gpus)]`."
+    check_range("jobs", jobs, lo=1)
+    if gpus is not None and not gpus: raise ParamError("gpus: give at least one GPU index (e.g. --gpus 0 1), or leave it out")
+    return [dict(CUDA_VISIBLE_DEVICES=str(gpus[i % len(gpus)])) if gpus else {} for i in range(jobs)]
+
+def _ready(exps, started: set, done: dict) -> list:
+    "The not yet started notebooks of `exps` (in order) whose selected needs have all completed."
+    chosen = {e.stem for e in exps}
+    return [e for e in exps if e.stem not in started and all(n in done for n in e.needs if n in chosen)]
+
+def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str, budget_s: float | None,
+             jobs: int = 1, gpus=None) -> ReproduceResult:
+    """Run or skip each of `exps`, up to `jobs` at a time as their needs allow, rewriting the report as each ends; its
+    banner goes only when all are done. After a failure no notebook starts; those running finish and are kept."""
+    envs = slot_envs(jobs, gpus)
     run = dict(state="in progress", pid=os.getpid(), started=_now(), profile=profile, selected=[e.stem for e in exps],
-               pending=[e.stem for e in exps], budget_s=budget_s)
+               pending=[e.stem for e in exps], running=[], budget_s=budget_s, jobs=jobs, gpus=gpus)
     write_report(out, run)
-    runs = []
+    t0, done, failure, active, free = time.perf_counter(), {}, None, {}, list(range(jobs))
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="dyntrack-reproduce")
     try:
-        for i, exp in enumerate(exps, 1):
-            runs.append(_reproduce_one(exp, out / exp.stem, profile, plan[exp.stem], force, kernel, f"[{i}/{len(exps)}] {exp.stem}"))
-            run["pending"].remove(exp.stem)
+        while True:
+            for exp in ([] if failure else _ready(exps, {e.stem for e, _ in active.values()} | set(done), done))[:len(free)]:
+                slot, tag = free.pop(0), f"[{len(done) + len(active) + 1}/{len(exps)}] {exp.stem}"
+                active[pool.submit(_reproduce_one, exp, out / exp.stem, profile, plan[exp.stem], force, kernel, tag,
+                                   envs[slot])] = (exp, slot)
+                run["running"].append(exp.stem)
+            if not active: break
             write_report(out, run)
+            finished, _ = wait(active, return_when=FIRST_COMPLETED)
+            for future in finished:
+                exp, slot = active.pop(future)
+                free.append(slot); run["running"].remove(exp.stem); run["pending"].remove(exp.stem)
+                try: done[exp.stem] = future.result()
+                except NotebookFailed as e:
+                    failure = failure or e
+                    run.update(state="failed", failed=failure.stem)
+                except BaseException as e: failure = failure or e
+            write_report(out, run)
+        if failure: raise failure
         run["state"] = "complete"
-    except NotebookFailed as e:
-        run["pending"].remove(e.stem); run.update(state="failed", failed=e.stem)
-        raise
     except BaseException as e:
-        run.update(state="interrupted", reason=f"{type(e).__name__}: {e}")
+        if not isinstance(e, NotebookFailed): run.update(state="interrupted", reason=f"{type(e).__name__}: {e}")
+        if active: _log.warning("waiting for the notebooks still running to finish: %s", ", ".join(run["running"]))
         raise
     finally:
-        run["finished"] = _now()
+        pool.shutdown(wait=True, cancel_futures=True)  # an interrupt lets the running notebooks finish: they are kept
+        for future, (exp, _) in active.items():
+            if not future.cancelled() and future.exception() is None:
+                done[exp.stem] = future.result(); run["running"].remove(exp.stem); run["pending"].remove(exp.stem)
+        run.update(finished=_now(), elapsed_s=round(time.perf_counter() - t0, 2),
+                   ran_all=len(done) == len(exps) and all(r.status == "ran" for r in done.values()))
         report = write_report(out, run)
-        total = read_json(out / "report.json")["total_wall_s"]
-        if budget_s and total > budget_s:
-            _log.warning("the notebooks in %s took %.1f min in all, over the %.0f min budget (--budget)", out, total / 60, budget_s / 60)
-    return ReproduceResult(profile, out, runs, report)
+        spent = read_json(out / "report.json")["spent_s"]
+        if budget_s and spent > budget_s:
+            _log.warning("the notebooks in %s took %.1f min, over the %.0f min budget (--budget)", out, spent / 60, budget_s / 60)
+    return ReproduceResult(profile, out, [done[e.stem] for e in exps if e.stem in done], report)
 
 def reproduce(profile: str, out, overrides: dict | None = None, only=None, force: bool = False,
-              kernel: str = "python3", nbs_dir=None, budget_min: float | None = None) -> ReproduceResult:
-    "Run the experiment notebooks with `profile` into `out`, skipping finished ones unless `force`; write the report."
+              kernel: str = "python3", nbs_dir=None, budget_min: float | None = None, jobs: int = 1,
+              gpus: typing.Sequence[str] | None = None) -> ReproduceResult:
+    """Run the experiment notebooks with `profile` into `out`, skipping finished ones unless `force`; write the report.
+    `jobs` notebooks run at once where their needs allow (they share the machine's GPUs unless `gpus` lists the GPU
+    indices to hand out, one per running notebook in turn)."""
     profile, out = resolve_profile(profile), Path(out)
+    slot_envs(jobs, gpus)
     exps = select(find_experiments(nbs_dir or default_nbs_dir()), only)
     plan = plan_overrides(exps, overrides or {})
     check_parameters(exps, plan, profile)
@@ -482,7 +524,8 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
         _log.warning("kernel %r runs %s, not this interpreter %s: the notebooks may see other packages", kernel, py, sys.executable)
     with file_lock(out / ".lock", wait=False, what=f"--out {out}"):  # a second run into `out` stops here
         budget = BUDGET_MIN.get(profile) if budget_min is None else budget_min
-        return _run_all(exps, plan, profile, out, force, kernel, budget * 60 if budget else None)
+        return _run_all(exps, plan, profile, out, force, kernel, budget * 60 if budget else None, jobs,
+                        [str(g) for g in gpus] if gpus is not None else None)
 
 # %% ../../nbs/09_reproduce.ipynb #def7fd2e
 def _parser() -> argparse.ArgumentParser:
@@ -498,6 +541,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nbs", help="notebook folder (default: the repository's nbs/)")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     p.add_argument("--budget", type=float, metavar="MIN", help=f"warn when the notebooks take more minutes in all (default: {BUDGET_MIN}; 0 = none)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run up to N notebooks at once, as their needs allow (default 1)")
+    p.add_argument("--gpus", nargs="+", metavar="ID", help="hand these GPU indices out to the running notebooks, one each in turn "
+                   "(CUDA_VISIBLE_DEVICES); with --jobs above their number, notebooks share them")
     return p
 
 def main(argv=None) -> int:
@@ -520,7 +566,7 @@ def _cli(args) -> int:
         profile = resolve_profile(args.profile)
         if args.profile == "auto": print(f"profile auto -> {profile} ({device_name('auto')})", file=sys.stderr)
         res = reproduce(profile, args.out.replace("{profile}", profile), overrides, args.only, args.force, args.kernel, nbs,
-                        args.budget)
+                        args.budget, args.jobs, args.gpus)
     except (ParamError, CorruptFileError, Busy, ImportError, FileNotFoundError, FileExistsError) as e:
         print(f"dyntrack-reproduce: error: {e}", file=sys.stderr)
         return 2
