@@ -199,14 +199,15 @@ class Crosscoder(DictionaryModel, format=CROSSCODER_FORMAT, config=CrosscoderCon
 
     def aux_loss(self, code: CrosscoderCode, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         "AuxK: α · normalised MSE of `residual` [batch, n_ckpt, d] rebuilt, bias-free, by each token's top `aux_k` dead latents."
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if self.cfg.kind != "batchtopk" or n_dead == 0 or self.cfg.aux_coef == 0: return residual.new_zeros(())
+        if self.cfg.kind != "batchtopk" or dead_mask is None or self.cfg.aux_coef == 0: return residual.new_zeros(())
         f = F.relu(code.pre_acts)  # dead latents were not kept: their values come from the pre-activations
         scores = (f * self.decoder_norms().sum(-1).detach()).masked_fill(~dead_mask, -math.inf)
-        top = scores.topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False).indices  # [batch, k_aux], all dead
-        aux = torch.zeros_like(f).scatter(-1, top, f.gather(-1, top))  # [batch, d_latents]
+        # no host sync: past the dead latents the top `aux_k` are -inf scores, zeroed below; with none dead, loss × 0
+        top = scores.topk(min(self.cfg.aux_k, self.cfg.d_latents), dim=-1, sorted=False).indices  # [batch, k_aux]
+        keep = torch.where(dead_mask[top], f.gather(-1, top), 0.0)
+        aux = torch.zeros_like(f).scatter(-1, top, keep)  # [batch, d_latents]
         rebuilt = (aux @ self.W_dec.flatten(1)).unflatten(-1, self.W_dec.shape[1:])  # no b_dec
-        return self.cfg.aux_coef * normalised_mse(residual, rebuilt).nan_to_num(0.0)
+        return self.cfg.aux_coef * normalised_mse(residual, rebuilt).nan_to_num(0.0) * dead_mask.any()
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> ForwardOutput:
         "Encode, decode and score activations `x` [batch, n_checkpoints, d_model]; `dead_mask` [d_latents] feeds AuxK."

@@ -258,12 +258,14 @@ class SparseAutoencoder(DictionaryModel, format=SAE_FORMAT, config=SaeConfig):
         return decode_latents(enc, self.W_dec) + self.b_dec
 
     def aux_loss(self, enc: EncoderOutput, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
-        "AuxK: α · normalised MSE of the top `aux_k` dead latents' reconstruction of `residual` [batch, d_model]."
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if self.cfg.kind != "topk" or n_dead == 0 or self.cfg.aux_coef == 0: return residual.new_zeros(())
+        """AuxK: α · normalised MSE of the top `aux_k` dead latents' reconstruction of `residual` [batch, d_model].
+        No host sync: with fewer than `aux_k` dead latents the rest of the top `aux_k` are -inf, which the ReLU zeroes,
+        and with none the loss is multiplied by 0 on the device."""
+        if self.cfg.kind != "topk" or dead_mask is None or self.cfg.aux_coef == 0: return residual.new_zeros(())
         dead_pre = enc.pre_acts.masked_fill(~dead_mask, float("-inf"))  # [batch, d_sae]
-        aux = topk_code(dead_pre, min(self.cfg.aux_k, n_dead))
-        return self.cfg.aux_coef * normalised_mse(residual, decode_latents(aux, self.W_dec)).nan_to_num(0.0)
+        aux = topk_code(dead_pre, min(self.cfg.aux_k, self.cfg.d_sae))
+        nmse = normalised_mse(residual, decode_latents(aux, self.W_dec)).nan_to_num(0.0)
+        return self.cfg.aux_coef * nmse * dead_mask.any()
 
     def sparsity_penalty(self, code: EncoderOutput) -> Tensor:
         "λ · mean over the batch of ‖z‖₁ for ReLU; 0 for TopK, whose sparsity is its k (0-dim, float32)."
