@@ -85,8 +85,9 @@ def _record_module(model: torch.nn.Module, folder: Path) -> None:
     write_json(path, read_json(path) | {MODULE_KEY: module})
 
 def save_checkpoint(model, tokenizer, run_dir, step: int, tokens_seen: int, meta: dict | None = None,
-                    overwrite: bool = False) -> Path:
-    "Save `model` and `tokenizer` atomically to `run_dir/step{step}` and add it, with file checksums, to the manifest."
+                    overwrite: bool = False, state_dict: dict | None = None) -> Path:
+    """Save `model` and `tokenizer` atomically to `run_dir/step{step}` and add it, with file checksums, to the manifest.
+    `state_dict`: the weights to write instead of `model`'s own (a sharded model's unsharded copy)."""
     check_int("step", step, lo=0)
     check_int("tokens_seen", tokens_seen, lo=0)
     run_dir = Path(run_dir)
@@ -97,7 +98,7 @@ def save_checkpoint(model, tokenizer, run_dir, step: int, tokens_seen: int, meta
         if step_dir.exists() and listed and not overwrite:
             raise FileExistsError(f"{step_dir} exists; pass overwrite=True to replace checkpoint step {step}")
         with atomic_path(step_dir, overwrite=step_dir.exists()) as tmp:  # an unlisted folder is an interrupted save
-            unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             _record_module(unwrap_model(model), tmp)
             if tokenizer is not None: tokenizer.save_pretrained(tmp)
             files = _file_records(tmp)

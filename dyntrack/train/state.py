@@ -11,7 +11,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..core import CorruptFileError, ParamError, atomic_path, read_json, write_json
 
@@ -114,14 +114,19 @@ class RunState(NamedTuple):
     tensors: dict[str, torch.Tensor]   # the trainer's own tensors, on the model's device
 
 def save_run_state(state_dir, model, optimizer, counters: dict, config,
-                   tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    "Replace `state_dir` atomically with the weights, optimizer state, RNG states, `tensors`, `counters` and `config`."
+                   tensors: dict[str, torch.Tensor] | None = None, model_state: dict | None = None,
+                   optimizer_state: dict | None = None) -> Path:
+    """Replace `state_dir` atomically with the weights, optimizer state, RNG states, `tensors`, `counters` and `config`.
+    `model_state`/`optimizer_state`: what to write instead of `model`'s and `optimizer`'s own state dicts (a sharded
+    model's unsharded copy, in the same formats)."""
     with atomic_path(state_dir, overwrite=True) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        if model_state is None: save_model(model, str(tmp / "model.safetensors"))
+        else: save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
         tensors = {k: v.detach().cpu() for k, v in (tensors or {}).items()}
-        torch.save(dict(optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng,
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save(dict(optimizer=optimizer_state, torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng,
                         tensors=tensors), tmp / "optimizer.pt")
         write_json(tmp / "state.json", dict(counters, python_rng=random.getstate(),
                                             numpy_rng=list(np.random.get_state()), config=config))
@@ -131,15 +136,19 @@ def read_counters(state_dir, remedy: str) -> dict:
     "The `state.json` of `state_dir`: counters, config and python/numpy RNG states; damaged or missing: named."
     with reading(Path(state_dir) / "state.json", remedy): return read_json(Path(state_dir) / "state.json")
 
-def load_run_state(state_dir, model, optimizer, remedy: str, restore_rng: bool = True) -> RunState:
-    "Load the weights and optimizer state of `state_dir` into `model`/`optimizer`, restore the RNGs (if asked)."
+def load_run_state(state_dir, model, optimizer, remedy: str, restore_rng: bool = True, apply=None) -> RunState:
+    """Load the weights and optimizer state of `state_dir` into `model`/`optimizer`, restore the RNGs (if asked).
+    `apply(model_state, optimizer_state)`: put the two state dicts read from the files in place instead (a sharded
+    model loads its shards from the whole)."""
     state_dir, device = Path(state_dir), next(model.parameters()).device
     counters = read_counters(state_dir, remedy)
     with reading(state_dir / "model.safetensors", remedy):
-        load_model(model, str(state_dir / "model.safetensors"), device=str(device))
+        if apply is None: load_model(model, str(state_dir / "model.safetensors"), device=str(device))
+        else: model_state = load_file(str(state_dir / "model.safetensors"))
     with reading(state_dir / "optimizer.pt", remedy):
         blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
+        if apply is None: optimizer.load_state_dict(blob["optimizer"])
+        else: apply(model_state, blob["optimizer"])
         tensors = {k: v.to(device) for k, v in blob["tensors"].items()}
         if restore_rng: _restore_rng(blob, counters)
     return RunState(counters, tensors)

@@ -22,8 +22,9 @@ from .state import (append_log, check_run_dir, load_run_state, logged_steps, lr_
 
 # %% auto #0
 __all__ = ['GATED_MLP', 'RESUME_FREE', 'VOLATILE_CONFIG', 'TrainConfig', 'param_groups', 'block_params', 'flops_per_token', 'mfu',
-           'Callback', 'callback_states', 'load_callback_states', 'init_distributed', 'lm_loss', 'validation_losses',
-           'run_identity', 'check_fresh_start', 'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
+           'Callback', 'callback_states', 'load_callback_states', 'init_distributed', 'lm_loss', 'block_modules',
+           'shard_model', 'full_state', 'apply_full_state', 'validation_losses', 'run_identity', 'check_fresh_start',
+           'checkpoint_meta', 'TrainResult', 'Trainer', 'History']
 
 # %% ../../nbs/03_train.ipynb #7cf950ef
 def _positive(name: str, value) -> None:
@@ -54,6 +55,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile the forward pass
     ddp_find_unused_parameters: bool = False  # DDP: let steps leave parameters without a gradient (costs a graph walk)
     ddp_static_graph: bool = False      # DDP: the same graph every step, so DDP reuses its bucketing and sync plan
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # several ranks: replicate the model (DDP) or shard it with its grads and AdamW state
     checkpoint_steps: list[int] = field(default_factory=list)  # suite snapshots; 0 = before any update
     resume_every: int = 500             # steps between trainer-state saves; 0 = only at the end
     eval_steps: list[int] | None = None  # steps with per-domain validation; None = checkpoint_steps
@@ -171,6 +173,49 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # [b, seq, vocab]
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
+# %% ../../nbs/03_train.ipynb #931c91f5
+def block_modules(model) -> list[torch.nn.Module]:
+    "The transformer blocks of a causal LM: the longest `ModuleList` in it (GPT-NeoX and Llama `layers`, GPT-2 `h`)."
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists: raise ParamError(f"{type(model).__name__} has no ModuleList of blocks to shard")
+    return list(max(lists, key=len))
+
+def shard_model(model) -> torch.nn.Module:
+    "Shard `model` in place over the default process group: each block one FSDP unit, the rest (embeddings, head) the root."
+    from torch.distributed.fsdp import fully_shard
+    tied = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    if len(tied) != len(dict(model.named_parameters())):
+        raise ParamError(f"{type(model).__name__} ties parameters (e.g. embeddings and head); parallel='fsdp' does not "
+                         "support tied weights yet: use parallel='ddp'")
+    for block in block_modules(model): fully_shard(block)
+    return fully_shard(model)
+
+def _optimizer_names(model, optimizer) -> list[str]:
+    "The name of each parameter of `optimizer`, in the order `optimizer.state_dict()` numbers them."
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """A sharded `model`'s whole weights and `optimizer`'s whole state (numbered as `optimizer.state_dict()` numbers
+    them) on rank 0's CPU; the other ranks get empty dicts. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None: return get_model_state_dict(model, options=opts), None
+    weights, by_name = get_state_dict(model, optimizer, options=opts)
+    if not by_name: return weights, {}
+    index = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
+    return weights, dict(state={index[n]: s for n, s in by_name["state"].items()},
+                         param_groups=[dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]])
+
+def apply_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    "Load whole `weights` and an `optimizer.state_dict()`-numbered `optimizer_state` into sharded `model`/`optimizer` (every rank)."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = _optimizer_names(model, optimizer)
+    by_name = dict(state={names[int(i)]: s for i, s in optimizer_state["state"].items()},
+                   param_groups=[dict(g, params=[names[int(i)] for i in g["params"]]) for g in optimizer_state["param_groups"]])
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
+
 # %% ../../nbs/03_train.ipynb #3ec27a02
 @torch.no_grad()
 def validation_losses(model, data, seq_len: int, batch_size: int, max_tokens: int | None = None,
@@ -190,7 +235,7 @@ def validation_losses(model, data, seq_len: int, batch_size: int, max_tokens: in
 
 # %% ../../nbs/03_train.ipynb #a02b9830
 RESUME_FREE = ("compile", "log_every", "resume_every", "ddp_find_unused_parameters",
-               "ddp_static_graph")  # TrainConfig fields that cannot change the weights
+               "ddp_static_graph", "parallel")  # TrainConfig fields that cannot change the weights
 VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash",
                    "_attn_implementation_autoset", "use_cache")  # model-config fields that do not change the weights
 
@@ -246,6 +291,7 @@ class Trainer:
         self.state_dir, self.log_path = self.run_dir / "trainer_state", self.run_dir / "log.jsonl"
         self.remedy = f"delete the run folder {self.run_dir} to train the run again"
         self.micro_batch = config.batch_size // (config.grad_accum * self.world_size)
+        self.fsdp = config.parallel == "fsdp" and self.world_size > 1
         self.tokens_per_step = config.batch_size * config.seq_len
         self.flops_per_token = flops_per_token(model.config, config.seq_len)  # callbacks may change it
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -260,7 +306,7 @@ class Trainer:
         else: seed_everything(self.cfg.seed)
         for cb in self.callbacks: cb.on_fit_start(self)
         self.setup()
-        if state: load_run_state(self.state_dir, self.model, self.optimizer, self.remedy)
+        if state: self.load_state(self.state_dir, self.remedy)
         elif self.cfg.init_from: self.continue_from(self.cfg.init_from)
         if not self.rank: truncate_log(self.log_path, self.step if state else -1)
         t0, tokens0, self.bar = time.perf_counter(), self.tokens_seen, self.progress_bar()
@@ -278,12 +324,13 @@ class Trainer:
     COUNTERS = ("step", "tokens_seen", "flops", "loss", "lr")
 
     def setup(self):
-        "Build AdamW and the forward wrapper (DDP, torch.compile) for `self.model`'s parameters."
+        "Build AdamW and the forward wrapper (DDP or FSDP, torch.compile) for `self.model`'s parameters."
         cfg, cuda = self.cfg, self.device.type == "cuda"
+        if self.fsdp: shard_model(self.model)  # before AdamW: it must see the shards
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            eps=cfg.eps, fused=True if cuda else None)
         self.ddp = None
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None,
                 find_unused_parameters=cfg.ddp_find_unused_parameters, static_graph=cfg.ddp_static_graph)
@@ -296,11 +343,12 @@ class Trainer:
         if not (state_dir / "state.json").is_file():
             raise ParamError(f"init_from={str(state_dir)!r} holds no trainer state (no state.json); give a run's trainer_state folder")
         mine = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        load_run_state(state_dir, self.model, self.optimizer, f"train the run of {state_dir.parent} again", restore_rng=False)
+        self.load_state(state_dir, f"train the run of {state_dir.parent} again", restore_rng=False)
         for group, hyper in zip(self.optimizer.param_groups, mine): group.update(hyper)
 
     def replace_parameters(self, model, copied: dict[str, str] | None = None):
         "Train `model` from now on; each `copied` parameter {new name: old name} takes its source's AdamW state."
+        if self.fsdp: raise ParamError("replace_parameters (growing the model mid-run) is not supported with parallel='fsdp'")
         copied, old, new = copied or {}, dict(self.model.named_parameters()), dict(model.named_parameters())
         for name, source in copied.items():
             if name not in new or source not in old or new[name].shape != old[source].shape:
@@ -354,10 +402,11 @@ class Trainer:
         if save or s in cfg.eval_steps: self.barrier()  # not every step: an NCCL barrier stalls the GPU queue
 
     def eval_step(self) -> dict[str, float] | None:
-        "Validation loss per domain (rank 0 computes, the others get None)."
-        if self.rank: return None
-        return validation_losses(self.model, self.data, self.cfg.seq_len, self.micro_batch,
-                                 self.cfg.eval_tokens or None, self.autocast)
+        "Validation loss per domain (rank 0 computes, the others get None; under FSDP every rank runs the forward)."
+        if self.rank and not self.fsdp: return None
+        val = validation_losses(self.model, self.data, self.cfg.seq_len, self.micro_batch,
+                                self.cfg.eval_tokens or None, self.autocast)
+        return None if self.rank else val
 
     def log(self, val):
         "Append this step's record to `log.jsonl` (rank 0)."
@@ -372,19 +421,28 @@ class Trainer:
     def maybe_checkpoint(self, val):
         "Run `on_before_checkpoint` hooks, write suite checkpoint `step{N}` (rank 0), run `on_checkpoint` hooks."
         for cb in self.callbacks: cb.on_before_checkpoint(self, self.step)
+        weights = full_state(self.model)[0] if self.fsdp else None  # a collective: before the rank test
         if not self.rank:  # overwrite: only a killed run of this same config can have left step{N} behind
             record = dict(loss=_float(self.loss), val_loss=val, lr=self.lr, flops=self.flops)
             meta = checkpoint_meta(self.run_dir, self.step, record)
-            save_checkpoint(self.model, self.tokenizer, self.run_dir, self.step, self.tokens_seen, meta, overwrite=True)
+            save_checkpoint(self.model, self.tokenizer, self.run_dir, self.step, self.tokens_seen, meta, overwrite=True,
+                            state_dict=weights)
         self.barrier()
         for cb in self.callbacks: cb.on_checkpoint(self, self.step)
 
     def save_state(self):
         "Save the resumable trainer state with the counters and rank 0's callback states (rank 0)."
+        weights, optimizer_state = full_state(self.model, self.optimizer) if self.fsdp else (None, None)  # collective
         if not self.rank:
             counters = dict({k: getattr(self, k) for k in self.COUNTERS}, loss=_float(self.loss),
                             callbacks=callback_states(self.callbacks))
-            save_run_state(self.state_dir, self.model, self.optimizer, counters, self.cfg)
+            save_run_state(self.state_dir, self.model, self.optimizer, counters, self.cfg, model_state=weights,
+                           optimizer_state=optimizer_state)
+
+    def load_state(self, state_dir, remedy: str, restore_rng: bool = True):
+        "Load the weights and AdamW state of a saved trainer state into `self.model`/`self.optimizer` (sharded: every rank its shard)."
+        apply = (lambda weights, opt: apply_full_state(self.model, self.optimizer, weights, opt)) if self.fsdp else None
+        return load_run_state(state_dir, self.model, self.optimizer, remedy, restore_rng=restore_rng, apply=apply)
 
     def open_run_dir(self) -> dict | None:
         "Check (rank 0: record) the run's config and identity; return the saved trainer state.json, if any."
