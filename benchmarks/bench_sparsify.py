@@ -196,9 +196,7 @@ def main(argv=None):
     except ValueError as e: ap.error(f"--{e}")
     if a.pool < 1: ap.error(f"--pool={a.pool} must be at least 1")
     if not 1 <= a.k <= a.d_sae: ap.error(f"--k={a.k} must lie in 1 … --d-sae={a.d_sae}")
-    os.environ.setdefault("DYNTRACK_PROGRESS", "0")  # no train_sae progress bars in the output
     device = torch.device("cuda" if torch.cuda.is_available() and not a.cpu else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32 (the autocast matmuls are bf16 anyway)
     skipped = peer_unavailable(device, a.peer_on_cpu)
     if skipped and a.require_peer: sys.exit(f"bench_sparsify: --require-peer, but {skipped}")
     if skipped: print(f"bench_sparsify: skipping the sparsify side: {skipped}", file=sys.stderr)
@@ -206,6 +204,8 @@ def main(argv=None):
     if a.require_peer and device.type == "cuda" and decoder != "triton_decode":
         sys.exit(f"bench_sparsify: --require-peer, but sparsify chose {decoder}, not its Triton decoder "
                  "(is triton installed, SPARSIFY_DISABLE_TRITON unset?)")
+    os.environ.setdefault("DYNTRACK_PROGRESS", "0")  # no train_sae progress bars in the output
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32 (the autocast matmuls are bf16 anyway)
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.perf_counter()
     rows, diff = bench(a, device, with_peer=not skipped)
     r = dict(device=device_name(device), commit=source_commit(), time=started, software=software_versions(),
