@@ -102,7 +102,7 @@ def run_sparsify(cfg: SaeConfig, pool, steps, warmup, device, fused: bool, auxk:
     with torch.no_grad(): coder.b_dec.copy_(pool[0].mean(0))  # sparsify's trainer: b_dec from the first batch
     opt = torch.optim.Adam(coder.parameters(), lr=cfg.lr, fused=True if fused else None)
     since = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
-    dead_sum, auxk_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    seen = []  # (dead mask, AuxK loss) of each timed step, read after the clock stops: no extra work in the steps
 
     def step(i):
         nonlocal since
@@ -117,13 +117,12 @@ def run_sparsify(cfg: SaeConfig, pool, steps, warmup, device, fused: bool, auxk:
             fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
             fired[out.latent_indices.flatten()] = True
             since = torch.where(fired, 0, since + cfg.batch_size)
-            if i >= warmup:
-                dead_sum.add_((since >= cfg.batch_size).float().mean() if auxk else 0.0)
-                auxk_sum.add_((out.auxk_loss > 0).float())
+        if i >= warmup: seen.append((dead, out.auxk_loss.detach()))
 
     seconds = timed_loop(step, steps, warmup, device)
-    return dict(tokens_per_s=steps * cfg.batch_size / seconds, dead_fraction=dead_sum.item() / steps,
-                auxk_steps=auxk_sum.item() / steps)
+    dead_fraction = [0.0 if dead is None else dead.float().mean().item() for dead, _ in seen]
+    return dict(tokens_per_s=steps * cfg.batch_size / seconds, dead_fraction=sum(dead_fraction) / steps,
+                auxk_steps=sum(float(aux > 0) for _, aux in seen) / steps)
 
 
 def sides(cfg: SaeConfig, pool, a, device, setting: str, with_peer: bool) -> dict:
