@@ -1,7 +1,7 @@
 """Training throughput: the dyntrack trainer against the loops a researcher would write instead, same model, data, batch.
 
 Trains the profile's suite model (`paper`: GPT-NeoX base, batch 128 × 256 tokens) for --warmup + --steps updates with
-  1. plain eager fp32: a loop with `torch.optim.AdamW` defaults (what a first training script looks like);
+  1. plain eager fp32: the loop of `run_loop` without compilation, autocast or fused AdamW (a first training script);
   2. plain eager bf16: the same loop under bf16 autocast (on CUDA), to show how much of a gain is precision alone;
   3. compiled loop: the ~15-line loop of `run_loop` with `torch.compile`, bf16 autocast and fused AdamW (on CUDA);
   4. HF Trainer: `transformers.Trainer` with bf16, `torch_compile=True` and `optim="adamw_torch_fused"` (on CUDA),
@@ -9,9 +9,9 @@ Trains the profile's suite model (`paper`: GPT-NeoX base, batch 128 × 256 token
      `input_ids = labels` of seq_len tokens (it shifts the labels itself, so it predicts seq_len − 1 of them);
   5. the dyntrack `Trainer` as the suite trains (bf16 autocast and fused AdamW on CUDA, torch.compile unless
      --no-compile), no checkpoints, evaluations or state saves within the run;
-all with AdamW betas (0.9, 0.95), weight decay 0.1 and the gradient norm clipped at 1 (the eager fp32 loop: AdamW's
-defaults but for the LR). Prints tokens/s, dyntrack ÷ variant, and model FLOPs utilisation (`flops_per_token`,
-dense bf16 peak). Each variant's clock runs from the end of update --warmup (compilation, allocator warm-up done) to the
+all with the profile's LR, AdamW betas (0.9, 0.95), weight decay 0.1 (the plain loops on every parameter, the two
+trainers on matrices only) and the gradient norm clipped at 1. Prints tokens/s, dyntrack ÷ variant, and model FLOPs
+utilisation (`flops_per_token`, dense bf16 peak). Each variant's clock runs from the end of update --warmup (compilation, allocator warm-up done) to the
 end of the last update, device synchronised at both ends (`_timing`); with --rounds > 1 the variants take turns
 and the table gives each one's median round. transformers.Trainer needs `accelerate` (the `bench` extra); without it
 that variant is skipped with a message, or the script stops under --require-peers. On a host with several GPUs run
@@ -70,11 +70,10 @@ def run_dyntrack(cfg, data, p, steps, warmup, device, compile) -> float:
     return steps * p.batch_size * p.seq_len / watch.seconds
 
 
-def run_loop(cfg, data, p, steps, warmup, device, bf16: bool, compile: bool, fused: bool, tuned: bool = True) -> float:
-    "Tokens/s of a plain loop; `tuned`: AdamW betas (0.9, 0.95), decay 0.1 and clip at 1, as the other variants."
+def run_loop(cfg, data, p, steps, warmup, device, bf16: bool, compile: bool, fused: bool) -> float:
+    "Tokens/s of the plain loop, with bf16 autocast, torch.compile and fused AdamW as asked."
     model = build_model(cfg, seed=0).to(device).train()
-    hyper = dict(betas=(0.9, 0.95), weight_decay=0.1) if tuned else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, fused=fused or None, **hyper)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused or None)
     forward = torch.compile(model) if compile else model
     def step(i):
         batch = data.batch(i, p.batch_size, p.seq_len).to(device)  # [batch, seq_len + 1]
@@ -82,7 +81,7 @@ def run_loop(cfg, data, p, steps, warmup, device, bf16: bool, compile: bool, fus
             logits = forward(batch[:, :-1]).logits  # [batch, seq_len, vocab]
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
-        if tuned: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return steps * p.batch_size * p.seq_len / timed_loop(step, steps, warmup, device)
@@ -131,7 +130,7 @@ def run_hf(cfg, data, p, steps, warmup, device, compile) -> float:
 def variant_runs(cfg, data, p, a, device, compile) -> dict:
     "{variant: () -> tokens/s} for the variants asked for."
     cuda, args = device.type == "cuda", (cfg, data, p, a.steps, a.warmup, device)
-    runs = {"eager fp32": lambda: run_loop(*args, bf16=False, compile=False, fused=False, tuned=False),
+    runs = {"eager fp32": lambda: run_loop(*args, bf16=False, compile=False, fused=False),
             "eager bf16": lambda: run_loop(*args, bf16=cuda, compile=False, fused=False),
             "compiled loop": lambda: run_loop(*args, bf16=cuda, compile=compile, fused=cuda),
             "HF Trainer": lambda: run_hf(*args, compile=compile),
