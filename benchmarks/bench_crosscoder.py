@@ -27,7 +27,7 @@ pairs / seconds (each pair is run at every checkpoint), the median of `--rounds`
     python benchmarks/bench_crosscoder.py --tiny --out /tmp/bench_cc        # CPU, seconds
 Writes `crosscoder.json` (every number, device, commit, software) and `crosscoder.md` (the tables) into `--out`.
 """
-import argparse, dataclasses, os, statistics, sys, tempfile, time
+import argparse, dataclasses, os, statistics, tempfile, time
 from pathlib import Path
 
 import torch
@@ -42,14 +42,10 @@ from dyntrack.data.tokens import train_tokenizer
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.reproduce.report import source_commit
 from dyntrack.sae.train import train_sae
+from _timing import Clock, clocked, rounds, sync, timed_loop
 
 TINY = dict(checkpoints=3, d_model=32, d_latents=256, batch=128, steps=4, warmup=2, rounds=1, pool=2, ie_size="tiny",
             ie_pairs=2, ie_steps=2, vocab=300, words=300)  # --tiny: a CPU check of the whole script in seconds
-
-
-def sync(device):
-    "Wait for the device's queued work (CUDA); nothing on the CPU."
-    if device.type == "cuda": torch.cuda.synchronize(device)
 
 
 class DenseCrosscoder(nn.Module):
@@ -70,27 +66,20 @@ class DenseCrosscoder(nn.Module):
 def run_dense(model, pool, steps, warmup, device, lr):
     "Tokens/s of the plain loop: forward under autocast, float32 loss, Adam."
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(warmup + steps):
-        if step == warmup: sync(device); t0 = time.perf_counter()
-        with autocast(device): _, loss = model(pool[step % len(pool)])
+    def step(i):
+        with autocast(device): _, loss = model(pool[i % len(pool)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync(device)
-    return steps * pool[0].shape[0] / (time.perf_counter() - t0)
+    return steps * pool[0].shape[0] / timed_loop(step, steps, warmup, device)
 
 
 def run_dyntrack(cfg, pool, steps, warmup, device):
     "Tokens/s of `train_sae` training a `Crosscoder` as `train_crosscoder` does (no callbacks, no out_dir)."
-    clock = {}
-    def batches():  # the pool, cycled; starts the clock once the warm-up steps have run
-        for i in range(warmup + steps):
-            if i == warmup: sync(device); clock["t0"] = time.perf_counter()
-            yield pool[i % len(pool)]
-    cc = Crosscoder(cfg, device=device)
-    train_sae(cc, batches(), dataclasses.replace(cfg, n_tokens=(warmup + steps) * cfg.batch_size))
-    sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - clock["t0"])
+    clock = Clock(device)
+    batches = clocked((pool[i % len(pool)] for i in range(warmup + steps)), warmup, clock)  # the pool, cycled
+    train_sae(Crosscoder(cfg, device=device), batches, dataclasses.replace(cfg, n_tokens=(warmup + steps) * cfg.batch_size))
+    return steps * cfg.batch_size / clock.stop()
 
 
 @torch.no_grad()
@@ -116,10 +105,10 @@ def bench_training(a, device) -> dict:
     cfg = config(a, device)
     cc = Crosscoder(cfg, device=device)
     diff = check_same_loss(cc, DenseCrosscoder(cc), pool[0])
-    dense, ours = [], []
-    for _ in range(a.rounds):
-        dense.append(run_dense(DenseCrosscoder(Crosscoder(cfg, device=device)), pool, a.steps, a.warmup, device, cfg.lr))
-        ours.append(run_dyntrack(cfg, pool, a.steps, a.warmup, device))
+    timed = rounds(dict(dense=lambda: run_dense(DenseCrosscoder(Crosscoder(cfg, device=device)), pool, a.steps,
+                                                a.warmup, device, cfg.lr),
+                        ours=lambda: run_dyntrack(cfg, pool, a.steps, a.warmup, device)), a.rounds)
+    dense, ours = timed["dense"], timed["ours"]
     ref, tps = statistics.median(dense), statistics.median(ours)
     return dict(reference_tokens_per_s=ref, dyntrack_tokens_per_s=tps, ratio=tps / ref, reference_rounds=dense,
                 dyntrack_rounds=ours, max_loss_diff=diff,
@@ -157,10 +146,7 @@ def bench_ie(a, device) -> dict:
     pairs = make_minimal_pairs(a.phenomenon, a.ie_pairs, seed=0)
     run = lambda: indirect_effects(models, cc, layer, pairs, tok, steps=a.ie_steps)
     run(); sync(device)
-    rates = []
-    for _ in range(a.rounds):
-        t0 = time.perf_counter(); run(); sync(device)
-        rates.append(len(pairs) / (time.perf_counter() - t0))
+    rates = [len(pairs) / timed_loop(lambda i: run(), 1, 0, device) for _ in range(a.rounds)]
     return dict(size=a.ie_size, d_model=d, n_layers=cfg.num_hidden_layers, layer=layer, d_latents=cc.n_latents,
                 pairs=len(pairs), ig_steps=a.ie_steps, phenomenon=a.phenomenon, examples_per_s=statistics.median(rates),
                 rounds=rates)

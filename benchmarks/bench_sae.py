@@ -40,11 +40,7 @@ from dyntrack.sae.model import SaeConfig, SparseAutoencoder
 from dyntrack.sae.train import train_sae
 from dyntrack.suite import SuiteParams
 from bench_train import peak_flops
-
-
-def sync(device):
-    "Wait for the device's queued work (CUDA); nothing on the CPU."
-    if device.type == "cuda": torch.cuda.synchronize(device)
+from _timing import Clock, clocked, timed_loop
 
 
 class PlainTopKSAE(nn.Module):
@@ -64,29 +60,23 @@ class PlainTopKSAE(nn.Module):
 def run_plain(model, pool, steps, warmup, device, lr):
     "Tokens/s of the plain loop: forward under autocast, float32 MSE, Adam."
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(warmup + steps):
-        if step == warmup: sync(device); t0 = time.perf_counter()
-        x = pool[step % len(pool)]  # [batch, d_model]
+    def step(i):
+        x = pool[i % len(pool)]  # [batch, d_model]
         with autocast(device): recon = model(x)
         loss = F.mse_loss(recon.float(), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync(device)
-    return steps * pool[0].shape[0] / (time.perf_counter() - t0)
+    return steps * pool[0].shape[0] / timed_loop(step, steps, warmup, device)
 
 
 def run_dyntrack(cfg, pool, steps, warmup, device):
     "Tokens/s of `train_sae` as the library trains (no callbacks); mean dead fraction and share of AuxK steps, timed part."
-    clock = {}
-    def batches():  # the pool, cycled; starts the clock once the warm-up steps have run
-        for i in range(warmup + steps):
-            if i == warmup: sync(device); clock["t0"] = time.perf_counter()
-            yield pool[i % len(pool)]
+    clock = Clock(device)
+    batches = clocked((pool[i % len(pool)] for i in range(warmup + steps)), warmup, clock)  # the pool, cycled
     sae = SparseAutoencoder(cfg, device=device)
-    history = train_sae(sae, batches(), dataclasses.replace(cfg, n_tokens=(warmup + steps) * cfg.batch_size)).history
-    sync(device)
-    seconds, timed_log = time.perf_counter() - clock["t0"], history[warmup:]
+    history = train_sae(sae, batches, dataclasses.replace(cfg, n_tokens=(warmup + steps) * cfg.batch_size)).history
+    seconds, timed_log = clock.stop(), history[warmup:]
     mean = lambda values: sum(values) / len(values)
     return (steps * cfg.batch_size / seconds, mean([r["dead_fraction"] for r in timed_log]),
             mean([float(r["aux_loss"] > 0) for r in timed_log]))
@@ -94,11 +84,7 @@ def run_dyntrack(cfg, pool, steps, warmup, device):
 
 def timed(fn, repeats, device):
     "Seconds per call of `fn` after one warm-up call."
-    fn(); sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats): fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
+    return timed_loop(lambda i: fn(), repeats, 1, device) / repeats
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from packaging.utils import canonicalize_name
 from ..core import atomic_path
 
 # %% auto #0
-__all__ = ['OFFLINE_PACKAGES', 'MANYLINUX_X86_64', 'INSTALL_SH', 'declared_requirements', 'offline_packages',
-           'pip_download_command', 'wheelhouse', 'main']
+__all__ = ['OFFLINE_PACKAGES', 'MANYLINUX_X86_64', 'INSTALL_SH', 'declared_requirements', 'offline_packages', 'extra_packages',
+           'with_extras', 'pip_download_command', 'wheelhouse', 'main']
 
 # %% ../../nbs/09c_wheelhouse.ipynb #5ff86850
 OFFLINE_PACKAGES = (
@@ -50,6 +50,30 @@ def offline_packages(packages=OFFLINE_PACKAGES, declared: dict[str, str] | None 
             raise ValueError(f"OFFLINE_PACKAGES pins {entry!r}, which dyntrack declares as {declared[name]!r}: "
                              "pin it in settings.ini only")
         out.append(declared.get(name, entry))
+    return out
+
+# %% ../../nbs/09c_wheelhouse.ipynb #13df5db4
+def extra_packages(extras, requires: list[str] | None = None) -> list[str]:
+    "The requirements declared for the `extras` named (e.g. `bench`) in `requires` (default: dyntrack's metadata), as `name` + specifier."
+    if requires is None:
+        try: requires = metadata.requires("dyntrack") or []
+        except metadata.PackageNotFoundError:
+            raise RuntimeError("dyntrack is not installed, and its metadata lists the extras: pip install -e .") from None
+    reqs = [Requirement(text) for text in requires]
+    out = []
+    for extra in extras:
+        mine = [r for r in reqs if r.marker is not None and r.marker.evaluate({"extra": extra})]
+        if not mine: raise ValueError(f"dyntrack declares no extra {extra!r} (or an empty one); see extras_require in setup.py")
+        out += [f"{r.name}{r.specifier}" for r in mine]
+    return out
+
+def with_extras(packages: list[str], extra: list[str]) -> list[str]:
+    "`packages` followed by those of `extra` whose name is not on it yet (each name once)."
+    seen = {canonicalize_name(Requirement(p).name) for p in packages}
+    out = list(packages)
+    for p in extra:
+        name = canonicalize_name(Requirement(p).name)
+        if name not in seen: seen.add(name); out.append(p)
     return out
 
 # %% ../../nbs/09c_wheelhouse.ipynb #c742def7
@@ -97,9 +121,12 @@ def main(argv=None) -> int:
     p.add_argument("--python-version", default="3.12", help="the offline host's Python, e.g. 3.12")
     p.add_argument("--out", default="wheelhouse", help="folder for the wheels and install.sh")
     p.add_argument("--platform", action="append", help=f"wheel platform tags (default: {' '.join(MANYLINUX_X86_64)})")
+    p.add_argument("--extra", action="append", default=[], help="also the wheels of this dyntrack extra, e.g. bench")
     args = p.parse_args(argv)
-    try: wheels = wheelhouse(args.out, args.python_version, args.platform or MANYLINUX_X86_64)
-    except (RuntimeError, FileNotFoundError) as e:
+    try:
+        packages = with_extras(offline_packages(), extra_packages(args.extra)) if args.extra else None
+        wheels = wheelhouse(args.out, args.python_version, args.platform or MANYLINUX_X86_64, packages)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"dyntrack-wheelhouse: {e}", file=sys.stderr)
         return 1
     print(f"{len(wheels)} wheels in {args.out}; copy the folder to the host and run: bash {args.out}/install.sh [SITE_DIR]")
