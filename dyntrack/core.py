@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #1ec42f81
 from __future__ import annotations
-import contextlib, dataclasses, glob, hashlib, importlib, json, math, os, platform, random, shutil, socket, time, types, typing, uuid
+import contextlib, dataclasses, glob, hashlib, importlib, json, math, os, platform, random, shutil, socket, subprocess, time
+import types, typing, uuid
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ __all__ = ['PROFILES', 'NOTEBOOK_PARAMS', 'ParamError', 'check_choice', 'check_r
            'compose', 'profile_row', 'resolve_params', 'notebook_params', 'seed_everything', 'pick_device', 'autocast',
            'device_name', 'cache_dir', 'settle', 'atomic_path', 'Busy', 'file_lock', 'write_json', 'CorruptFileError',
            'read_json', 'digest', 'file_sha256', 'module_digest', 'progress', 'save_figure', 'write_metrics',
-           'software_versions', 'parse_shard', 'shard_items']
+           'software_versions', 'parse_shard', 'shard_items', 'gpu_slots', 'FanOutError', 'fan_out']
 
 # %% ../nbs/00_core.ipynb #13d78738
 class ParamError(ValueError):
@@ -374,3 +375,45 @@ def shard_items(items: typing.Iterable, i: int, n: int) -> list:
         if isinstance(value, bool) or not isinstance(value, int): raise ParamError(f"shard {name}={value!r} must be an int")
     if not 0 <= i < n: raise ParamError(f"shard {i}/{n} does not exist: need n >= 1 and 0 <= i < n")
     return list(items)[i::n]
+
+# %% ../nbs/00_core.ipynb #83ba486f
+def gpu_slots(jobs: int, gpus: typing.Sequence | None = None) -> list[dict[str, str]]:
+    "The environment of each of `jobs` slots: with `gpus`, slot s sees only GPU `gpus[s % len(gpus)]`; else nothing set."
+    check_range("jobs", jobs, lo=1)
+    if gpus is not None and not len(gpus): raise ParamError("gpus: give at least one GPU index (e.g. [0, 1]), or None")
+    return [dict(CUDA_VISIBLE_DEVICES=str(gpus[s % len(gpus)])) if gpus else {} for s in range(jobs)]
+
+class FanOutError(RuntimeError):
+    "A job of `fan_out` failed; `.index`, `.returncode` and `.log` say which, how and where its output is."
+    def __init__(self, index: int, command, returncode: int, log: Path):
+        self.index, self.command, self.returncode, self.log = index, list(command), returncode, Path(log)
+        tail = "".join(Path(log).read_text(errors="replace").splitlines(keepends=True)[-15:]) if Path(log).exists() else ""
+        super().__init__(f"job {index} ({' '.join(map(str, command))}) exited with status {returncode}; its log "
+                         f"{log} ends:\n{tail}")
+
+def fan_out(commands: typing.Sequence[typing.Sequence], log_dir, jobs: int = 1, gpus: typing.Sequence | None = None,
+            env: dict | None = None, cwd=None, poll_s: float = 0.2) -> list[Path]:
+    "Run `commands` (argument lists) as subprocesses, up to `jobs` at once (a GPU each with `gpus`); their logs, in order."
+    slots, log_dir = gpu_slots(jobs, gpus), Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [log_dir / f"job{i}.log" for i in range(len(commands))]
+    waiting, running, failed, free = list(range(len(commands))), {}, None, list(range(jobs))
+    try:
+        while waiting or running:
+            while waiting and free and failed is None:
+                i, slot = waiting.pop(0), free.pop(0)
+                with open(logs[i], "w") as log:
+                    running[i] = (subprocess.Popen([str(c) for c in commands[i]], stdout=log, stderr=subprocess.STDOUT,
+                                                   cwd=cwd, env={**os.environ, **(env or {}), **slots[slot]}), slot)
+            if failed is not None: waiting.clear()
+            for i, (proc, slot) in list(running.items()):
+                if proc.poll() is None: continue
+                del running[i]; free.append(slot)
+                if proc.returncode and failed is None: failed = FanOutError(i, commands[i], proc.returncode, logs[i])
+            if running: time.sleep(poll_s)
+    except BaseException:
+        for proc, _ in running.values(): proc.terminate()
+        for proc, _ in running.values(): proc.wait()
+        raise
+    if failed is not None: raise failed
+    return logs

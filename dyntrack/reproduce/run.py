@@ -13,8 +13,8 @@ import nbformat
 import yaml
 
 from ..core import (
-    PROFILES, Busy, CorruptFileError, ParamError, atomic_path, check_choice, check_range, device_name, digest, file_lock,
-    file_sha256, module_digest, read_json, resolve_params, settle, write_json)
+    PROFILES, Busy, CorruptFileError, ParamError, atomic_path, check_choice, device_name, digest, file_lock,
+    file_sha256, gpu_slots, module_digest, read_json, resolve_params, settle, write_json)
 from .report import check_out, environment, failure_record, write_report
 
 _log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ __all__ = ['RESERVED', 'QUIET_ENV', 'KERNEL_ARGS', 'AUTO_PROFILE', 'BUDGET_MIN',
            'normalise_notebook', 'data_dir', 'source_digest', 'has_outputs', 'is_complete', 'check_ours',
            'kernel_manager', 'remove_failure', 'run_notebook', 'NotebookRun', 'ReproduceResult', 'profile_names',
            'resolve_profile', 'default_nbs_dir', 'check_package', 'kernel_python', 'select', 'missing_needs',
-           'slot_envs', 'reproduce', 'main']
+           'reproduce', 'main']
 
 # %% ../../nbs/09_reproduce.ipynb #4e367c40
 class ExperimentNotebook(NamedTuple):
@@ -445,12 +445,6 @@ def _reproduce_one(exp, folder: Path, profile: str, overrides: dict, force: bool
     _log.info("%s: done in %.1f s", tag, wall_s)
     return NotebookRun(exp.stem, "ran", wall_s, folder)
 
-def slot_envs(jobs: int, gpus: typing.Sequence[str] | None = None) -> list[dict]:
-    "The kernel environment of each of `jobs` slots: with `gpus`, slot i sees only GPU `gpus[i % len(gpus)]`."
-    check_range("jobs", jobs, lo=1)
-    if gpus is not None and not gpus: raise ParamError("gpus: give at least one GPU index (e.g. --gpus 0 1), or leave it out")
-    return [dict(CUDA_VISIBLE_DEVICES=str(gpus[i % len(gpus)])) if gpus else {} for i in range(jobs)]
-
 def _ready(exps, started: set, done: dict) -> list:
     "The not yet started notebooks of `exps` (in order) whose selected needs have all completed."
     chosen = {e.stem for e in exps}
@@ -460,7 +454,7 @@ def _run_all(exps, plan: dict, profile: str, out: Path, force: bool, kernel: str
              jobs: int = 1, gpus=None) -> ReproduceResult:
     """Run or skip each of `exps`, up to `jobs` at a time as their needs allow, rewriting the report as each ends; its
     banner goes only when all are done. After a failure no notebook starts; those running finish and are kept."""
-    envs = slot_envs(jobs, gpus)
+    envs = gpu_slots(jobs, gpus)
     run = dict(state="in progress", pid=os.getpid(), started=_now(), profile=profile, selected=[e.stem for e in exps],
                pending=[e.stem for e in exps], running=[], budget_s=budget_s, jobs=jobs, gpus=gpus)
     write_report(out, run)
@@ -511,7 +505,7 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
     `jobs` notebooks run at once where their needs allow (they share the machine's GPUs unless `gpus` lists the GPU
     indices to hand out, one per running notebook in turn)."""
     profile, out = resolve_profile(profile), Path(out)
-    slot_envs(jobs, gpus)
+    gpu_slots(jobs, gpus)
     exps = select(find_experiments(nbs_dir or default_nbs_dir()), only)
     plan = plan_overrides(exps, overrides or {})
     check_parameters(exps, plan, profile)
