@@ -25,8 +25,8 @@ __all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'BOOK_METHODS', 'cat
            'token_window', 'top_positions', 'random_positions', 'TopActivation', 'sae_encoder',
            'top_activations_by_latent', 'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes',
            'field_codes', 'hypergeom_log_tail', 'value_counts', 'lemma_spread', 'Candidates', 'candidates',
-           'null_log_p', 'labels_at', 'feature_contexts', 'FeatureBookError', 'label_entry', 'feature_entry',
-           'check_feature_book', 'save_feature_book', 'load_feature_book']
+           'null_log_p', 'labels_at', 'feature_contexts', 'window_contexts', 'FeatureBookError', 'label_entry',
+           'feature_entry', 'check_feature_book', 'save_feature_book', 'load_feature_book']
 
 # %% ../nbs/06_features.ipynb #ca144903
 def category_names(lexicon: Lexicon) -> list[str]:
@@ -329,6 +329,25 @@ def feature_contexts(encode: Callable[[Tensor], Tensor], model: nn.Module, token
     return {latent: [_book_context(tokenizer, batches[t.batch][t.row], values[t.batch, t.row][:, j], t.pos, context, drop_first)
                      for t in tops[latent]] for j, latent in enumerate(latents)}
 
+# %% ../nbs/06_features.ipynb #82274acf
+def window_contexts(tokenizer, window: TokenWindow, values: Tensor, top_pos: Tensor, width: int = 12) -> list[list[dict]]:
+    "Book contexts of F features from their `values` at the analysed positions of `window` [n, F] and top positions [F, k]."
+    n, per_row = len(window.token_ids), window.ids.shape[1] - window.drop_first
+    if values.ndim != 2 or values.shape[0] != n or top_pos.ndim != 2 or top_pos.shape[0] != values.shape[1]:
+        raise ParamError(f"values {tuple(values.shape)} must be [n={n}, F] and top_pos {tuple(top_pos.shape)} [F, k]")
+    check_range("width", width, lo=0)
+    values, top_pos = values.float().cpu(), top_pos.cpu()
+    out = []
+    for f in range(values.shape[1]):
+        ctxs = []
+        for flat in top_pos[f].tolist():
+            row, col = divmod(flat, per_row)
+            if values[flat, f] <= 0: continue  # the feature is silent there: not a context of it
+            ctxs.append(_book_context(tokenizer, window.ids[row], values[row * per_row:(row + 1) * per_row, f],
+                                      col + window.drop_first, width, window.drop_first))
+        out.append(ctxs)
+    return out
+
 # %% ../nbs/06_features.ipynb #481bff59
 BOOK_METHODS = ("sae_track", "crosscoding", "topk")
 
@@ -347,11 +366,12 @@ def _num(v) -> float | None:
 
 def feature_entry(method: str, latent: int, labels: Sequence[FeatureLabel] | None, contexts: Sequence[Sequence[dict]],
                   series: dict[str, Sequence] | None = None, scalars: dict | None = None, cls: str | None = None,
-                  formation_step: int | None = None, matches: Sequence[dict] = (), label: FeatureLabel | None = None) -> dict:
-    "One feature of a `method`'s book; `label` defaults to the last of `labels` (one per checkpoint)."
+                  formation_step: int | None = None, matches: Sequence[dict] = (), label: FeatureLabel | None = None,
+                  key: str | None = None) -> dict:
+    "One feature of a `method`'s book, id `method/key` (`key` defaults to `latent`); `label` defaults to the last of `labels`."
     check_choice("method", method, BOOK_METHODS)
     final = label if label is not None else labels[-1] if labels else FeatureLabel("unlabelled", "")
-    return dict(id=f"{method}/{latent}", latent=int(latent), label=label_entry(final),
+    return dict(id=f"{method}/{latent if key is None else key}", latent=int(latent), label=label_entry(final),
                 labels=None if labels is None else [label_entry(l) for l in labels], **{"class": cls},
                 formation_step=None if formation_step is None else int(formation_step), contexts=[list(c) for c in contexts],
                 series={name: [_num(v) for v in values] for name, values in (series or {}).items()},
