@@ -69,6 +69,7 @@ def test_site_files_and_escaping(site):
     assert EVIL not in page and "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page
     assert "&quot;q&#x27;" in page and 'href="crosscoding-0.html"' not in page  # feature 0 has no match; feature 1 has
     assert 'href="crosscoding-0.html"' in (root / "features" / "sae_track-1.html").read_text()
+    assert 'href="sae_track-1.html"' in (root / "features" / "crosscoding-0.html").read_text()  # and the other way
     index = (root / "index.html").read_text()
     data = index.split('id="features-data">')[1].split("</script>")[0]
     assert "<" not in data and json.loads(data)[0]["category"] == EVIL  # the JSON cannot close its element
