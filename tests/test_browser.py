@@ -175,6 +175,10 @@ def test_index_in_chromium(browser, site):
     assert len(rows(browser)) == 6
     first = rows(browser)[0].find_elements(By.TAG_NAME, "td")
     assert first[3].text == EVIL and browser.execute_script("return window.__pwned") is None  # text, not a script
+    ids = lambda: [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows(browser)]
+    header = browser.find_element(By.CSS_SELECTOR, '#features th[data-key="id"]')
+    header.click(); assert ids() == sorted(ids())
+    header.click(); assert ids() == sorted(ids(), reverse=True)  # a second click turns the order
 
 
 def test_feature_page_in_chromium(browser, site):
