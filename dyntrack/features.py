@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_features.ipynb #47c716a8
 from __future__ import annotations
-import math
+import json, math
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .acts import residual_at
-from .core import ParamError, check_choice, check_range, read_json, write_json
+from .core import ParamError, atomic_path, check_choice, check_range, read_json
 from .data.embedded import labelled_tokens
 from .data.grammar import Lexicon, WordInfo, load_lexicon
 from .sae.model import SparseAutoencoder
@@ -456,9 +456,11 @@ def check_feature_book(book, source: str = "feature book") -> dict:
     return book
 
 def save_feature_book(path, book: dict) -> Path:
-    "Check `book` against the schema, then write it to `path` as JSON (atomically)."
+    "Check `book` against the schema, then write it to `path` as compact JSON (atomically)."
     check_feature_book(book, str(path))
-    return write_json(path, book)
+    with atomic_path(path, overwrite=True) as tmp:  # compact: a paper run's books are committed with its results
+        tmp.write_text(json.dumps(book, separators=(",", ":"), allow_nan=False))  # ASCII: read_json reads any locale
+    return Path(path)
 
 def load_feature_book(path) -> dict:
     "Read the feature book at `path` and check it; `FeatureBookError` names the file and the bad field."
