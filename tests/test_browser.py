@@ -207,7 +207,7 @@ def smoke_run() -> Path | None:
 def test_smoke_run_site_in_chromium(browser, tmp_path):
     run = smoke_run()
     site = write_site(run, tmp_path / "site")
-    assert site.n_pages == site.n_features > 0 and site.notes == []  # a smoke run is far below the budget
+    assert site.n_pages == site.n_features > 0 and not any(n.startswith("Trimmed") for n in site.notes)  # far below the budget
     check_index(browser, site)
     books = [load_feature_book(p) for p in sorted(run.glob("*/feature_book.json"))]
     pages = page_names([f["id"] for b in books for f in b["features"]])
