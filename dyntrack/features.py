@@ -4,26 +4,29 @@
 
 # %% ../nbs/06_features.ipynb #47c716a8
 from __future__ import annotations
-import math
+import json, math
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .acts import residual_at
-from .core import ParamError, check_choice, check_range
+from .core import ParamError, atomic_path, check_choice, check_range, read_json
 from .data.embedded import labelled_tokens
 from .data.grammar import Lexicon, WordInfo, load_lexicon
 from .sae.model import SparseAutoencoder
 
 # %% auto #0
-__all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'category_names', 'word_category', 'TokenWindow', 'token_window',
-           'top_positions', 'random_positions', 'TopActivation', 'sae_encoder', 'top_activations_by_latent',
-           'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes', 'field_codes', 'hypergeom_log_tail',
-           'value_counts', 'lemma_spread', 'Candidates', 'candidates', 'null_log_p', 'labels_at']
+__all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'BOOK_METHODS', 'category_names', 'word_category', 'TokenWindow',
+           'token_window', 'top_positions', 'random_positions', 'TopActivation', 'sae_encoder',
+           'top_activations_by_latent', 'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes',
+           'field_codes', 'hypergeom_log_tail', 'value_counts', 'lemma_spread', 'Candidates', 'candidates',
+           'null_log_p', 'labels_at', 'feature_contexts', 'window_contexts', 'FeatureBookError', 'label_entry',
+           'feature_entry', 'check_feature_book', 'save_feature_book', 'load_feature_book']
 
 # %% ../nbs/06_features.ipynb #ca144903
 def category_names(lexicon: Lexicon) -> list[str]:
@@ -296,3 +299,169 @@ def labels_at(top_values: Tensor, top_pos: Tensor, infos: Sequence[WordInfo | No
     best_log_p, best = cand.log_p.min(1).values, cand.log_p.argmin(1)
     return [FeatureLabel("silent", "") if s else _label(cand, f, b, k) if lp < bar else FeatureLabel("unlabelled", "")
             for f, (s, lp, b) in enumerate(zip(silent.tolist(), best_log_p.tolist(), best.tolist()))]
+
+# %% ../nbs/06_features.ipynb #0bcade08
+def _values_of_rows(encode: Callable[[Tensor], Tensor], model: nn.Module, ids: Tensor, layer: int, scale: float,
+                    drop_first: int, site: str, chunk: int = 32) -> Tensor:
+    "`encode`'s values at the analysed positions of the sequences `ids` [rows, seq]: [rows, seq − drop_first, L]."
+    return torch.cat([encode(residual_at(model, part, layer, site=site)[:, drop_first:].float() * scale).cpu()
+                      for part in ids.split(chunk)])
+
+def _book_context(tokenizer, ids: Tensor, values: Tensor, pos: int, width: int, drop_first: int) -> dict:
+    "Tokens `pos − width`..`pos` of `ids` [seq] (none before `drop_first`) and one feature's `values` [seq − drop_first] on them."
+    start = max(drop_first, pos - width)
+    return dict(tokens=[tokenizer.decode([int(t)]) for t in ids[start:pos + 1]],
+                acts=[round(float(v), 4) for v in values[start - drop_first:pos - drop_first + 1]], at=pos - start)
+
+@torch.no_grad()
+def feature_contexts(encode: Callable[[Tensor], Tensor], model: nn.Module, tokenizer, token_batches: Iterable[Tensor],
+                     layer: int, latents: Sequence[int], k: int = 8, scale: float = 1.0, context: int = 12,
+                     drop_first: int = 1, site: str = "resid_pre") -> dict[int, list[dict]]:
+    "Each of `latents`' `k` top contexts in `token_batches` [b, seq] as book entries {tokens, acts, at}, strongest first."
+    check_range("context", context, lo=0)
+    latents, batches = list(latents), list(token_batches)
+    tops = top_activations_by_latent(encode, model, tokenizer, batches, layer, latents, k, scale, context, drop_first, site)
+    values = {}  # (batch, row) -> values of every latent on that sequence [seq', L]
+    for b in sorted({t.batch for hits in tops.values() for t in hits}):
+        rows = sorted({t.row for hits in tops.values() for t in hits if t.batch == b})
+        z = _values_of_rows(encode, model, batches[b][rows], layer, scale, drop_first, site)
+        values.update({(b, r): z[i] for i, r in enumerate(rows)})
+    return {latent: [_book_context(tokenizer, batches[t.batch][t.row], values[t.batch, t.row][:, j], t.pos, context, drop_first)
+                     for t in tops[latent]] for j, latent in enumerate(latents)}
+
+# %% ../nbs/06_features.ipynb #82274acf
+def window_contexts(tokenizer, window: TokenWindow, values: Tensor, top_pos: Tensor, width: int = 12) -> list[list[dict]]:
+    "Book contexts of F features from their `values` at the analysed positions of `window` [n, F] and top positions [F, k]."
+    n, per_row = len(window.token_ids), window.ids.shape[1] - window.drop_first
+    if values.ndim != 2 or values.shape[0] != n or top_pos.ndim != 2 or top_pos.shape[0] != values.shape[1]:
+        raise ParamError(f"values {tuple(values.shape)} must be [n={n}, F] and top_pos {tuple(top_pos.shape)} [F, k]")
+    check_range("width", width, lo=0)
+    values, top_pos = values.float().cpu(), top_pos.cpu()
+    out = []
+    for f in range(values.shape[1]):
+        ctxs = []
+        for flat in top_pos[f].tolist():
+            row, col = divmod(flat, per_row)
+            if values[flat, f] <= 0: continue  # the feature is silent there: not a context of it
+            ctxs.append(_book_context(tokenizer, window.ids[row], values[row * per_row:(row + 1) * per_row, f],
+                                      col + window.drop_first, width, window.drop_first))
+        out.append(ctxs)
+    return out
+
+# %% ../nbs/06_features.ipynb #481bff59
+BOOK_METHODS = ("sae_track", "crosscoding", "topk")
+
+class FeatureBookError(ValueError):
+    "A feature book that does not follow the schema; the message names the file and the field."
+
+def label_entry(label: FeatureLabel) -> dict:
+    "A `FeatureLabel` as a book label: kind, its value (None when unlabelled or silent) and its chance-corrected strength."
+    if label.kind in ("unlabelled", "silent"): return dict(kind=label.kind, category=None, strength=None)
+    strength = (label.purity - label.base_rate) / (1 - label.base_rate) if label.base_rate < 1 else 0.0
+    return dict(kind=label.kind, category=label.value, strength=round(strength, 4))
+
+def _num(v) -> float | None:
+    "A finite float, or None for None and NaN."
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+def feature_entry(method: str, latent: int, labels: Sequence[FeatureLabel] | None, contexts: Sequence[Sequence[dict]],
+                  series: dict[str, Sequence] | None = None, scalars: dict | None = None, cls: str | None = None,
+                  formation_step: int | None = None, matches: Sequence[dict] = (), label: FeatureLabel | None = None,
+                  key: str | None = None) -> dict:
+    "One feature of a `method`'s book, id `method/key` (`key` defaults to `latent`); `label` defaults to the last of `labels`."
+    check_choice("method", method, BOOK_METHODS)
+    final = label if label is not None else labels[-1] if labels else FeatureLabel("unlabelled", "")
+    return dict(id=f"{method}/{latent if key is None else key}", latent=int(latent), label=label_entry(final),
+                labels=None if labels is None else [label_entry(l) for l in labels], **{"class": cls},
+                formation_step=None if formation_step is None else int(formation_step), contexts=[list(c) for c in contexts],
+                series={name: [_num(v) for v in values] for name, values in (series or {}).items()},
+                scalars={name: v if isinstance(v, str) else _num(v) for name, v in (scalars or {}).items()},
+                matches=[dict(id=str(m["id"]), score=float(m["score"])) for m in matches])
+
+# %% ../nbs/06_features.ipynb #f642ed47
+def _bad(source: str, field: str, why: str):
+    raise FeatureBookError(f"{source}: {field} {why}")
+
+def _is_num(v, none_ok: bool = False) -> bool:
+    "A finite int or float (not a bool); None too when `none_ok`."
+    if v is None: return none_ok
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _check_keys(source: str, field: str, obj, keys: set[str]) -> None:
+    if not isinstance(obj, dict): _bad(source, field, f"must be an object; got {type(obj).__name__}")
+    if set(obj) != keys: _bad(source, field, f"must have the keys {sorted(keys)}; got {sorted(obj)}")
+
+def _check_label(source: str, field: str, label) -> None:
+    _check_keys(source, field, label, {"kind", "category", "strength"})
+    if not isinstance(label["kind"], str): _bad(source, f"{field}.kind", "must be a string")
+    if label["category"] is not None and not isinstance(label["category"], str): _bad(source, f"{field}.category", "must be a string or null")
+    if not _is_num(label["strength"], none_ok=True): _bad(source, f"{field}.strength", f"must be a finite number or null; got {label['strength']!r}")
+
+def _check_context(source: str, field: str, ctx) -> None:
+    _check_keys(source, field, ctx, {"tokens", "acts", "at"})
+    tokens, acts, at = ctx["tokens"], ctx["acts"], ctx["at"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens): _bad(source, f"{field}.tokens", "must be a list of strings")
+    if not isinstance(acts, list) or len(acts) != len(tokens) or not all(_is_num(a) for a in acts):
+        _bad(source, f"{field}.acts", f"must be {len(tokens)} finite numbers, one per token")
+    if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at < len(tokens):
+        _bad(source, f"{field}.at", f"must be a token index in [0, {len(tokens) - 1}]; got {at!r}")
+
+# %% ../nbs/06_features.ipynb #2420fcb7
+_FEATURE_KEYS = {"id", "latent", "label", "labels", "class", "formation_step", "contexts", "series", "scalars", "matches"}
+
+def _check_feature(source: str, field: str, f, n_ckpt: int) -> None:
+    "Check one feature of a book with `n_ckpt` checkpoints."
+    _check_keys(source, field, f, _FEATURE_KEYS)
+    if not isinstance(f["id"], str) or not f["id"]: _bad(source, f"{field}.id", "must be a non-empty string")
+    if not isinstance(f["latent"], int) or isinstance(f["latent"], bool): _bad(source, f"{field}.latent", "must be an integer")
+    _check_label(source, f"{field}.label", f["label"])
+    if f["labels"] is not None:
+        if not isinstance(f["labels"], list) or len(f["labels"]) != n_ckpt: _bad(source, f"{field}.labels", f"must be null or {n_ckpt} labels, one per checkpoint")
+        for t, label in enumerate(f["labels"]): _check_label(source, f"{field}.labels[{t}]", label)
+    if f["class"] is not None and not isinstance(f["class"], str): _bad(source, f"{field}.class", "must be a string or null")
+    if f["formation_step"] is not None and (not isinstance(f["formation_step"], int) or isinstance(f["formation_step"], bool)):
+        _bad(source, f"{field}.formation_step", "must be an integer or null")
+    if not isinstance(f["contexts"], list) or len(f["contexts"]) not in {1, n_ckpt} or not all(isinstance(c, list) for c in f["contexts"]):
+        _bad(source, f"{field}.contexts", f"must be {n_ckpt} lists of contexts (one per checkpoint) or 1 shared list")
+    for t, ctxs in enumerate(f["contexts"]):
+        for i, ctx in enumerate(ctxs): _check_context(source, f"{field}.contexts[{t}][{i}]", ctx)
+    if not isinstance(f["series"], dict): _bad(source, f"{field}.series", "must be an object")
+    for name, values in f["series"].items():
+        if not isinstance(values, list) or len(values) != n_ckpt or not all(_is_num(v, none_ok=True) for v in values):
+            _bad(source, f"{field}.series.{name}", f"must be {n_ckpt} finite numbers or nulls, one per checkpoint")
+    if not isinstance(f["scalars"], dict): _bad(source, f"{field}.scalars", "must be an object")
+    for name, v in f["scalars"].items():
+        if not (isinstance(v, str) or _is_num(v, none_ok=True)): _bad(source, f"{field}.scalars.{name}", f"must be a number, a string or null; got {v!r}")
+    if not isinstance(f["matches"], list): _bad(source, f"{field}.matches", "must be a list")
+    for i, m in enumerate(f["matches"]):
+        _check_keys(source, f"{field}.matches[{i}]", m, {"id", "score"})
+        if not isinstance(m["id"], str) or not _is_num(m["score"]): _bad(source, f"{field}.matches[{i}]", "must be {id: string, score: number}")
+
+def check_feature_book(book, source: str = "feature book") -> dict:
+    "Raise `FeatureBookError` naming `source` and the field unless `book` follows the feature-book schema; return it."
+    _check_keys(source, "the book", book, {"method", "notebook", "site", "checkpoints", "features"})
+    if book["method"] not in BOOK_METHODS: _bad(source, "method", f"must be one of {list(BOOK_METHODS)}; got {book['method']!r}")
+    for key in ("notebook", "site"):
+        if not isinstance(book[key], str): _bad(source, key, "must be a string")
+    if not isinstance(book["checkpoints"], list) or not book["checkpoints"]: _bad(source, "checkpoints", "must be a non-empty list")
+    for t, c in enumerate(book["checkpoints"]):
+        _check_keys(source, f"checkpoints[{t}]", c, {"step", "tokens_seen"})
+        if not all(isinstance(c[k], int) and not isinstance(c[k], bool) for k in c): _bad(source, f"checkpoints[{t}]", "step and tokens_seen must be integers")
+    if not isinstance(book["features"], list): _bad(source, "features", "must be a list")
+    seen = set()
+    for i, f in enumerate(book["features"]):
+        _check_feature(source, f"features[{i}]", f, len(book["checkpoints"]))
+        if f["id"] in seen: _bad(source, f"features[{i}].id", f"{f['id']!r} is not unique")
+        seen.add(f["id"])
+    return book
+
+def save_feature_book(path, book: dict) -> Path:
+    "Check `book` against the schema, then write it to `path` as compact JSON (atomically)."
+    check_feature_book(book, str(path))
+    with atomic_path(path, overwrite=True) as tmp:  # compact: a paper run's books are committed with its results
+        tmp.write_text(json.dumps(book, separators=(",", ":"), allow_nan=False))  # ASCII: read_json reads any locale
+    return Path(path)
+
+def load_feature_book(path) -> dict:
+    "Read the feature book at `path` and check it; `FeatureBookError` names the file and the bad field."
+    return check_feature_book(read_json(path), str(path))

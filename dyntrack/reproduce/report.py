@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..core import (
     CorruptFileError, atomic_path, device_name, read_json, settle, software_versions, write_json)
+from .browser import find_books, write_site
 
 # %% auto #0
 __all__ = ['failure_record', 'flatten_metrics', 'format_value', 'source_commit', 'environment', 'collect_report',
@@ -175,10 +176,26 @@ def _summary(report: dict) -> list[tuple[str, bool]]:
     return [(text, warn) for text, warn in lines if text]
 
 # %% ../../nbs/09b_report.ipynb #1a0090cd
+def _write_site(out: Path) -> dict | None:
+    "Write the feature browser of the feature books in `out` to `out`/site; what the report says of it (None: no books)."
+    if not find_books(out): return None
+    try: site = write_site(out, out / "site")
+    except ValueError as e: return dict(index=None, error=str(e))  # a bad feature book: the report says which and why
+    return dict(index="site/index.html", n_features=site.n_features, n_pages=site.n_pages, size_mb=site.size_mb, notes=site.notes)
+
+def _site_line(report: dict) -> tuple[str, str | None] | None:
+    "The report's line about the feature browser and its link (None: a warning, the site was not written)."
+    site = report.get("site")
+    if not site: return None
+    if site["index"] is None: return f"FEATURE BROWSER NOT WRITTEN: {site['error']}", None
+    notes = "".join(f" {n}" for n in site["notes"])
+    return f"{site['n_features']} features, {site['n_pages']} pages, {site['size_mb']:.1f} MB.{notes}", site["index"]
+
 def report_markdown(report: dict) -> str:
     "The report as a Markdown page with a metrics table and every figure per notebook."
     lines = ["# dyntrack run report", ""]
     for text, warn in _summary(report): lines += [f"**{text}**" if warn else text, ""]
+    if (line := _site_line(report)): lines += [f"**{line[0]}**" if line[1] is None else f"[Feature browser]({line[1]}): {line[0]}", ""]
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
         lines += [f"## {stem}" + (" (FAILED)" if n["failure"] else ""), ""]
@@ -198,6 +215,8 @@ def report_html(report: dict) -> str:
     "The same report as a standalone HTML page (figures linked relatively)."
     e = html.escape
     body = ["<h1>dyntrack run report</h1>"] + [f"<p><b>{e(t)}</b></p>" if warn else f"<p>{e(t)}</p>" for t, warn in _summary(report)]
+    if (line := _site_line(report)):
+        body.append(f"<p><b>{e(line[0])}</b></p>" if line[1] is None else f'<p><a href="{e(line[1])}">Feature browser</a>: {e(line[0])}</p>')
     for n, facts, rows in _sections(report):
         stem, figs, pdfs = n["stem"], n["figures"], n["pdfs"]
         body.append(f"<h2>{e(stem)}{' (FAILED)' if n['failure'] else ''}</h2>")
@@ -220,6 +239,7 @@ def write_report(out, run: dict | None = None) -> Path:
     "Write `out/report.json`, `out/report.md` and `out/report.html` (with `run`'s progress); return the Markdown path."
     out = Path(out)
     report = collect_report(out, run)
+    report["site"] = _write_site(out)
     write_json(out / "report.json", report)
     for name, text in (("report.md", report_markdown(report)), ("report.html", report_html(report))):
         with atomic_path(out / name, overwrite=True) as tmp: tmp.write_text(text, encoding="utf-8")
