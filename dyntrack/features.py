@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_features.ipynb #47c716a8
 from __future__ import annotations
-import json, math
+import json, math, re
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -21,12 +21,12 @@ from .data.grammar import Lexicon, WordInfo, load_lexicon
 from .sae.model import SparseAutoencoder
 
 # %% auto #0
-__all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'BOOK_METHODS', 'category_names', 'word_category', 'TokenWindow',
-           'token_window', 'top_positions', 'random_positions', 'TopActivation', 'sae_encoder',
-           'top_activations_by_latent', 'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes',
-           'field_codes', 'hypergeom_log_tail', 'value_counts', 'lemma_spread', 'Candidates', 'candidates',
-           'null_log_p', 'labels_at', 'feature_contexts', 'window_contexts', 'FeatureBookError', 'label_entry',
-           'feature_entry', 'check_feature_book', 'save_feature_book', 'load_feature_book']
+__all__ = ['LABEL_KINDS', 'CONCEPT_FIELDS', 'LABEL_FIELDS', 'category_names', 'word_category', 'TokenWindow', 'token_window',
+           'top_positions', 'random_positions', 'TopActivation', 'sae_encoder', 'top_activations_by_latent',
+           'top_activations', 'top_token_summary', 'FeatureLabel', 'FieldCodes', 'field_codes', 'hypergeom_log_tail',
+           'value_counts', 'lemma_spread', 'Candidates', 'candidates', 'null_log_p', 'labels_at', 'feature_contexts',
+           'window_contexts', 'check_method_name', 'FeatureBookError', 'label_entry', 'feature_entry',
+           'check_feature_book', 'save_feature_book', 'load_feature_book']
 
 # %% ../nbs/06_features.ipynb #ca144903
 def category_names(lexicon: Lexicon) -> list[str]:
@@ -349,7 +349,11 @@ def window_contexts(tokenizer, window: TokenWindow, values: Tensor, top_pos: Ten
     return out
 
 # %% ../nbs/06_features.ipynb #481bff59
-BOOK_METHODS = ("sae_track", "crosscoding", "topk")
+def check_method_name(method, source: str = "feature book") -> None:
+    "A book's `method` names the package that wrote it (e.g. `sae_track`): a lowercase identifier; this module names none."
+    if not (isinstance(method, str) and re.fullmatch(r"[a-z][a-z0-9_]*", method)):
+        raise FeatureBookError(f"{source}: method must be a lowercase identifier (the package that wrote the book, e.g. "
+                               f"'sae_track'); got {method!r}")
 
 class FeatureBookError(ValueError):
     "A feature book that does not follow the schema; the message names the file and the field."
@@ -369,7 +373,7 @@ def feature_entry(method: str, latent: int, labels: Sequence[FeatureLabel] | Non
                   formation_step: int | None = None, matches: Sequence[dict] = (), label: FeatureLabel | None = None,
                   key: str | None = None) -> dict:
     "One feature of a `method`'s book, id `method/key` (`key` defaults to `latent`); `label` defaults to the last of `labels`."
-    check_choice("method", method, BOOK_METHODS)
+    check_method_name(method, "feature_entry")
     final = label if label is not None else labels[-1] if labels else FeatureLabel("unlabelled", "")
     return dict(id=f"{method}/{latent if key is None else key}", latent=int(latent), label=label_entry(final),
                 labels=None if labels is None else [label_entry(l) for l in labels], **{"class": cls},
@@ -440,7 +444,7 @@ def _check_feature(source: str, field: str, f, n_ckpt: int) -> None:
 def check_feature_book(book, source: str = "feature book") -> dict:
     "Raise `FeatureBookError` naming `source` and the field unless `book` follows the feature-book schema; return it."
     _check_keys(source, "the book", book, {"method", "notebook", "site", "checkpoints", "features"})
-    if book["method"] not in BOOK_METHODS: _bad(source, "method", f"must be one of {list(BOOK_METHODS)}; got {book['method']!r}")
+    check_method_name(book["method"], source)
     for key in ("notebook", "site"):
         if not isinstance(book[key], str): _bad(source, key, "must be a string")
     if not isinstance(book["checkpoints"], list) or not book["checkpoints"]: _bad(source, "checkpoints", "must be a non-empty list")
