@@ -582,7 +582,9 @@ TINY = dict(words_per_domain=3000, eval_words_per_domain=400, d_sae=96, sae_batc
             link_tokens=256, cold_tokens=1024, first_warmup_steps=2, sae_context=32, analysis_tokens=1024,
             splice_tokens=256, n_top=5, n_random=20, n_drift_features=4, n_embed_features=3, device="cpu")
 REQUIRED = ("chain_links", "final_explained_variance", "max_dead_fraction", "warm_vs_cold_token_ratio",
-            "phase_boundaries_steps", "token_level_fraction_by_phase", "concept_level_fraction_by_phase", "pattern_counts")
+            "phase_boundaries_steps", "token_level_fraction_by_phase", "concept_level_fraction_by_phase", "pattern_counts",
+            "dead_fraction_per_link", "drift_vs_control", "phase_boundaries_by_fraction", "phase_boundary_problems",
+            "formation_sweep", "cold_tokens_to_match", "warm_vs_cold_censored", "n_final_live", "n_early_live")
 
 
 @pytest.fixture(scope="module")
@@ -608,18 +610,29 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     assert set(REQUIRED) <= set(metrics) and metrics["chain_links"] == 3 and metrics["site_layer"] == 1
     assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"8", "16"}
     assert sum(metrics["pattern_counts"].values()) == metrics["n_live_features"] > 0
+    assert {"discontinued", "silent"} <= set(metrics["pattern_counts"])
+    assert metrics["n_live_features"] >= max(metrics["n_final_live"], metrics["n_early_live"])  # followed: the union
+    assert metrics["pattern_counts"]["discontinued"] == metrics["n_live_features"] - metrics["n_final_live"]
+    assert set(metrics["dead_fraction_per_link"]) == {"0", "8", "16"}
+    assert metrics["max_dead_fraction"] == max(metrics["dead_fraction_per_link"].values())
+    assert set(metrics["phase_boundaries_by_fraction"]) == {"0.3", "0.5", "0.7", "0.9"}
+    assert all(r is not None for r in metrics["warm_vs_cold_token_ratio"].values())       # censored ones are bounds
+    assert set(metrics["cold_tokens_to_match"]["8"]) == {"explained_variance", "delta_ce"}
+    drift = metrics["drift_vs_control"]
+    assert drift["control_step"] == 16 and drift["control_links"] == 2 and len(drift["control_per_link"]) == 2
     assert set(metrics["token_level_fraction_by_phase"]) == {"initialisation", "emergent", "convergent"}
-    assert sorted(p.name for p in (tmp_path / "chain").iterdir() if p.is_dir()) == ["step0", "step16", "step8"]
+    assert sorted(p.name for p in (tmp_path / "chain").iterdir() if p.is_dir()) == ["control-step16-n2", "step0", "step16", "step8"]
     for name in ("saetrack_chain_link_metrics", "saetrack_fig_decoder_drift_histograms", "saetrack_fig_decoder_drift_curves",
                  "saetrack_fig_decoder_pca_trajectories", "saetrack_fig_progress_measure", "saetrack_fig_phases",
-                 "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold"):
+                 "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold",
+                 "saetrack_fig_drift_vs_control", "saetrack_fig_formation_sweep"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
     chain = json.loads((out / "chain_features.json").read_text())  # what 12_crosscoding matches its latents to
     assert (chain["format"], chain["site"], chain["site_layer"], chain["steps"]) == ("dyntrack-chain-features-v1", "resid_pre", 1, [0, 8, 16])
     assert [(c["step"], c["source"], c["revision"]) for c in chain["checkpoints"]] == [(s, REPO, f"step{s}") for s in (0, 8, 16)]
     assert all((Path(path) / "cfg.json").exists() for path in chain["sae_paths"]) and len(chain["sae_paths"]) == 3
-    assert len(chain["latents"]) == len(chain["formation_steps"]) == len(chain["final_labels"]) == metrics["n_live_features"]
-    assert chain["formation_steps"] == metrics["formation_steps"] and chain["d_model"] == 64
+    assert len(chain["latents"]) == len(chain["formation_steps"]) == len(chain["final_labels"]) == metrics["n_final_live"]
+    assert all(label["kind"] != "silent" for label in chain["final_labels"]) and chain["d_model"] == 64
 
 
 # --- dead latents, the control chain ----------------------------------------------------------------------
