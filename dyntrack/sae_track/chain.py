@@ -221,7 +221,7 @@ class ResamplingSae(SparseAutoencoder):
         super().__init__(cfg, device=device)
         self.every, self.until, self.n_step, self.resampled = every, until, 0, 0
         self.since = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # optimizer steps since each latent last fired
-        self.last_x = self.last_resid = None
+        self.last_resid = None                        # the last training batch's residuals x − x̂ [batch, d_model]
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0):
         "`SparseAutoencoder.forward`; a training step (gradients on) also records which latents fired and the residuals."
@@ -229,7 +229,7 @@ class ResamplingSae(SparseAutoencoder):
         if torch.is_grad_enabled():
             with torch.no_grad():
                 self.since = torch.where(out.code.fired(), 0, self.since.to(x.device) + 1)
-                self.last_x, self.last_resid = x.detach(), (x.float() - out.recon.float()).detach()
+                self.last_resid = (x.float() - out.recon.float()).detach()
         return out
 
     def after_step(self) -> None:
