@@ -608,7 +608,7 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     assert m["notebook"] == "11_sae_track" and m["profile"] == "smoke"
     metrics = m["metrics"]
     assert set(REQUIRED) <= set(metrics) and metrics["chain_links"] == 3 and metrics["site_layer"] == 1
-    assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"8", "16"}
+    assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"16"}
     assert sum(metrics["pattern_counts"].values()) == metrics["n_live_features"] > 0
     assert {"discontinued", "silent"} <= set(metrics["pattern_counts"])
     assert metrics["n_live_features"] >= max(metrics["n_final_live"], metrics["n_early_live"])  # followed: the union
@@ -617,7 +617,7 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     assert metrics["max_dead_fraction"] == max(metrics["dead_fraction_per_link"].values())
     assert set(metrics["phase_boundaries_by_fraction"]) == {"0.3", "0.5", "0.7", "0.9"}
     assert all(r is not None for r in metrics["warm_vs_cold_token_ratio"].values())       # censored ones are bounds
-    assert set(metrics["cold_tokens_to_match"]["8"]) == {"explained_variance", "delta_ce"}
+    assert set(metrics["cold_tokens_to_match"]["16"]) == {"explained_variance", "delta_ce"}
     drift = metrics["drift_vs_control"]
     assert drift["control_step"] == 16 and drift["control_links"] == 2 and len(drift["control_per_link"]) == 2
     assert set(metrics["token_level_fraction_by_phase"]) == {"initialisation", "emergent", "convergent"}

@@ -79,7 +79,8 @@ class SaeTrackMethod:
     sae_seed: int = 0                    # SAE initialisation, activation shuffling and token-window seed
 
     PROFILES = {"smoke": dict(d_sae=256, sae_batch_size=256, first_tokens=65536, link_tokens=8192, cold_tokens=32768,
-                              sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64, resample_every=8,
+                              sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64,
+                              resample_every=8, control_links=2, n_cold=1,
                               analysis_tokens=8192, splice_tokens=1024, n_random=50, n_drift_features=12, n_embed_features=4),
                 "paper": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000, n_cold=1,
                               resample_every=50, control_links=8,
