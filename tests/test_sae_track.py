@@ -15,14 +15,17 @@ from dyntrack.features import FeatureLabel, TokenWindow
 from dyntrack.models.presets import build_model, model_config
 from dyntrack.models.suite import CheckpointSuite, save_checkpoint
 from dyntrack.sae.model import SaeConfig, SparseAutoencoder, load_sae
+from dyntrack.sae.train import planted_sparse_data, train_sae
 from dyntrack.sae_track.chain import (
-    MEASURES, SaeCheck, SaeTrackParams, _link_acts, activation_scales, chain_key, check_sae, eval_steps, resolve_steps,
-    sae_configs, tokens_to_match, train_chain, warm_cold_curves)
+    MEASURES, ResamplingSae, SaeCheck, SaeTrackParams, _link_acts, activation_scales, chain_key, chain_sae, check_sae,
+    cold_match, eval_steps, resolve_steps, sae_configs, tokens_to_match, train_chain, train_control_chain, warm_cold_curves)
 from dyntrack.sae_track.analysis import (
-    PATTERNS, analyse_chain, analyse_checkpoint, decoder_cosines, decoder_pca, distinct_features,
-    embed_2d, feature_patterns, formation_step, mean_pairwise,
-    pairwise_similarity, pattern, pattern_counts, pattern_examples, phase_boundaries, phase_of, label_fractions,
-    progress_measure, progress_measures, random_positions, separation, top_positions)
+    PATTERNS, ChainAnalysis, analyse_chain, analyse_checkpoint, boundary_problems, decoder_cosines, decoder_pca,
+    distinct_features, drift_vs_control, embed_2d, feature_patterns, formation_step, formation_sweep, link_cosines,
+    mean_pairwise, overlap_pattern, pairwise_similarity, pattern_counts, pattern_examples, phase_boundaries, phase_of,
+    label_fractions, progress_measure, progress_measures, random_positions, separation, token_overlap, token_shares,
+    top_positions)
+from dyntrack.sae.model import evaluate_sae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 61
@@ -150,12 +153,17 @@ def test_progress_measure_bad_inputs():
 # --- formation steps and phases -----------------------------------------------------------------------------
 
 def test_formation_step_known_answers():
+    "The normalised rise: 0 at the trajectory's minimum, 1 at its maximum."
     steps = [0, 1, 2, 4, 8]
     assert formation_step(steps, [0.0, 0.2, 0.5, 0.7, 1.0]) == 2  # reaching exactly the fraction counts
     assert formation_step(steps, [0.0, 0.6, 0.4, 0.7, 1.0]) == 4  # dips back below: the later crossing
     assert formation_step(steps, [0.0, 0.2, 0.5, 0.7, 1.0], fraction=0.9) == 8
-    assert formation_step(steps, [2.0, 2.0, 2.0, 2.0, 2.0]) == 0
+    assert formation_step(steps, [1.0, 0.9, 1.2, 1.5, 1.9]) == 4  # starts high: the rise counts from its minimum 0.9
+    assert formation_step(steps, [2.0, 2.0, 2.0, 2.0, 2.0]) is None  # flat: nothing forms (not "at step 0")
+    assert formation_step(steps, [0.5, 0.51, 0.5, 0.52, 0.52], min_rise=0.05) is None  # a rise below min_rise is noise
+    assert formation_step(steps, [0.0, 0.5, 1.0, 0.8, 0.3]) is None  # rose, then fell back below half its rise
     assert formation_step(steps, torch.tensor([1.0, 0.5, 0.2, 0.0, 0.0])) is None
+    with pytest.raises(ParamError, match="min_rise"): formation_step(steps, [1.0] * 5, min_rise=-1)
     with pytest.raises(ParamError, match="steps and values"): formation_step(steps, [1.0, 2.0])
     with pytest.raises(ParamError, match="fraction"): formation_step(steps, [1.0] * 5, fraction=1.5)
 
@@ -168,32 +176,93 @@ def test_phase_boundaries_known_answers():
     with pytest.raises(ParamError, match="quantiles"): phase_boundaries([1, 2], quantiles=(0.9, 0.1))
 
 
+def test_formation_sweep_on_a_constructed_curve():
+    "Concept features rising between steps 4 and 16, token features high and flat: the sweep moves with the fraction."
+    steps = [0, 1, 2, 4, 8, 16, 32, 64]
+    rise = torch.tensor([0.0, 0.0, 0.0, 0.2, 0.5, 0.8, 1.0, 1.0])                # one planted curve, then delays
+    concept = torch.stack([rise, torch.cat([rise[:1], rise[:-1]]), torch.cat([rise[:2], rise[:-2]])], 1)
+    token = torch.full((8, 2), 0.9) + 0.001 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    sweep = formation_sweep(steps, torch.cat([concept, token], 1), ["concept"] * 3 + ["token"] * 2, (0.3, 0.5, 0.7, 0.9),
+                            quantiles=(0.0, 1.0), min_rise=0.05)
+    assert sweep[0.3]["formation_steps"] == [8, 16, 32, None, None]   # ≥ 0.3 from 0.5 on, one checkpoint later each
+    assert sweep[0.5]["formation_steps"] == [8, 16, 32, None, None]
+    assert sweep[0.7]["formation_steps"] == [16, 32, 64, None, None]
+    assert sweep[0.9]["formation_steps"] == [32, 64, 64, None, None]
+    assert sweep[0.5]["boundaries"] == [8, 32] and sweep[0.5]["problems"] == []
+    assert sweep[0.9]["boundaries"] == [32, 64] and sweep[0.9]["problems"] == ["empty convergent phase: b2 is the last checkpoint (step 64)"]
+    assert sweep[0.5]["by_kind"]["token"] == dict(n=2, n_formed=0, median_step=None, boundaries=None, problems=["no feature forms"])
+    assert sweep[0.5]["by_kind"]["concept"]["median_step"] == 16 and set(sweep[0.5]["by_kind"]) == {"concept", "token"}
+    same = formation_sweep(steps, concept[:, :1].repeat(1, 4), ["concept"] * 4, (0.5,))
+    assert same[0.5]["boundaries"] == [8, 8] and same[0.5]["problems"][0].startswith("empty emergent phase: b1 = b2 = step 8, where 100%")
+    assert boundary_problems([2, 4], (2, 4), steps) == []
+    with pytest.raises(ParamError, match="measure"): formation_sweep(steps, torch.ones(3, 2), ["token"] * 2, (0.5,))
+    with pytest.raises(ParamError, match="final_kinds"): formation_sweep(steps, torch.ones(8, 2), ["token"], (0.5,))
+
+
+def test_planted_feature_forms_at_the_planted_step():
+    "Top positions that become alike at step 16 (through the centred progress measure): the feature forms at step 16."
+    gen, steps, planted = torch.Generator().manual_seed(3), [0, 1, 2, 4, 8, 16, 32, 64], 5  # aligned from index 5 on
+    top, rand, curve = torch.arange(12)[None], torch.arange(100, 160), []
+    offset = torch.full((16,), 4.0)                                     # anisotropy: every position shares it
+    for t in range(len(steps)):
+        acts = torch.randn(300, 16, generator=gen) + offset
+        if t >= planted: acts[:12] = offset + 3 * torch.eye(16)[0] + 0.1 * torch.randn(12, 16, generator=gen)
+        prog, *_ = analyse_checkpoint(exact_sae(16), acts, torch.tensor([0]), top, rand, [None] * 300, 12, 0.6)
+        curve.append(prog["activation_cosine"].item())
+    assert formation_step(steps, curve, 0.5, min_rise=0.1) == steps[planted] == 16
+    assert max(curve[:planted]) < 0.2 < 0.8 < min(curve[planted:])      # centred: the shared offset is no structure
+
 # --- patterns -------------------------------------------------------------------------------------------
 
 def info(lemma, pos="noun", category="animal", number="sg", word=None):
     return WordInfo(word or lemma, lemma, pos, category, number, None, 1, None, ())
 
 
-def test_pattern_known_answers():
-    "Maintaining and shifting need a label at both ends; unlabelled or silent at the end, or silent at first, is other."
+def test_overlap_pattern_on_constructed_trajectories():
+    "Patterns read from the top tokens at every checkpoint, with silent as a state of its own."
     U, S = FeatureLabel("unlabelled", ""), FeatureLabel("silent", "")
     dog, cat = FeatureLabel("token", "dog", 0.9), FeatureLabel("token", "cat", 0.9)
-    animal, sg = FeatureLabel("concept", "category=animal", 0.8), FeatureLabel("concept", "number=sg", 0.7)
-    assert pattern(dog, FeatureLabel("token", "dog", 0.6)) == "maintaining"  # the same meaning, whatever its purity
-    assert pattern(dog, cat) == "shifting"
-    assert pattern(dog, animal) == "shifting"    # token -> concept is a shift even when the tokens fit the concept
-    assert pattern(sg, animal) == "shifting"     # another value is another meaning
-    assert pattern(U, animal) == "grouping"
-    assert pattern(U, dog) == "other" and pattern(dog, U) == "other" and pattern(U, U) == "other"
-    assert pattern(S, animal) == "other" and pattern(S, dog) == "other" and pattern(dog, S) == "other"
-    with pytest.raises(ParamError, match="final.kind='pure'"): pattern(dog, FeatureLabel("pure", "dog"))
+    animal = FeatureLabel("concept", "category=animal", 0.8)
+    DOG, CAT, MIX, ANIMALS = {1: 1.0}, {2: 1.0}, {t: 0.2 for t in range(5, 10)}, {1: 0.4, 2: 0.3, 3: 0.3}
+    assert token_overlap(DOG, ANIMALS) == pytest.approx(0.4) and token_overlap(MIX, ANIMALS) == 0.0
+    assert overlap_pattern([DOG] * 4, [dog] * 4) == "maintaining"
+    assert overlap_pattern([DOG, CAT, CAT, DOG], [dog, cat, cat, dog]) == "shifting"  # the ends agree, the middle does not
+    assert overlap_pattern([DOG, DOG, ANIMALS], [dog, dog, animal]) == "shifting"      # token → concept (overlap 0.4)
+    assert overlap_pattern([MIX, MIX, ANIMALS], [U, U, animal]) == "grouping"
+    assert overlap_pattern([MIX, CAT], [U, cat]) == "other"                          # scattered → token-level
+    assert overlap_pattern([DOG, CAT], [dog, U]) == "other"                          # unlabelled at the end
+    assert overlap_pattern([{}, DOG, {}, DOG], [S, dog, S, dog]) == "maintaining"     # silent stretches are no change
+    assert overlap_pattern([{}, CAT, DOG], [S, cat, dog]) == "shifting"               # born late: its first live state
+    assert overlap_pattern([DOG, DOG, {}], [dog, dog, S]) == "discontinued"
+    assert overlap_pattern([{}, {}], [S, S]) == "silent"
+    assert overlap_pattern([DOG, {1: 0.6, 4: 0.4}], [dog, dog], threshold=0.5) == "maintaining"
+    assert overlap_pattern([DOG, {1: 0.6, 4: 0.4}], [dog, dog], threshold=0.7) == "shifting"
+    with pytest.raises(ParamError, match="one entry per checkpoint"): overlap_pattern([DOG], [dog, dog])
+    with pytest.raises(ParamError, match="label kind 'pure'"): overlap_pattern([DOG], [FeatureLabel("pure", "dog")])
+    assert token_shares(torch.tensor([1, 1, 2, 3]), torch.tensor([1.0, 2.0, 0.5, 0.0])) == {1: 2 / 3, 2: 1 / 3}
+    assert token_shares(torch.tensor([1, 2]), torch.zeros(2)) == {}
+
+
+def test_feature_patterns_on_a_constructed_analysis():
+    "feature_patterns reads the window's tokens at each checkpoint's top positions."
+    token_ids = torch.tensor([1, 1, 1, 2, 2, 2, 5, 6, 7])               # positions 0-2: dog, 3-5: cat, 6-8: three words
+    pos = torch.tensor([[[0, 1, 2], [0, 1, 2], [6, 7, 8], [0, 1, 2]],   # [T=3, F=4, k=3]
+                        [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]],
+                        [[0, 1, 2], [3, 4, 5], [0, 3, 4], [0, 1, 2]]])
+    values = torch.ones(3, 4, 3)
+    values[2, 3] = 0                                                     # feature 3 is silent at the end
+    dog, cat, U, S = FeatureLabel("token", "dog"), FeatureLabel("token", "cat"), FeatureLabel("unlabelled", ""), FeatureLabel("silent", "")
+    animal = FeatureLabel("concept", "category=animal")
+    labels = [[dog, dog, U, dog], [dog, cat, U, dog], [dog, cat, animal, S]]
+    an = ChainAnalysis([0, 1, 2], [], torch.arange(4), pos[-1], torch.arange(3), {}, labels, values, pos)
+    assert feature_patterns(an, token_ids) == ["maintaining", "shifting", "grouping", "discontinued"]
 
 
 def test_pattern_counts_examples_distinct():
     dog, cat = FeatureLabel("token", "dog", 0.7), FeatureLabel("token", "cat", 0.9)
     U, S = FeatureLabel("unlabelled", ""), FeatureLabel("silent", "")
-    pats = ["shifting", "maintaining", "maintaining", "other", "other"]
-    assert pattern_counts(pats) == dict(maintaining=2, shifting=1, grouping=0, other=2)
+    pats = ["shifting", "maintaining", "maintaining", "other", "discontinued"]
+    assert pattern_counts(pats) == dict(maintaining=2, shifting=1, grouping=0, other=1, discontinued=1, silent=0)
     with pytest.raises(ParamError, match="unknown pattern"): pattern_counts(["drifting"])
     finals = [dog, cat, FeatureLabel("token", "dog", 0.95), U, S]
     assert pattern_examples(pats, finals) == dict(maintaining=2, shifting=0, grouping=None)
@@ -208,11 +277,15 @@ def test_params_derive_and_reject():
     assert SaeTrackParams(link_tokens=5000, sae_batch_size=1000).link_tokens == 5000
     first, link, cold = sae_configs(p, d_model=64)
     assert first.d_sae == 16 * 64 and (link.n_tokens, link.lr, link.warmup_steps) == (10_000, p.link_lr, 3)
-    assert cold.n_tokens == 100_000 and cold.lr == first.lr and first.dead_tokens == 10_000
+    assert cold.n_tokens == 100_000 + p.first_warmup_steps * 1000 and cold.lr == first.lr  # its budget past its warm-up
+    assert first.dead_tokens == 10_000
     assert sae_configs(SaeTrackParams(d_sae=300), 64)[0].d_sae == 300
     for bad, match in ((dict(kind="gated"), "kind"), (dict(n_top=1), "n_top"), (dict(phase_quantiles=(0.5,)), "phase_quantiles"),
                        (dict(link_lr=0.0), "link_lr"), (dict(label_threshold=1.2), "label_threshold"),
-                       (dict(first_tokens=1000), "first_tokens"), (dict(suite="nowhere"), "suite")):
+                       (dict(first_tokens=1000), "first_tokens"), (dict(suite="nowhere"), "suite"),
+                       (dict(formation_fractions=(0.5, 1.0)), "formation_fractions"), (dict(formation_fractions=()), "formation_fractions"),
+                       (dict(resample_every=-1), "resample_every"), (dict(overlap_threshold=2.0), "overlap_threshold"),
+                       (dict(control_links=-1), "control_links")):
         with pytest.raises(ParamError, match=match): SaeTrackParams(**bad)
 
 
@@ -374,6 +447,18 @@ def test_eval_steps_and_tokens_to_match():
     assert tokens_to_match(curve, 0.3, key="explained_variance") == 256
 
 
+def test_tokens_to_match_on_delta_ce_and_cold_match():
+    curve = [dict(tokens=64 * 2**i, delta_ce=v, explained_variance=e) for i, (v, e) in enumerate([(3.0, 0.1), (1.0, 0.5), (0.2, 0.8)])]
+    assert tokens_to_match(curve, 1.0, key="delta_ce") == 128 and tokens_to_match(curve, 0.1, key="delta_ce") is None
+    warm = [dict(tokens=0, delta_ce=2.0, explained_variance=0.3), dict(tokens=32, delta_ce=0.9, explained_variance=0.6)]
+    assert cold_match(warm, curve, 32, "delta_ce") == dict(target=0.9, cold_final=0.2, tokens_to_match=256, ratio=8.0, censored=False)
+    assert cold_match(warm, curve, 32) == dict(target=0.6, cold_final=0.8, tokens_to_match=256, ratio=8.0, censored=False)
+    never = cold_match([dict(tokens=32, explained_variance=0.95)], curve, 32)   # the cold start never gets there
+    assert never["censored"] and never["tokens_to_match"] is None and never["ratio"] == 256 / 32  # a lower bound
+    with pytest.raises(ParamError, match="link_tokens"): cold_match(warm, curve, 0)
+    with pytest.raises(ParamError, match="warm and cold"): cold_match([], curve, 32)
+
+
 def test_warm_cold_curves_repeat_the_link(suite, tmp_path):
     first, link, cold = chain_cfg(kind="relu", l1_coef=1e-3), chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=64, lr=1e-3), \
         chain_cfg(kind="relu", l1_coef=1e-3, n_tokens=128)
@@ -412,10 +497,14 @@ def test_analyse_checkpoint_planted_feature():
     infos = [info("dog")] * 10 + [info("cat")] * 190
     prog, labels, values, pos = analyse_checkpoint(exact_sae(8), acts, torch.tensor([0]), top, rand, infos, 10, 0.6)
     z = torch.cat([acts.relu(), (-acts).relu()], 1)                            # exact_sae's latents [200, 16]
-    # identical top representations: their mean similarity is 1, so M = 1 − the random positions' mean similarity
-    assert prog["activation_cosine"].item() == pytest.approx(1 - mean_pairwise(acts[rand]), abs=1e-5)
-    for kind in ("cosine", "jaccard", "weighted_jaccard"):
+    # identical top representations: their mean similarity is 1, so M = 1 − the random positions' mean similarity;
+    # cosines are taken after the window's mean is subtracted (identical rows stay identical)
+    assert prog["activation_cosine"].item() == pytest.approx(1 - mean_pairwise(acts[rand] - acts.mean(0)), abs=1e-5)
+    assert prog["feature_cosine"].item() == pytest.approx(1 - mean_pairwise(z[rand] - z.mean(0)), abs=1e-5)
+    for kind in ("jaccard", "weighted_jaccard"):
         assert prog[f"feature_{kind}"].item() == pytest.approx(1 - mean_pairwise(z[rand], kind), abs=1e-5)
+    raw, *_ = analyse_checkpoint(exact_sae(8), acts, torch.tensor([0]), top, rand, infos, 10, 0.6, centred=False)
+    assert raw["activation_cosine"].item() == pytest.approx(1 - mean_pairwise(acts[rand]), abs=1e-5)
     assert set(pos[0].tolist()) == set(range(10)) and labels[0][:3] == ("token", "dog", 1.0)  # latent 0 = relu(x_0)
     assert labels[0].base_rate == pytest.approx(0.05) and labels[0].p_value == pytest.approx(1 / math.comb(200, 10))  # 10 of 200
     assert values.shape == (1, 10) and (values == 3.0).all()
@@ -435,20 +524,25 @@ def test_analyse_chain_invariants(suite, trained_chain, monkeypatch):
     an = analyse_chain(suite, trained_chain, 1, window, {0: 1.0, 10: 2.0, 20: 0.5}, ids[:4], n_top=5, n_random=20)
     monkeypatch.undo()
     assert sorted(loaded) == [0, 10, 20]                                      # every checkpoint's model loaded once
-    n_live = len(an.live)
+    n_live, fl = len(an.live), an.final_live
     assert an.steps == [0, 10, 20] and n_live > 0 and an.top_final.shape == (n_live, 5)
     assert {k: tuple(v.shape) for k, v in an.progress.items()} == {m: (3, n_live) for m in MEASURES}
     assert an.top_values.shape == an.top_pos.shape == (3, n_live, 5) and len(an.labels) == 3
     final_sae = load_sae(trained_chain[-1])
     z = final_sae.encode(window_acts(suite.load_model(suite[2]), ids, 1, 0.5)).latents
-    assert ((z[:, an.live] > 0).sum(0) >= 5).all() and ((z > 0).sum(0) >= 5).sum() == n_live  # live = fires at ≥ n_top
-    assert torch.equal(an.top_pos[-1], an.top_final)                          # the last SAE is the final SAE
+    assert ((z[:, an.live[fl]] > 0).sum(0) >= 5).all() and ((z > 0).sum(0) >= 5).sum() == fl.sum()  # live = fires at ≥ n_top
+    first_sae = load_sae(trained_chain[0])                                    # followed too: live under the early link
+    z0 = first_sae.encode(window_acts(suite.load_model(suite[0]), ids, 1, 1.0)).latents
+    early = ((z0 > 0).sum(0) >= 5).nonzero().squeeze(1)
+    assert torch.equal(an.live[an.early_live], early) and torch.equal(an.live, torch.unique(torch.cat([an.live[fl], early])))
+    assert torch.equal(an.top_pos[-1][fl], an.top_final[fl])                  # the last SAE is the final SAE
+    assert all(an.labels[-1][f].kind == "silent" for f in (~fl).nonzero().squeeze(1).tolist())
     for label, vals, pos in zip(an.labels[-1], an.top_values[-1], an.top_pos[-1]):   # labels read the top tokens
         if label.kind == "token":
             toks = Counter(window.token_ids[p].item() for v, p in zip(vals, pos) if v > 0)
             assert f"w{toks.most_common(1)[0][0]}" == label.value
-    patterns = feature_patterns(an)
-    assert len(patterns) == n_live and set(patterns) <= set(PATTERNS)
+    patterns = feature_patterns(an, window.token_ids)
+    assert len(patterns) == n_live and set(patterns) <= set(PATTERNS) and patterns.count("discontinued") == (~fl).sum()
     assert an.checks[-1] == check_sae(suite.load_model(suite[2]), final_sae, window_acts(suite.load_model(suite[2]), ids, 1, 0.5),
                                       ids[:4], 1, 0.5)
 
@@ -488,7 +582,9 @@ TINY = dict(words_per_domain=3000, eval_words_per_domain=400, d_sae=96, sae_batc
             link_tokens=256, cold_tokens=1024, first_warmup_steps=2, sae_context=32, analysis_tokens=1024,
             splice_tokens=256, n_top=5, n_random=20, n_drift_features=4, n_embed_features=3, device="cpu")
 REQUIRED = ("chain_links", "final_explained_variance", "max_dead_fraction", "warm_vs_cold_token_ratio",
-            "phase_boundaries_steps", "token_level_fraction_by_phase", "concept_level_fraction_by_phase", "pattern_counts")
+            "phase_boundaries_steps", "token_level_fraction_by_phase", "concept_level_fraction_by_phase", "pattern_counts",
+            "dead_fraction_per_link", "drift_vs_control", "phase_boundaries_by_fraction", "phase_boundary_problems",
+            "formation_sweep", "cold_tokens_to_match", "warm_vs_cold_censored", "n_final_live", "n_early_live")
 
 
 @pytest.fixture(scope="module")
@@ -512,17 +608,94 @@ def test_notebook_runs_on_a_hub_suite(tmp_path, hub, monkeypatch):
     assert m["notebook"] == "11_sae_track" and m["profile"] == "smoke"
     metrics = m["metrics"]
     assert set(REQUIRED) <= set(metrics) and metrics["chain_links"] == 3 and metrics["site_layer"] == 1
-    assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"8", "16"}
+    assert [link["step"] for link in metrics["links"]] == [0, 8, 16] and set(metrics["warm_vs_cold_token_ratio"]) == {"16"}
     assert sum(metrics["pattern_counts"].values()) == metrics["n_live_features"] > 0
+    assert {"discontinued", "silent"} <= set(metrics["pattern_counts"])
+    assert metrics["n_live_features"] >= max(metrics["n_final_live"], metrics["n_early_live"])  # followed: the union
+    assert metrics["pattern_counts"]["discontinued"] == metrics["n_live_features"] - metrics["n_final_live"]
+    assert set(metrics["dead_fraction_per_link"]) == {"0", "8", "16"}
+    assert metrics["max_dead_fraction"] == max(metrics["dead_fraction_per_link"].values())
+    assert set(metrics["phase_boundaries_by_fraction"]) == {"0.3", "0.5", "0.7", "0.9"}
+    assert all(r is not None for r in metrics["warm_vs_cold_token_ratio"].values())       # censored ones are bounds
+    assert set(metrics["cold_tokens_to_match"]["16"]) == {"explained_variance", "delta_ce"}
+    drift = metrics["drift_vs_control"]
+    assert drift["control_step"] == 16 and drift["control_links"] == 2 and len(drift["control_per_link"]) == 2
     assert set(metrics["token_level_fraction_by_phase"]) == {"initialisation", "emergent", "convergent"}
-    assert sorted(p.name for p in (tmp_path / "chain").iterdir() if p.is_dir()) == ["step0", "step16", "step8"]
+    assert sorted(p.name for p in (tmp_path / "chain").iterdir() if p.is_dir()) == ["control-step16-n2", "step0", "step16", "step8"]
     for name in ("saetrack_chain_link_metrics", "saetrack_fig_decoder_drift_histograms", "saetrack_fig_decoder_drift_curves",
                  "saetrack_fig_decoder_pca_trajectories", "saetrack_fig_progress_measure", "saetrack_fig_phases",
-                 "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold"):
+                 "saetrack_fig_semantic_evolution", "saetrack_fig_embedding_pca", "saetrack_fig_warm_vs_cold",
+                 "saetrack_fig_drift_vs_control", "saetrack_fig_formation_sweep"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
     chain = json.loads((out / "chain_features.json").read_text())  # what 12_crosscoding matches its latents to
     assert (chain["format"], chain["site"], chain["site_layer"], chain["steps"]) == ("dyntrack-chain-features-v1", "resid_pre", 1, [0, 8, 16])
     assert [(c["step"], c["source"], c["revision"]) for c in chain["checkpoints"]] == [(s, REPO, f"step{s}") for s in (0, 8, 16)]
     assert all((Path(path) / "cfg.json").exists() for path in chain["sae_paths"]) and len(chain["sae_paths"]) == 3
-    assert len(chain["latents"]) == len(chain["formation_steps"]) == len(chain["final_labels"]) == metrics["n_live_features"]
-    assert chain["formation_steps"] == metrics["formation_steps"] and chain["d_model"] == 64
+    assert len(chain["latents"]) == len(chain["formation_steps"]) == len(chain["final_labels"]) == metrics["n_final_live"]
+    assert all(label["kind"] != "silent" for label in chain["final_labels"]) and chain["d_model"] == 64
+
+
+# --- dead latents, the control chain ----------------------------------------------------------------------
+
+def test_resampler_revives_dead_latents():
+    "Latents killed by a large negative bias stay dead in a plain SAE and are revived by the resampler."
+    data = planted_sparse_data(8192, d_model=8, n_features=16, k=2, seed=0)
+    cfg = SaeConfig(d_model=8, d_sae=32, l1_coef=1e-3, batch_size=64, n_tokens=4096, lr=1e-2, warmup_steps=1, b_dec_init="zeros")
+    plain, resampling = chain_sae(cfg), chain_sae(cfg, resample_every=8, resample_until=0.5)
+    assert type(plain) is SparseAutoencoder and isinstance(resampling, ResamplingSae)
+    for sae in (plain, resampling):
+        with torch.no_grad(): sae.b_enc[:16] = -100.0
+        train_sae(sae, data.x.split(64), cfg)
+    before, after = (evaluate_sae(sae, [data.x]).dead_fraction for sae in (plain, resampling))
+    assert before >= 0.5 and after < 0.2 and resampling.resampled >= 16
+    assert (resampling.W_dec.norm(dim=1) - 1).abs().max() < 1e-5        # resampled rows keep the unit-norm decoder
+    assert evaluate_sae(resampling, [data.x]).explained_variance > evaluate_sae(plain, [data.x]).explained_variance
+
+
+def test_resampler_stops_and_checks():
+    cfg = SaeConfig(d_model=8, d_sae=16, l1_coef=1e-3, batch_size=32, n_tokens=32 * 40, lr=1e-2, warmup_steps=1)
+    sae = ResamplingSae(cfg, every=4, until=0.5)
+    counts = []
+    sae.resample = lambda: counts.append(sae.n_step) or 0                # record the steps it resamples at
+    train_sae(sae, torch.randn(32 * 40, 8).split(32), cfg)
+    assert counts == [4, 8, 12, 16, 20]                                 # every 4 steps, up to half of 40
+    with pytest.raises(ParamError, match="every"): ResamplingSae(cfg, every=0)
+    with pytest.raises(ParamError, match="until"): ResamplingSae(cfg, every=2, until=1.5)
+    with pytest.raises(ParamError, match="resample_every"): chain_sae(cfg, resample_every=-1)
+
+
+def test_chain_with_resampling_saves_plain_saes(suite, tmp_path):
+    paths = train_chain(suite, 1, tokens, chain_cfg(kind="relu", l1_coef=1e-3), chain_cfg(kind="relu", l1_coef=1e-3),
+                        tmp_path, steps=[0, 10], resample_every=1)
+    assert all(type(load_sae(p)) is SparseAutoencoder for p in paths)
+
+
+def test_fixed_checkpoint_chain_drifts_less_than_the_real_chain(suite, tmp_path):
+    "Links on one checkpoint move decoder rows less than links across checkpoints whose activations differ."
+    first, link = chain_cfg(n_tokens=2048, lr=1e-2), chain_cfg(n_tokens=1024, lr=1e-2)
+    def long_tokens(ckpt):
+        return torch.randint(0, VOCAB, (512, 9), generator=torch.Generator().manual_seed(ckpt.step)).split(4)
+    chain = train_chain(suite, 1, long_tokens, first, link, tmp_path / "chain")
+    control = train_control_chain(suite, 0, chain[0], 1, long_tokens, link, tmp_path / "control", token_steps=[10, 20])
+    assert control[0] == chain[0] and [p.parent.name for p in control[1:]] == ["link0", "link1"]
+    W, C = [load_sae(p).W_dec for p in chain], [load_sae(p).W_dec for p in control]
+    d = drift_vs_control(W, C, torch.arange(32), end=-1)
+    control_0 = drift_vs_control(W[:1] + W[1:], C, torch.arange(32), end=2)
+    assert d["n_links"] == 2 and d["control_over_n"] < 0.5 * d["chain_over_n"]  # the chain's checkpoints differ (other seeds)
+    assert control_0 == d and len(d["chain_per_link"]) == 2 and len(d["control_per_link"]) == 2
+    mtime = control[1].stat().st_mtime_ns                                # finished control links are reused
+    assert train_control_chain(suite, 0, chain[0], 1, long_tokens, link, tmp_path / "control", [10, 20]) == control
+    assert control[1].stat().st_mtime_ns == mtime
+    with pytest.raises(ParamError, match="token_steps"): train_control_chain(suite, 0, chain[0], 1, long_tokens, link, tmp_path, [])
+
+
+def test_link_cosines_and_drift_checks():
+    gen = torch.Generator().manual_seed(0)
+    A, B, shared = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen), 20 * torch.randn(4, generator=gen)
+    torch.testing.assert_close(link_cosines([A, B]), torch.nn.functional.cosine_similarity(A, B, dim=-1)[None])
+    assert link_cosines([A + shared, B + shared]).mean() > 0.9 > link_cosines([A + shared, B + shared], centred=True).mean()
+    torch.testing.assert_close(decoder_cosines([A + shared, A + shared], centred=True), torch.ones(2, 6))
+    with pytest.raises(ParamError, match="at least two"): link_cosines([A])
+    with pytest.raises(ParamError, match="control_W"): drift_vs_control([A, B], [A], torch.arange(6))
+    with pytest.raises(ParamError, match="differ"): drift_vs_control([A, B], [A[:, :3], A[:, :3]], torch.arange(6))
+    with pytest.raises(ParamError, match="no link before"): drift_vs_control([A, B], [A, B], torch.arange(6), end=0)

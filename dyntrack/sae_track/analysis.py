@@ -22,10 +22,11 @@ from ..sae.model import SparseAutoencoder, load_sae
 from .chain import MEASURES, SaeCheck, check_sae
 
 # %% auto #0
-__all__ = ['SIMILARITIES', 'PHASES', 'PATTERNS', 'LABELLED', 'decoder_cosines', 'decoder_pca', 'pairwise_similarity',
-           'mean_pairwise', 'progress_measure', 'progress_measures', 'formation_step', 'phase_boundaries', 'phase_of',
-           'label_fractions', 'pattern', 'pattern_counts', 'pattern_examples', 'distinct_features', 'ChainAnalysis',
-           'analyse_checkpoint', 'analyse_chain', 'feature_patterns', 'embed_2d', 'separation']
+__all__ = ['SIMILARITIES', 'PHASES', 'PATTERNS', 'LABELLED', 'decoder_cosines', 'link_cosines', 'decoder_pca', 'drift_vs_control',
+           'pairwise_similarity', 'mean_pairwise', 'progress_measure', 'progress_measures', 'formation_step',
+           'phase_boundaries', 'phase_of', 'label_fractions', 'boundary_problems', 'formation_sweep', 'token_shares',
+           'token_overlap', 'overlap_pattern', 'pattern_counts', 'pattern_examples', 'distinct_features',
+           'ChainAnalysis', 'analyse_checkpoint', 'analyse_chain', 'feature_patterns', 'embed_2d', 'separation']
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #bddf323e
 def _stack_decoders(W_decs: Sequence[Tensor]) -> Tensor:
@@ -36,10 +37,22 @@ def _stack_decoders(W_decs: Sequence[Tensor]) -> Tensor:
         raise ParamError(f"W_decs must all be [d_sae, d_model] with one shape; got shapes {sorted(shapes)}")
     return torch.stack([W.detach().float().cpu() for W in W_decs])
 
-def decoder_cosines(W_decs: Sequence[Tensor]) -> Tensor:
-    "cos(W_dec^t[i], W_dec^T[i]) for each checkpoint t and feature i: [T, d_sae]."
+def _centred(W: Tensor) -> Tensor:
+    "Decoders [T, d_sae, d_model] less each checkpoint's mean decoder row (the direction all features share)."
+    return W - W.mean(1, keepdim=True)
+
+def decoder_cosines(W_decs: Sequence[Tensor], centred: bool = False) -> Tensor:
+    "cos(W_dec^t[i], W_dec^T[i]) for each checkpoint t and feature i: [T, d_sae]; `centred`: less each mean row first."
     W = _stack_decoders(W_decs)  # [T, d_sae, d_model]
+    if centred: W = _centred(W)
     return F.cosine_similarity(W, W[-1:], dim=-1)
+
+def link_cosines(W_decs: Sequence[Tensor], centred: bool = False) -> Tensor:
+    "cos(W_dec^t[i], W_dec^{t+1}[i]) for each link t → t+1 and feature i: [T − 1, d_sae]."
+    W = _stack_decoders(W_decs)
+    if len(W) < 2: raise ParamError(f"W_decs has {len(W)} decoder; link cosines need at least two")
+    if centred: W = _centred(W)
+    return F.cosine_similarity(W[1:], W[:-1], dim=-1)
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #bb198027
 def decoder_pca(W_decs: Sequence[Tensor], latent: int) -> Tensor:
@@ -52,6 +65,27 @@ def decoder_pca(W_decs: Sequence[Tensor], latent: int) -> Tensor:
     coords = U[:, :2] * S[:2]                        # [T, min(2, T, d_model)]
     coords = coords * torch.where(coords[-1] - coords[0] < 0, -1.0, 1.0)
     return F.pad(coords, (0, 2 - coords.shape[1]))   # [T, 2]
+
+# %% ../../nbs/11b_sae_track_analysis.ipynb #8c7721ab
+def _median(x: Tensor) -> float: return x.median().item()
+
+def drift_vs_control(chain_W: Sequence[Tensor], control_W: Sequence[Tensor], latents: Tensor, end: int = -1,
+                     centred: bool = True) -> dict:
+    "Decoder drift (1 − cos, median over `latents`) of the chain and of its control chain, per link and over the control's links."
+    W, C = _stack_decoders(chain_W), _stack_decoders(control_W)
+    if W.shape[1:] != C.shape[1:]: raise ParamError(f"chain decoders {tuple(W.shape[1:])} and control decoders {tuple(C.shape[1:])} differ")
+    if len(C) < 2: raise ParamError("control_W needs the control's start and at least one link")
+    end = end % len(W)
+    n = min(len(C) - 1, end)                                           # the chain's links that end at the control's start
+    if n == 0: raise ParamError(f"end={end}: the chain has no link before the control's checkpoint")
+    if centred: W, C = _centred(W), _centred(C)
+    W, C = W[:, latents], C[:, latents]
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)
+    real_n, control_n = _median(1 - cos(W[end - n], W[end])), _median(1 - cos(C[0], C[n]))
+    return dict(n_links=n, centred=centred, chain_per_link=[_median(1 - cos(W[t], W[t + 1])) for t in range(len(W) - 1)],
+                control_per_link=[_median(1 - cos(C[j], C[j + 1])) for j in range(len(C) - 1)],
+                chain_over_n=real_n, control_over_n=control_n, chain_whole=_median(1 - cos(W[0], W[-1])),
+                ratio=real_n / control_n if control_n > 0 else None)
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #63c6c80a
 SIMILARITIES = ("cosine", "jaccard", "weighted_jaccard")
@@ -116,15 +150,20 @@ def progress_measures(reps: Tensor, reps_random: Tensor, kind: str = "cosine", m
     return top - _mean_pairwise_batched(reps_random[None], kind)
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #e5b0d683
-def formation_step(steps: Sequence[int], values: Sequence[float] | Tensor, fraction: float = 0.5) -> int | None:
-    "First step from which `values` stay ≥ `fraction` × the final value; None when the final value is ≤ 0."
+def formation_step(steps: Sequence[int], values: Sequence[float] | Tensor, fraction: float = 0.5,
+                   min_rise: float = 0.0) -> int | None:
+    "First step from which `values` stay ≥ `fraction` of their rise (min → max); None if they rise ≤ `min_rise` or end below."
     values = torch.as_tensor(values, dtype=torch.float64)
     if len(steps) != len(values) or len(steps) == 0:
         raise ParamError(f"steps and values need the same non-zero length; got {len(steps)} and {len(values)}")
     check_range("fraction", fraction, lo=0, hi=1)
-    if values[-1] <= 0: return None
-    below = (values < fraction * values[-1]).nonzero()
-    return int(steps[0 if len(below) == 0 else below[-1].item() + 1])
+    check_range("min_rise", min_rise, lo=0)
+    lo, hi = values.min(), values.max()
+    if hi - lo <= min_rise or hi == lo: return None                     # flat: nothing forms
+    below = ((values - lo) / (hi - lo) < fraction).nonzero()
+    if len(below) == 0: return int(steps[0])                            # fraction = 0
+    last = below[-1].item()
+    return None if last == len(values) - 1 else int(steps[last + 1])
 
 def phase_boundaries(formation_steps: Iterable[int | None], quantiles: tuple[float, float] = (0.1, 0.9)) -> tuple[int, int]:
     "Start and end of the emergent phase: the `quantiles` of the formation steps of features that form (None ignored)."
@@ -155,17 +194,68 @@ def label_fractions(kinds: Sequence[Sequence[str]], phases: Sequence[str]) -> di
         out[phase] = {k: counts[k] / total for k in LABEL_KINDS} if total else None
     return out
 
+# %% ../../nbs/11b_sae_track_analysis.ipynb #a14be652
+def boundary_problems(formed: Sequence[int], boundaries: tuple[int, int] | None, steps: Sequence[int],
+                      quantiles: tuple[float, float] = (0.1, 0.9)) -> list[str]:
+    "Why the phase `boundaries` (from the formation steps `formed` of the features that form) are degenerate; [] if they are not."
+    if boundaries is None or len(formed) == 0: return ["no feature forms"]
+    b1, b2 = boundaries
+    problems = []
+    if b1 == b2:
+        share = float(np.mean(np.asarray(formed) == b1))
+        problems.append(f"empty emergent phase: b1 = b2 = step {b1}, where {share:.0%} of the formed features form "
+                        f"(≥ {quantiles[1] - quantiles[0]:.0%} at one checkpoint)")
+    if b2 == steps[-1]: problems.append(f"empty convergent phase: b2 is the last checkpoint (step {b2})")
+    return problems
+
+def formation_sweep(steps: Sequence[int], measure: Tensor, final_kinds: Sequence[str], fractions: Sequence[float],
+                    quantiles: tuple[float, float] = (0.1, 0.9), min_rise: float = 0.0) -> dict[float, dict]:
+    "Per fraction: formation steps of the features of `measure` [T, F], phase boundaries and their problems, overall and per final kind."
+    if measure.ndim != 2 or measure.shape[0] != len(steps):
+        raise ParamError(f"measure must be [T={len(steps)}, F]; got {tuple(measure.shape)}")
+    if len(final_kinds) != measure.shape[1]:
+        raise ParamError(f"final_kinds has {len(final_kinds)} entries for {measure.shape[1]} features")
+    out = {}
+    for fraction in fractions:
+        form = [formation_step(steps, measure[:, f], fraction, min_rise) for f in range(measure.shape[1])]
+        def summary(idx: Sequence[int]) -> dict:
+            formed = [form[i] for i in idx if form[i] is not None]
+            bounds = phase_boundaries(formed, quantiles) if formed else None
+            return dict(n=len(idx), n_formed=len(formed), median_step=float(np.median(formed)) if formed else None,
+                        boundaries=None if bounds is None else list(bounds),
+                        problems=boundary_problems(formed, bounds, steps, quantiles))
+        kinds = {k: [i for i, kk in enumerate(final_kinds) if kk == k] for k in LABEL_KINDS}
+        out[fraction] = dict(formation_steps=form, **summary(range(len(form))),
+                             by_kind={k: summary(idx) for k, idx in kinds.items() if idx})
+    return out
+
 # %% ../../nbs/11b_sae_track_analysis.ipynb #98bfff45
-PATTERNS = ("maintaining", "shifting", "grouping", "other")
+PATTERNS = ("maintaining", "shifting", "grouping", "other", "discontinued", "silent")
 LABELLED = ("token", "concept")  # the kinds that name a meaning
 
-def pattern(first: FeatureLabel, final: FeatureLabel) -> str:
-    "Class a feature by its labels at the first and last checkpoints: 'maintaining', 'shifting', 'grouping' or 'other'."
-    for name, label in (("first", first), ("final", final)):
-        if label.kind not in LABEL_KINDS: raise ParamError(f"{name}.kind={label.kind!r}; allowed: {LABEL_KINDS}")
-    if final.kind not in LABELLED or first.kind == "silent": return "other"
-    if first.kind == "unlabelled": return "grouping" if final.kind == "concept" else "other"
-    return "maintaining" if (first.kind, first.value) == (final.kind, final.value) else "shifting"
+def token_shares(token_ids: Tensor, values: Tensor) -> dict[int, float]:
+    "Share of each token among the top positions where the feature fires: `token_ids` and `values` [k]; {} when it never fires."
+    ids = token_ids[values > 0].tolist()
+    return {tok: n / len(ids) for tok, n in Counter(ids).items()} if ids else {}
+
+def token_overlap(a: dict[int, float], b: dict[int, float]) -> float:
+    "Σ min(a[tok], b[tok]) over tokens: 1 for the same top tokens in the same shares, 0 for disjoint ones."
+    return sum(min(share, b.get(tok, 0.0)) for tok, share in a.items())
+
+def overlap_pattern(shares: Sequence[dict[int, float]], labels: Sequence[FeatureLabel], threshold: float = 0.5) -> str:
+    "The `PATTERNS` class of one feature from its top-token shares and labels at every checkpoint [T]."
+    if len(shares) != len(labels) or not labels: raise ParamError(f"shares ({len(shares)}) and labels ({len(labels)}) need one entry per checkpoint")
+    check_range("threshold", threshold, lo=0, hi=1)
+    for label in labels:
+        if label.kind not in LABEL_KINDS: raise ParamError(f"label kind {label.kind!r}; allowed: {LABEL_KINDS}")
+    alive = [label.kind != "silent" for label in labels]
+    if not alive[-1]: return "discontinued" if any(alive) else "silent"
+    if all(token_overlap(sh, shares[-1]) >= threshold for sh, a in zip(shares, alive) if a): return "maintaining"
+    first = alive.index(True)
+    meant = labels[first].kind in LABELLED or max(shares[first].values(), default=0.0) >= threshold
+    if labels[-1].kind not in LABELLED: return "other"
+    if meant: return "shifting"
+    return "grouping" if labels[-1].kind == "concept" else "other"
 
 def pattern_counts(patterns: Iterable[str]) -> dict[str, int]:
     "How many features follow each pattern of `PATTERNS`."
@@ -196,13 +286,17 @@ class ChainAnalysis(NamedTuple):
     "What the analysis pass measured on the held-out window at every checkpoint of the chain."
     steps: list[int]                   # chain checkpoints [T]
     checks: list[SaeCheck]             # each link's SAE on its own checkpoint [T]
-    live: Tensor                       # latents that fire at ≥ n_top window positions under the final SAE [F]
-    top_final: Tensor                  # their top positions under the final SAE [F, n_top]
+    live: Tensor                       # the followed latents: live under the final SAE or under link `early_link` [F]
+    top_final: Tensor                  # the positions their progress measure reads [F, n_top]: top under the final SAE
+                                       # (under link `early_link` for a latent not live at the end)
     random_pos: Tensor                 # baseline positions [n_random]
     progress: dict[str, Tensor]        # MEASURES name -> M_i(t) [T, F]
-    labels: list[list[FeatureLabel]]   # label of each live feature under SAE_t [T][F]
-    top_values: Tensor                 # each live feature's largest values under SAE_t [T, F, n_top]
+    labels: list[list[FeatureLabel]]   # label of each followed feature under SAE_t [T][F]
+    top_values: Tensor                 # each followed feature's largest values under SAE_t [T, F, n_top]
     top_pos: Tensor                    # and their window positions [T, F, n_top]
+    final_live: Tensor | None = None   # which followed latents are live under the final SAE [F] (bool)
+    early_live: Tensor | None = None   # which are live under the SAE of link `early_link` [F] (bool)
+    early_link: int = 0                # the early link (index into steps)
 
 def _feature_progress(reps: Tensor, top: Tensor, rand: Tensor, kind: str, chunk: int = 512) -> Tensor:
     "Progress measure of every feature whose top positions are `top` [F, n_top], in representations `reps` [n, dim]: [F]."
@@ -210,13 +304,15 @@ def _feature_progress(reps: Tensor, top: Tensor, rand: Tensor, kind: str, chunk:
 
 @torch.no_grad()
 def analyse_checkpoint(sae: SparseAutoencoder, acts: Tensor, live: Tensor, top_final: Tensor, random_pos: Tensor,
-                       infos: Sequence[WordInfo | None], n_top: int,
-                       threshold: float, token_ids: Tensor | None = None) -> tuple[dict[str, Tensor], list[FeatureLabel], Tensor, Tensor]:
-    "Progress measures [F], labels, top values and top positions [F, n_top] of the live features under SAE_t; `acts` [n, d_model]."
+                       infos: Sequence[WordInfo | None], n_top: int, threshold: float, token_ids: Tensor | None = None,
+                       centred: bool = True) -> tuple[dict[str, Tensor], list[FeatureLabel], Tensor, Tensor]:
+    "Progress measures [F], labels, top values and top positions [F, n_top] of the followed features under SAE_t; `acts` [n, d_model]."
     z = sae.encode(acts).latents                                         # [n, d_sae]
     top_final, random_pos = top_final.to(acts.device), random_pos.to(acts.device)
-    progress_t = {"activation_cosine": _feature_progress(acts, top_final, random_pos, "cosine")}
-    for kind in SIMILARITIES: progress_t[f"feature_{kind}"] = _feature_progress(z, top_final, random_pos, kind)
+    centre = (lambda r: r - r.mean(0)) if centred else (lambda r: r)   # cosines after the window's mean is removed
+    progress_t = {"activation_cosine": _feature_progress(centre(acts), top_final, random_pos, "cosine")}
+    for kind in SIMILARITIES:
+        progress_t[f"feature_{kind}"] = _feature_progress(centre(z) if kind == "cosine" else z, top_final, random_pos, kind)
     values, pos = (t.T.cpu() for t in z[:, live.to(z.device)].topk(n_top, dim=0))  # SAE_t's own top positions [F, n_top]
     return progress_t, labels_at(values, pos, infos, min_purity=threshold, token_ids=token_ids), values, pos
 
@@ -224,35 +320,52 @@ def _live_top(sae: SparseAutoencoder, acts: Tensor, n_top: int) -> tuple[Tensor,
     "Latents firing at ≥ `n_top` rows of `acts` [n, d_model] under `sae`, and their top rows [F, n_top]."
     z = sae.encode(acts).latents                                         # [n, d_sae]
     live = ((z > 0).sum(0) >= n_top).nonzero().squeeze(1)
-    if len(live) == 0: raise ParamError(f"no latent of the final SAE fires at n_top={n_top} window positions; lower n_top")
     return live.cpu(), top_positions(z[:, live], n_top).cpu()
+
+def _followed(final: tuple[Tensor, Tensor], early: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "The union of the final and early live latents, sorted, with the top rows the progress measure reads, and the two masks."
+    (live_f, top_f), (live_e, top_e) = final, early
+    extra = ~torch.isin(live_e, live_f)                                  # alive early only: their early top rows
+    idx, tops = torch.cat([live_f, live_e[extra]]), torch.cat([top_f, top_e[extra]])
+    order = idx.argsort()
+    idx, tops = idx[order], tops[order]
+    return idx, tops, torch.isin(idx, live_f), torch.isin(idx, live_e)
 
 @torch.no_grad()
 def analyse_chain(suite: CheckpointSuite, paths: Sequence[Path], layer: int, window: TokenWindow, scales: dict[int, float],
                   splice_ids: Tensor, n_top: int = 25, n_random: int = 100, threshold: float = 0.6, seed: int = 0,
-                  device=None) -> ChainAnalysis:
-    "Check every link of the chain (`suite` = its checkpoints, `paths` = its SAEs) and follow every live feature of the last SAE."
+                  device=None, early_link: int = 0, centred: bool = True) -> ChainAnalysis:
+    "Check every link of the chain (`suite` = its checkpoints, `paths` = its SAEs) and follow the live features of the last SAE and of link `early_link`."
     if len(paths) != len(suite): raise ParamError(f"paths has {len(paths)} SAEs for {len(suite)} checkpoints")
-    live = top_final = random_pos = None
-    out = []  # last checkpoint first: it picks the features followed everywhere; each model is loaded once
-    for ckpt, path in zip(progress(suite.checkpoints[::-1], desc="analyse chain", unit="ckpt"), paths[::-1]):
-        model, sae = suite.load_model(ckpt, device=device), load_sae(path, device=device)
-        acts = window_acts(model, window.ids, layer, scales[ckpt.step])
-        if live is None:  # the final checkpoint
-            live, top_final = _live_top(sae, acts, n_top)
-            random_pos = random_positions(len(acts), n_random, seed)
-        check = check_sae(model, sae, acts, splice_ids, layer, scales[ckpt.step])
+    T = len(suite)
+    check_range("early_link", early_link, lo=0, hi=T - 1)
+    def load(i):
+        model, sae = suite.load_model(suite[i], device=device), load_sae(paths[i], device=device)
+        return model, sae, window_acts(model, window.ids, layer, scales[suite.steps[i]])
+    held = {T - 1: load(T - 1)}                                          # the final and the early link pick the features
+    final = _live_top(*held[T - 1][1:], n_top)
+    if len(final[0]) == 0: raise ParamError(f"no latent of the final SAE fires at n_top={n_top} window positions; lower n_top")
+    if early_link not in held: held[early_link] = load(early_link)
+    live, top_final, final_live, early_live = _followed(final, _live_top(*held[early_link][1:], n_top))
+    random_pos = random_positions(len(held[T - 1][2]), n_random, seed)
+    out = []  # last checkpoint first; each model is loaded once
+    for i in progress(range(T - 1, -1, -1), desc="analyse chain", unit="ckpt"):
+        model, sae, acts = held.pop(i) if i in held else load(i)
+        check = check_sae(model, sae, acts, splice_ids, layer, scales[suite.steps[i]])
         out.append((check, *analyse_checkpoint(sae, acts, live, top_final, random_pos, window.infos, n_top, threshold,
-                                                    window.token_ids)))
+                                                    window.token_ids, centred)))
     checks, prog, labels, values, pos = zip(*out[::-1])
     return ChainAnalysis(suite.steps, list(checks), live, top_final, random_pos,
                          {m: torch.stack([pr[m] for pr in prog]) for m in MEASURES}, list(labels),
-                         torch.stack(values), torch.stack(pos))
+                         torch.stack(values), torch.stack(pos), final_live, early_live, early_link)
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #25bdfd54
-def feature_patterns(an: ChainAnalysis) -> list[str]:
-    "The `pattern` of every live feature of `an`, from its labels at the first and last checkpoints."
-    return [pattern(first, final) for first, final in zip(an.labels[0], an.labels[-1])]
+def feature_patterns(an: ChainAnalysis, token_ids: Tensor, threshold: float = 0.5) -> list[str]:
+    "The `overlap_pattern` of every followed feature of `an`; `token_ids` [n] are the window's tokens `an.top_pos` indexes."
+    toks = token_ids.cpu()[an.top_pos]                                   # [T, F, n_top]
+    T, n_features = toks.shape[:2]
+    return [overlap_pattern([token_shares(toks[t, f], an.top_values[t, f]) for t in range(T)],
+                            [an.labels[t][f] for t in range(T)], threshold) for f in range(n_features)]
 
 # %% ../../nbs/11b_sae_track_analysis.ipynb #478e2353
 def embed_2d(x: Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..acts import ActivationBuffer, estimate_scale, window_acts
@@ -27,10 +28,10 @@ from ..data.tokens import TokenShards, load_text_files
 from ..features import TokenWindow
 
 # %% auto #0
-__all__ = ['MEASURES', 'SaeTrackParams', 'CHAIN_FIELDS', 'CHAIN_CODE', 'SaeTrackMethod', 'SaeTrackRules', 'sae_configs',
-           'chain_key', 'resolve_steps', 'check_sae_track_params', 'training_shards', 'activation_scales',
-           'train_chain', 'SaeCheck', 'check_sae', 'eval_steps', 'train_with_curve', 'tokens_to_match',
-           'warm_cold_curves']
+__all__ = ['MEASURES', 'SaeTrackParams', 'CHAIN_FIELDS', 'CHAIN_CODE', 'LOWER_IS_BETTER', 'SaeTrackMethod', 'SaeTrackRules',
+           'sae_configs', 'chain_key', 'resolve_steps', 'check_sae_track_params', 'training_shards',
+           'activation_scales', 'ResamplingSae', 'chain_sae', 'train_chain', 'train_control_chain', 'SaeCheck',
+           'check_sae', 'eval_steps', 'train_with_curve', 'tokens_to_match', 'cold_match', 'warm_cold_curves']
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #045fa231
 MEASURES = ("activation_cosine", "feature_cosine", "feature_jaccard", "feature_weighted_jaccard")
@@ -54,14 +55,22 @@ class SaeTrackMethod:
     sae_text: str = ""                   # non-embedded suites: text files or folder to train on; "" = the generated corpus
     cold_steps: tuple[int, ...] = ()     # checkpoints that get a cold-start SAE; () = n_cold spread over the chain
     n_cold: int = 2                      # cold-start checkpoints when cold_steps = ()
-    cold_tokens: int = 0                 # training tokens of each cold start; 0 = first_tokens // 2
+    cold_tokens: int = 0                 # training tokens of each cold start past its warm-up; 0 = first_tokens // 2
+    resample_every: int = 50             # SAE steps between resamplings of the latents silent over them, in every run; 0 = none
+    resample_until: float = 0.8          # share of a run's steps after which no latent is resampled
+    control_links: int = 0               # links of the fixed-checkpoint control chain; 0 = as many as the chain's after its first
+    control_step: int = -1               # checkpoint of the control chain; -1 = the chain's last
+    early_link: int = 0                  # chain link (index) whose live latents are followed besides the final SAE's
     analysis_tokens: int = 65536         # held-out tokens: evaluation, top positions and labels
     splice_tokens: int = 16384           # of those, the tokens over which the spliced-in ΔCE is measured
     n_top: int = 25                      # top-activating positions per feature
     n_random: int = 100                  # random positions of the progress-measure baseline
     formation_measure: Literal["activation_cosine", "feature_cosine", "feature_jaccard",
                                "feature_weighted_jaccard"] = "feature_cosine"  # the measure that defines formation
-    formation_fraction: float = 0.5      # a feature forms once its measure stays ≥ this fraction of its final value
+    formation_fraction: float = 0.5      # a feature forms once its measure stays ≥ this fraction of its rise (min to max)
+    formation_fractions: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # the fractions of the formation sweep
+    formation_min_rise: float = 0.05     # a feature whose measure rises (max − min) less than this never forms
+    overlap_threshold: float = 0.5       # top-token overlap with the final checkpoint that counts as the same meaning
     phase_quantiles: tuple[float, ...] = (0.1, 0.9)  # formation-step quantiles that bound the emergent phase
     label_threshold: float = 0.6         # share of top positions one lemma / property must hold to label a feature
     n_drift_features: int = 24           # live features drawn for the feature-centric drift curves
@@ -71,8 +80,10 @@ class SaeTrackMethod:
 
     PROFILES = {"smoke": dict(d_sae=256, sae_batch_size=256, first_tokens=65536, link_tokens=8192, cold_tokens=32768,
                               sae_lr=4e-3, link_lr=4e-4, first_warmup_steps=20, l1_coef=2e-2, sae_context=64,
+                              resample_every=8, control_links=2, n_cold=1,
                               analysis_tokens=8192, splice_tokens=1024, n_random=50, n_drift_features=12, n_embed_features=4),
-                "paper": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000,
+                "paper": dict(sae_expansion=16, first_tokens=24_000_000, link_tokens=1_200_000, cold_tokens=12_000_000, n_cold=1,
+                              resample_every=50, control_links=8,
                               sae_lr=4e-4, link_lr=1e-4, first_warmup_steps=1000, l1_coef=6e-3, sae_context=128,
                               analysis_tokens=65536, splice_tokens=16384)}
 
@@ -83,11 +94,15 @@ class SaeTrackMethod:
         for name in ("sae_expansion", "k", "first_tokens", "n_cold", "analysis_tokens", "splice_tokens",
                      "n_drift_features", "n_embed_features"):
             check_range(name, getattr(self, name), lo=1)
-        for name in ("d_sae", "link_tokens", "cold_tokens", "first_warmup_steps", "link_warmup_steps", "l1_coef", "sae_seed"):
+        for name in ("d_sae", "link_tokens", "cold_tokens", "first_warmup_steps", "link_warmup_steps", "l1_coef", "sae_seed",
+                     "resample_every", "control_links", "early_link", "formation_min_rise"):
             check_range(name, getattr(self, name), lo=0)
         for name, lo in (("sae_batch_size", 2), ("sae_context", 2), ("n_top", 2), ("n_random", 2)):
             check_range(name, getattr(self, name), lo=lo)
-        for name in ("formation_fraction", "label_threshold"): check_range(name, getattr(self, name), lo=0, hi=1)
+        for name in ("formation_fraction", "label_threshold", "resample_until", "overlap_threshold"):
+            check_range(name, getattr(self, name), lo=0, hi=1)
+        if not self.formation_fractions or not all(0 < f < 1 for f in self.formation_fractions):
+            raise ParamError(f"formation_fractions={self.formation_fractions!r} must be one or more numbers in (0, 1)")
         if len(self.phase_quantiles) != 2 or not 0 <= self.phase_quantiles[0] <= self.phase_quantiles[1] <= 1:
             raise ParamError(f"phase_quantiles={self.phase_quantiles!r} must be two numbers 0 <= lo <= hi <= 1")
         for name in ("sae_lr", "link_lr"):
@@ -112,6 +127,7 @@ class SaeTrackRules(SuiteRules):
         elif self.kind == "topk": unused["l1_coef"] = "a TopK SAE has no L1 term"
         if self.d_sae: unused["sae_expansion"] = "d_sae is given"
         if self.cold_steps: unused["n_cold"] = "cold_steps are given"
+        if not self.resample_every: unused["resample_until"] = "resample_every = 0: no latent is resampled"
         return unused
 
 SaeTrackParams = compose("SaeTrackParams", SuiteSource, EmbeddedRecipe, Evaluation, Site, SaeTrackMethod, base=SaeTrackRules,
@@ -126,11 +142,12 @@ def sae_configs(p: SaeTrackParams, d_model: int) -> tuple[SaeConfig, SaeConfig, 
                       lr=p.sae_lr, warmup_steps=p.first_warmup_steps, batch_size=p.sae_batch_size,
                       n_tokens=p.first_tokens, dead_tokens=p.link_tokens, seed=p.sae_seed)
     link = dataclasses.replace(first, lr=p.link_lr, warmup_steps=p.link_warmup_steps, n_tokens=p.link_tokens)
-    return first, link, dataclasses.replace(first, n_tokens=p.cold_tokens)
+    return first, link, dataclasses.replace(first, n_tokens=p.cold_tokens + p.first_warmup_steps * p.sae_batch_size)
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #050773c0
 CHAIN_FIELDS = ("kind", "d_sae", "sae_expansion", "k", "l1_coef", "sae_batch_size", "first_tokens", "link_tokens",
                 "sae_lr", "link_lr", "first_warmup_steps", "link_warmup_steps", "sae_context", "sae_text", "sae_seed",
+                "resample_every", "resample_until",
                 "words_per_domain", "corpus_seed")  # the last two pick the training text of a non-embedded suite
 
 CHAIN_CODE = ("dyntrack.sae", "dyntrack.train.state", "dyntrack.sae_track.chain", "dyntrack.acts",
@@ -196,6 +213,57 @@ def activation_scales(suite: CheckpointSuite, layer: int, token_source_fn: Calla
             scales[ckpt.step] = known[key]
     return scales
 
+# %% ../../nbs/11a_sae_track_chain.ipynb #0d01d7c2
+class ResamplingSae(SparseAutoencoder):
+    "A `SparseAutoencoder` that, every `every` optimizer steps up to `until` × the run, resamples the latents silent over them."
+    def __init__(self, cfg: SaeConfig, every: int, until: float = 0.8, device=None):
+        check_range("every", every, lo=1)
+        check_range("until", until, lo=0, hi=1)
+        super().__init__(cfg, device=device)
+        self.every, self.until, self.n_step, self.resampled = every, until, 0, 0
+        self.since = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # optimizer steps since each latent last fired
+        self.last_resid = None                        # the last training batch's residuals x − x̂ [batch, d_model]
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0):
+        "`SparseAutoencoder.forward`; a training step (gradients on) also records which latents fired and the residuals."
+        out = super().forward(x, dead_mask, sparsity_scale)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.since = torch.where(out.code.fired(), 0, self.since.to(x.device) + 1)
+                self.last_resid = (x.float() - out.recon.float()).detach()
+        return out
+
+    def after_step(self) -> None:
+        "Renormalise the decoder (`SparseAutoencoder.after_step`), then resample on every `every`-th step."
+        super().after_step()
+        self.n_step += 1
+        if self.n_step % self.every == 0 and self.n_step <= self.until * self.cfg.n_steps: self.resample()
+
+    @torch.no_grad()
+    def resample(self) -> int:
+        "Point the latents silent for `every` steps at badly reconstructed rows of the last batch; return how many."
+        dead = (self.since >= self.every).nonzero().squeeze(1)
+        if len(dead) == 0 or self.last_resid is None: return 0
+        err = self.last_resid.pow(2).sum(-1).cpu().double()
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.n_step)
+        rows = torch.multinomial(err + 1e-12, len(dead), replacement=len(dead) > len(err), generator=gen).to(dead.device)
+        dirs = F.normalize(self.last_resid[rows], dim=-1)                   # [n_dead, d_model]
+        alive = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=dead.device); alive[dead] = False
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else self.W_enc.norm(dim=0).mean()
+        dec_norm = 1.0 if self.cfg.unit_norm_decoder else self.W_dec[alive].norm(dim=1).mean() if alive.any() else 1.0
+        self.W_dec[dead] = (dirs * dec_norm).to(self.W_dec.dtype)
+        self.W_enc[:, dead] = (dirs.T * 0.2 * enc_norm).to(self.W_enc.dtype)
+        self.b_enc[dead] = 0.0
+        self.since[dead] = 0
+        self.resampled += len(dead)
+        return len(dead)
+
+def chain_sae(cfg: SaeConfig, resample_every: int = 0, resample_until: float = 0.8, device=None) -> SparseAutoencoder:
+    "A fresh SAE for one run of the chain: a `ResamplingSae` when `resample_every` > 0, else a plain `SparseAutoencoder`."
+    check_range("resample_every", resample_every, lo=0)
+    if resample_every == 0: return SparseAutoencoder(cfg, device=device)
+    return ResamplingSae(cfg, resample_every, resample_until, device=device)
+
 # %% ../../nbs/11a_sae_track_chain.ipynb #85c1d501
 def _buffer_tokens(cfg: SaeConfig) -> int:
     "Shuffle-buffer size for a run of `cfg`: 2^16 activations, or the whole run when it is shorter."
@@ -207,9 +275,17 @@ def _link_acts(model, layer: int, tokens: Iterable[Tensor], cfg: SaeConfig, scal
     return ActivationBuffer(model, layer, tokens, buffer_tokens=buffer_tokens or _buffer_tokens(cfg),
                             batch_size=cfg.batch_size, seed=cfg.seed, scale=scale)  # has skip(): a resumed link harvests no skipped batch
 
+def _train_link(model, layer: int, tokens: Iterable[Tensor], cfg: SaeConfig, link_dir: Path, prev: SparseAutoencoder | None,
+                scale: float, l2_pull: float, resample_every: int, resample_until: float, device) -> None:
+    "Train one link into `link_dir` on `model`'s activations of `tokens`, warm-started from `prev` (None: from scratch)."
+    acts = _link_acts(model, layer, tokens, cfg, scale)
+    train_sae(chain_sae(cfg, resample_every, resample_until, device), acts, cfg, link_dir, warm_start=prev,
+              l2_pull=l2_pull if prev is not None else 0.0)
+
 def train_chain(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[Checkpoint], Iterable[Tensor]],
                 first_cfg: SaeConfig, link_cfg: SaeConfig, out_dir, steps: Sequence[int] | None = None,
-                l2_pull: float = 0.0, scales: dict[int, float] | None = None, device=None) -> list[Path]:
+                l2_pull: float = 0.0, scales: dict[int, float] | None = None, resample_every: int = 0,
+                resample_until: float = 0.8, device=None) -> list[Path]:
     "Train one SAE per checkpoint of `suite` (or of `steps`), each warm-started from the previous; return the `sae/` folders."
     if first_cfg.d_model != link_cfg.d_model or first_cfg.d_sae != link_cfg.d_sae or first_cfg.kind != link_cfg.kind:
         raise ParamError("link_cfg must describe the same SAE as first_cfg (d_model, d_sae, kind)")
@@ -220,10 +296,28 @@ def train_chain(suite: CheckpointSuite, layer: int, token_source_fn: Callable[[C
         for i, ckpt in enumerate(progress(suite, desc="SAE chain", unit="link")):
             link_dir, cfg = out_dir / f"step{ckpt.step}", (first_cfg if i == 0 else link_cfg)
             if not settle(link_dir / "sae").exists():
-                model = suite.load_model(ckpt, device=device)
-                acts = _link_acts(model, layer, token_source_fn(ckpt), cfg, 1.0 if scales is None else scales[ckpt.step])
-                train_sae(SparseAutoencoder(cfg, device=device), acts, cfg, link_dir, warm_start=prev,
-                          l2_pull=l2_pull if prev is not None else 0.0)
+                _train_link(suite.load_model(ckpt, device=device), layer, token_source_fn(ckpt), cfg, link_dir, prev,
+                            1.0 if scales is None else scales[ckpt.step], l2_pull, resample_every, resample_until, device)
+            prev = load_sae(link_dir / "sae", device=device)
+            paths.append(link_dir / "sae")
+    return paths
+
+# %% ../../nbs/11a_sae_track_chain.ipynb #3b6b0934
+def train_control_chain(suite: CheckpointSuite, step: int, start: Path, layer: int,
+                        token_source_fn: Callable[[Checkpoint], Iterable[Tensor]], link_cfg: SaeConfig, out_dir,
+                        token_steps: Sequence[int], scale: float = 1.0, resample_every: int = 0, resample_until: float = 0.8,
+                        device=None) -> list[Path]:
+    "The chain procedure with every link on checkpoint `step`, from the SAE at `start`; link j reads the tokens of `token_steps[j]`."
+    if not token_steps: raise ParamError("token_steps is empty; give the steps whose token streams the control links read")
+    ckpt, out_dir, paths, model = suite.at(step), Path(out_dir), [Path(start)], None
+    with file_lock(f"{out_dir}.lock", what=f"the control chain {out_dir}"):
+        prev = load_sae(start, device=device)
+        for j, s in enumerate(progress(token_steps, desc="control chain", unit="link")):
+            link_dir = out_dir / f"link{j}"
+            if not settle(link_dir / "sae").exists():
+                model = model or suite.load_model(ckpt, device=device)   # loaded once, and only when a link trains
+                _train_link(model, layer, token_source_fn(suite.at(s)), link_cfg, link_dir, prev, scale, 0.0,
+                            resample_every, resample_until, device)
             prev = load_sae(link_dir / "sae", device=device)
             paths.append(link_dir / "sae")
     return paths
@@ -261,14 +355,27 @@ def train_with_curve(sae: SparseAutoencoder, acts: Iterable[Tensor], cfg: SaeCon
     train_sae(sae, acts, cfg, warm_start=warm_start, callbacks=[record])
     return curve
 
+LOWER_IS_BETTER = ("delta_ce", "dead_fraction")  # the `SaeCheck` numbers a better SAE has less of
+
 def tokens_to_match(curve: Sequence[dict], target: float, key: str = "explained_variance") -> int | None:
-    "Tokens at the first point of `curve` whose `key` reaches `target`; None if no point does."
-    return next((pt["tokens"] for pt in curve if pt[key] >= target), None)
+    "Tokens at the first point of `curve` whose `key` reaches `target` (at or below it for `LOWER_IS_BETTER`); None if none does."
+    lower = key in LOWER_IS_BETTER
+    return next((pt["tokens"] for pt in curve if (pt[key] <= target if lower else pt[key] >= target)), None)
+
+def cold_match(warm: Sequence[dict], cold: Sequence[dict], link_tokens: int, key: str = "explained_variance") -> dict:
+    "Tokens the cold curve needs to reach the warm curve's final `key`, and that over `link_tokens`; censored: it never did."
+    check_range("link_tokens", link_tokens, lo=1)
+    if not warm or not cold: raise ParamError("warm and cold curves need at least one point each")
+    target, need = warm[-1][key], tokens_to_match(cold, warm[-1][key], key)
+    censored = need is None  # then the ratio is a lower bound: all of the cold start's tokens did not suffice
+    tokens = cold[-1]["tokens"] if censored else need
+    return dict(target=target, cold_final=cold[-1][key], tokens_to_match=need, ratio=tokens / link_tokens, censored=censored)
 
 # %% ../../nbs/11a_sae_track_chain.ipynb #fe5e5770
 def warm_cold_curves(suite: CheckpointSuite, step: int, prev_path: Path, layer: int,
                      token_source_fn: Callable[[Checkpoint], Iterable[Tensor]], link_cfg: SaeConfig, cold_cfg: SaeConfig,
-                     scale: float, window: TokenWindow, splice_ids: Tensor, device=None) -> dict[str, list[dict]]:
+                     scale: float, window: TokenWindow, splice_ids: Tensor, resample_every: int = 0,
+                     resample_until: float = 0.8, device=None) -> dict[str, list[dict]]:
     "At checkpoint `step`: the warm link (from the SAE at `prev_path`) and a cold start on the same tokens, measured along training."
     ckpt = suite.at(step)
     model = suite.load_model(ckpt, device=device)
@@ -277,5 +384,6 @@ def warm_cold_curves(suite: CheckpointSuite, step: int, prev_path: Path, layer: 
     out = {}
     for name, cfg, start in (("warm", link_cfg, load_sae(prev_path, device=device)), ("cold", cold_cfg, None)):
         batches = _link_acts(model, layer, token_source_fn(ckpt), cfg, scale, _buffer_tokens(link_cfg))  # same shuffle
-        out[name] = train_with_curve(SparseAutoencoder(cfg, device=device), batches, cfg, measure, warm_start=start)
+        sae = chain_sae(cfg, resample_every, resample_until, device)  # the chain's resampling, for both
+        out[name] = train_with_curve(sae, batches, cfg, measure, warm_start=start)
     return out

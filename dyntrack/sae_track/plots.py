@@ -16,7 +16,8 @@ from .analysis import PHASES
 
 # %% auto #0
 __all__ = ['CHECK_LABELS', 'plot_link_metrics', 'plot_warm_cold', 'plot_drift_histograms', 'plot_drift_curves', 'plot_drift_pca',
-           'plot_progress', 'plot_phases', 'plot_semantic_evolution', 'plot_embedding']
+           'plot_progress', 'plot_phases', 'plot_semantic_evolution', 'plot_embedding', 'plot_drift_vs_control',
+           'plot_formation_sweep']
 
 # %% ../../nbs/11c_sae_track_plots.ipynb #7fb77e1e
 def _step_axis(ax, steps: Sequence[int]):
@@ -152,4 +153,29 @@ def plot_embedding(coords: Sequence[np.ndarray], groups: np.ndarray, names: Sequ
         ax.set_title(f"step {step} (silhouette {score:.2f})", fontsize=8); ax.set_xticks([]); ax.set_yticks([])
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle("Site activations at the final SAE's top positions of several features (PCA per checkpoint)", fontsize=9)
+    return fig
+
+# %% ../../nbs/11c_sae_track_plots.ipynb #318b448c
+def plot_drift_vs_control(steps: Sequence[int], drift: dict, control_step: int):
+    "Median decoder drift (1 − centred cosine) per link: the chain across checkpoints vs the control chain on one checkpoint."
+    fig, ax = plt.subplots(figsize=(6, 3.3))
+    ax.plot(steps[1:], drift["chain_per_link"], marker="o", ms=3, label="chain: link t−1 → t (checkpoint changes)")
+    ax.axhline(np.median(drift["control_per_link"]), color="k", ls="--", lw=1,
+               label=f"control: links on step {control_step} (median of {len(drift['control_per_link'])})")
+    _step_axis(ax, steps); ax.set_ylabel("median 1 − cos (centred decoders)"); ax.legend(fontsize=6)
+    fig.suptitle("Decoder drift per link against the fixed-checkpoint control")
+    fig.tight_layout()
+    return fig
+
+def plot_formation_sweep(steps: Sequence[int], sweep: dict[float, dict]):
+    "Share of the followed features formed by each checkpoint, one curve per formation fraction, with its boundaries."
+    fig, ax = plt.subplots(figsize=(6, 3.3))
+    for (fraction, res), colour in zip(sweep.items(), plt.cm.viridis(np.linspace(0, 0.9, len(sweep)))):
+        formed = np.array([s for s in res["formation_steps"] if s is not None])
+        n = max(len(res["formation_steps"]), 1)
+        ax.plot(steps, [(formed <= s).sum() / n for s in steps], marker=".", ms=3, color=colour,
+                label=f"fraction {fraction}: b = {res['boundaries']}" + (" (degenerate)" if res["problems"] else ""))
+    _step_axis(ax, steps); ax.set_ylabel("share of followed features formed"); ax.set_ylim(0, 1.02); ax.legend(fontsize=6)
+    fig.suptitle("Formation on the normalised rise, swept over the fraction")
+    fig.tight_layout()
     return fig
