@@ -166,6 +166,22 @@ def test_notebook_smoke_run(tmp_path):
     assert {"merging_fig_scatter", "merging_fig_decisions", "merging_fig_cost", "merging_fig_conflict"} <= figures
 
 
+def test_smoke_outputs_are_reused_only_when_current(tmp_path, monkeypatch):
+    "conftest reads $DYNTRACK_SMOKE_RUN/<stem> only if its run.json says: complete, smoke, no overrides, this notebook's digest."
+    from dyntrack.reproduce.run import source_digest
+    folder = tmp_path / "ci-smoke" / NB.stem
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(dict(profile="smoke", metrics={})))
+    run = dict(status="complete", profile="smoke", overrides={}, source_digest=source_digest(NB))
+    monkeypatch.delenv("DYNTRACK_SMOKE_RUN", raising=False)
+    assert reproduced_smoke_outputs(NB) is None  # not given: the test runs the notebook itself
+    monkeypatch.setenv("DYNTRACK_SMOKE_RUN", str(tmp_path / "ci-smoke"))
+    for change, reused in [({}, True), (dict(source_digest="0" * 16), False), (dict(overrides={"seed": 1}), False),
+                           (dict(status="failed"), False)]:
+        (folder / "run.json").write_text(json.dumps(run | change))
+        assert reproduced_smoke_outputs(NB) == (folder if reused else None), change
+
+
 def run_in_process(nb: Path, **params) -> dict:
     "Execute the code cells of `nb` in this process (so monkeypatches apply), `params` set after its parameters cell as papermill would; its globals."
     namespace = {"__name__": "__main__"}
