@@ -6,6 +6,21 @@ import pytest
 import torch
 
 
+# `.ci/run` reproduces every experiment notebook in smoke (`make figures PROFILE=smoke OUT=...`) before `make test`
+# and names that output folder here, so a test that checks a notebook's own smoke run reads it instead of running the
+# notebook a second time.
+SMOKE_RUN = "DYNTRACK_SMOKE_RUN"
+
+
+def reproduced_smoke_outputs(nb: Path) -> Path | None:
+    "`$DYNTRACK_SMOKE_RUN/<nb stem>` if the smoke reproduction there ran notebook `nb` as it is now, without overrides; else None."
+    from dyntrack.reproduce.run import is_complete, source_digest
+    root = os.environ.get(SMOKE_RUN)
+    if not root: return None
+    folder = Path(root) / nb.stem
+    return folder if is_complete(folder, "smoke", {}, source_digest(nb)) else None
+
+
 @pytest.fixture
 def one_torch_thread():
     "Tiny models run fastest on one thread; more threads only contend with other processes on a 2-core machine."

