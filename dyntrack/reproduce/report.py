@@ -161,8 +161,9 @@ def _parallel_line(report: dict) -> str | None:
     run = report.get("run") or {}
     if run.get("jobs", 1) == 1 or "elapsed_s" not in run: return None
     gpus = f" on GPUs {', '.join(run['gpus'])}" if run.get("gpus") else ""
+    mine = sum(n["wall_s"] or 0 for n in report["notebooks"] if n["stem"] in run.get("selected", ()))
     return (f"This run took {run['elapsed_s'] / 60:.1f} min of wall time with up to {run['jobs']} notebooks at once{gpus} "
-            f"(their own times add up to {report['total_wall_s'] / 60:.1f} min).")
+            f"(the times of the notebooks it selected add up to {mine / 60:.1f} min).")
 
 def _summary(report: dict) -> list[tuple[str, bool]]:
     "The lines under the title, each with whether it is a warning: the banner, the failed notebooks, totals, versions."
