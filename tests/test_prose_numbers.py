@@ -1,9 +1,9 @@
-"""Numbers the notebooks' prose quotes from the paper run agree with `results/paper/`.
+r"""Numbers the notebooks' prose quotes from the paper run agree with `results/paper/`.
 
 A number in a markdown cell of an experiment notebook that comes from the committed paper run is written with the
 metric it quotes right after it, in an HTML comment that renderers hide: `2.987<!--m:final_val_loss.scratch_L3-->`.
 The key is a path into that notebook's `results/paper/<stem>/metrics.json` "metrics" (dict keys and list indices
-separated by dots). An optional unit after the number says how it was scaled: `%` (× 100), `M` (/ 1e6), `k` (/ 1e3),
+separated by dots; a dot inside a key is written `\.`). An optional unit after the number says how it was scaled: `%` (× 100), `M` (/ 1e6), `k` (/ 1e3),
 `×` (none); an optional `|scale` in the comment multiplies the metric first (e.g. `|1e-6`). The number must equal
 the metric rounded to the digits quoted. A rerun that changes a quoted metric fails here until the prose is updated."""
 import json, math, re
@@ -29,12 +29,12 @@ def quoted_numbers(text: str) -> list[dict]:
 
 def metric_at(metrics: dict, key: str):
     "The value at dotted path `key` of `metrics`; KeyError naming the first part that is missing."
-    value = metrics
-    for i, part in enumerate(key.split(".")):
+    value, parts = metrics, [p.replace("\\.", ".") for p in re.split(r"(?<!\\)\.", key)]
+    for i, part in enumerate(parts):
         if isinstance(value, list) and re.fullmatch(r"-?\d+", part) and -len(value) <= int(part) < len(value):
             value = value[int(part)]
         elif isinstance(value, dict) and part in value: value = value[part]
-        else: raise KeyError(f"{'.'.join(key.split('.')[:i + 1])!r} is not in the metrics")
+        else: raise KeyError(f"{'.'.join(parts[:i + 1])!r} is not in the metrics")
     return value
 
 
@@ -60,9 +60,11 @@ def test_quoted_numbers_are_parsed():
 
 
 def test_disagreement_rounds_to_the_quoted_digits():
-    metrics = dict(a=dict(b=2.98686), save=0.3149, n=12000, gap=-8.04e-6, tokens=[1, 2, 7.996e7], flag=True, s="x")
-    ok = "2.987<!--m:a.b--> 31%<!--m:save--> 12,000<!--m:n--> −0.008<!--m:gap|1e3--> 80.0M<!--m:tokens.2-->"
-    assert [disagreement(q, metrics) for q in quoted_numbers(ok)] == [None] * 5
+    metrics = dict(a=dict(b=2.98686), save=0.3149, n=12000, gap=-8.04e-6, tokens=[1, 2, 7.996e7], flag=True, s="x",
+                   frac={"0.3": [32, 1500]})
+    ok = ("2.987<!--m:a.b--> 31%<!--m:save--> 12,000<!--m:n--> −0.008<!--m:gap|1e3--> 80.0M<!--m:tokens.2--> "
+          r"1500<!--m:frac.0\.3.1--> 7.996e7 is 80.0M<!--m:tokens.-1-->")
+    assert [disagreement(q, metrics) for q in quoted_numbers(ok)] == [None] * 7
     bad = "2.98<!--m:a.b--> 32%<!--m:save--> 1<!--m:nope.x--> 1<!--m:flag--> 1<!--m:s--> 3<!--m:tokens.9-->"
     msgs = [disagreement(q, metrics) for q in quoted_numbers(bad)]
     assert "the paper run has 2.9869" in msgs[0] and "31.49" in msgs[1]
