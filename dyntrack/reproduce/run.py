@@ -298,14 +298,16 @@ KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 # themselves) and warns "Unable to parse line" for every comment with an `=` in it ("0 = derive it").
 logging.getLogger("papermill.translators").setLevel(logging.ERROR)
 
-def kernel_manager(env: dict[str, str]):
-    """A jupyter kernel-manager class whose kernels start with this process's environment plus `env`.
-    The environment is given to each kernel, never set on this process, so notebooks running at once in threads
-    (`--jobs`) each get their own (a GPU each with `--gpus`)."""
+def kernel_manager(env: dict[str, str], cwd=None):
+    """A jupyter kernel-manager class whose kernels start in `cwd` with this process's environment plus `env`.
+    Both are given to each kernel, never set on this process (papermill's own `cwd` changes the working directory of
+    the whole process while a notebook runs), so notebooks running at once in threads (`--jobs`) each get their own
+    (a GPU each with `--gpus`) and relative paths of this process keep their meaning."""
     from jupyter_client import AsyncKernelManager
     class EnvKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw["env"] = {**kw.get("env", os.environ), **env}
+            if cwd is not None: kw["cwd"] = str(cwd)
             return await super().start_kernel(**kw)
     return EnvKernelManager
 
@@ -316,8 +318,8 @@ def _execute(exp: ExperimentNotebook, stage: Path, profile: str, overrides: dict
     executed, t0 = stage / f"{exp.stem}.ipynb", time.perf_counter()
     try:
         pm.execute_notebook(exp.path, executed, parameters=dict(profile=profile, out_dir=str(stage), **overrides),
-                            kernel_name=kernel, cwd=str(exp.path.parent), progress_bar=False, log_output=False,
-                            extra_arguments=KERNEL_ARGS, kernel_manager_class=kernel_manager({**QUIET_ENV, **(env or {})}))
+                            kernel_name=kernel, progress_bar=False, log_output=False, extra_arguments=KERNEL_ARGS,
+                            kernel_manager_class=kernel_manager({**QUIET_ENV, **(env or {})}, exp.path.parent))
         detail = None if (stage / "metrics.json").exists() else "it finished without writing metrics.json"
     except pm.PapermillExecutionError as e: detail = _failure_detail(e)
     except Exception as e: detail = f"{type(e).__name__}: {e}"  # e.g. the kernel died (out of memory)
@@ -504,7 +506,7 @@ def reproduce(profile: str, out, overrides: dict | None = None, only=None, force
     """Run the experiment notebooks with `profile` into `out`, skipping finished ones unless `force`; write the report.
     `jobs` notebooks run at once where their needs allow (they share the machine's GPUs unless `gpus` lists the GPU
     indices to hand out, one per running notebook in turn)."""
-    profile, out = resolve_profile(profile), Path(out)
+    profile, out = resolve_profile(profile), Path(out).resolve()  # absolute: notebooks run beside this thread
     gpu_slots(jobs, gpus)
     exps = select(find_experiments(nbs_dir or default_nbs_dir()), only)
     plan = plan_overrides(exps, overrides or {})
