@@ -183,8 +183,8 @@ def block_modules(model) -> list[torch.nn.Module]:
 def shard_model(model) -> torch.nn.Module:
     "Shard `model` in place over the default process group: each block one FSDP unit, the rest (embeddings, head) the root."
     from torch.distributed.fsdp import fully_shard
-    tied = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    if len(tied) != len(dict(model.named_parameters())):
+    every_name = [n for n, _ in model.named_parameters(remove_duplicate=False)]  # a tied parameter has two names
+    if len(every_name) != len(dict(model.named_parameters())):
         raise ParamError(f"{type(model).__name__} ties parameters (e.g. embeddings and head); parallel='fsdp' does not "
                          "support tied weights yet: use parallel='ddp'")
     for block in block_modules(model): fully_shard(block)
